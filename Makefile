@@ -1,0 +1,28 @@
+# Setup and the two entry points. `make demo` and `make test` create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a machine without CUDA take the CPU wheel (a plain `torch` pulls a multi-GB CUDA build).
+# GPU users: `make install TORCH_SPEC='torch>=2.4'`.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
+
+.PHONY: install demo test lint bench
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/egad demo
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/loss_memory.py

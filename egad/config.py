@@ -1,0 +1,208 @@
+"""Configuration dataclasses. Each field has a one-line docstring; `__post_init__` names the bad field and the fix.
+
+The defaults of `ObjectiveConfig` are full EGAD as in docs/method.md (spec sections 2-6). Baselines and ablations
+are presets of the same dataclass (egad/presets.py), never separate code paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "divergence": (
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "tvd",
+        "akl",
+        "todi",
+        "ttm",
+        "wttm",
+        "bild",
+    ),
+    "difficulty": ("quantile", "normalized"),
+    "cdf_mode": ("global", "batch", "ema_hist"),
+    "weighting": ("none", "curriculum", "ea_kd", "select_teacher_entropy", "select_student_entropy", "select_hellinger"),
+    "curriculum_mode": ("linear_interp", "tilt", "competence", "static_easy", "static_hard"),
+    "pacing": ("linear", "sqrt", "cosine", "step", "reverse"),
+    "temp_mode": ("inverse", "direct", "idts", "edt", "const"),
+    "temp_signal": ("teacher_entropy", "hellinger"),
+    "tau2": ("per_token", "none", "normalized"),
+    "route_mode": ("none", "batch_topk", "global_quantile", "abs", "random", "all"),
+    "feat_loss": ("cosine", "mse_ln"),
+    "layer_map": ("uniform", "last"),
+    "hard_branch": ("feat_plus_logits", "feat_only"),
+    "feat_weight_schedule": ("constant", "follow_lambda"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """The distillation objective L = (1 - alpha) CE + alpha KD + beta_f feat (spec section 6)."""
+
+    alpha: float = 0.5
+    """Weight of the KD term; (1 - alpha) weighs the cross-entropy on the labels. 0 gives SFT (no teacher needed)."""
+    divergence: str = "forward_kl"
+    """Per-token base divergence D_base, a name from egad.losses.divergences.DIVERGENCES."""
+    jsd_beta: float = 0.5
+    """JSD mixture weight on the teacher: m = beta p + (1 - beta) q."""
+    skew_lambda: float = 0.1
+    """Skew of skew_forward_kl / skew_reverse_kl (DistiLLM)."""
+    akl_mu: float = 0.5
+    """Head/tail cumulative-mass split of AKL."""
+    todi_beta: float = 1.0
+    """Scale inside ToDi's sigmoid gate."""
+    ttm_gamma: float = 0.5
+    """Teacher power gamma = 1/T of TTM / WTTM."""
+    bild_top_k: int = 8
+    """Top-k logits whose pairwise differences BiLD matches."""
+
+    difficulty: str = "quantile"
+    """Difficulty d_t from teacher entropy: 'quantile' (empirical CDF u_t) or 'normalized' (clip(H/log V/h_ref, 0, 1))."""
+    cdf_mode: str = "global"
+    """How the entropy CDF is estimated: 'global' (calibration knots), 'batch' (mid-rank), 'ema_hist' (running knots)."""
+    h_ref: float = 1.0
+    """Reference for difficulty='normalized': d = clip(H / log V / h_ref, 0, 1)."""
+
+    weighting: str = "curriculum"
+    """Per-token KD weight rule: 'curriculum' (C1), 'none', 'ea_kd', or hard top-`select_ratio` selection by a score."""
+    curriculum_mode: str = "linear_interp"
+    """C1 weight form: linear_interp (default), tilt, competence, static_easy, static_hard."""
+    pacing: str = "linear"
+    """C1 pacing lambda(s): linear, sqrt, cosine, step, reverse."""
+    fixed_lambda: float | None = None
+    """If set, lambda(s) is frozen at this value (e.g. 0 with tilt gives AKD-style weights)."""
+    w_min: float = 0.2
+    """Floor weight of linear_interp; weights lie in [w_min, 2 - w_min]."""
+    pacing_s0: float = 0.0
+    """Progress at which the pacing starts moving."""
+    pacing_s1: float = 1.0
+    """Progress at which the pacing reaches 1."""
+    pacing_c0: float = 0.01
+    """Initial competence of the sqrt pacing (0.3 is used by curriculum_mode='competence')."""
+    tilt_beta_max: float = 2.0
+    """Maximum exponent of the tilt weights."""
+    select_ratio: float = 0.2
+    """Fraction of tokens kept by the select_* weightings; kept tokens get weight 1/select_ratio."""
+    ea_temperature: float = 1.0
+    """Temperature at which EA-KD computes teacher and student entropies."""
+
+    temp_mode: str = "inverse"
+    """C2 per-token temperature: inverse (default), direct, idts, edt, const."""
+    temp_signal: str = "teacher_entropy"
+    """Score used by idts / edt temperatures: the teacher entropy, or the Hellinger distance (AdaKD)."""
+    tau_min: float = 1.0
+    """Lower temperature bound."""
+    tau_max: float = 2.0
+    """Upper temperature bound."""
+    tau0: float = 1.0
+    """Base temperature of 'const' and 'idts'."""
+    kappa: float = 0.3
+    """IDTS strength: tau in [tau0 e^-kappa, tau0 e^kappa]."""
+    tau2: str = "per_token"
+    """tau^2 convention: per_token, none, normalized (tau^2 / batch mean)."""
+
+    route_mode: str = "batch_topk"
+    """C3 router: none, batch_topk, global_quantile, abs, random (control), all (feature KD everywhere)."""
+    rho: float = 0.2
+    """Fraction of tokens routed to the hard (feature) branch."""
+    h_abs: float = 1.0
+    """Entropy threshold (nats) of route_mode='abs'."""
+    beta_f: float = 1.0
+    """Weight of the feature loss. 0 turns the feature branch off."""
+    feat_loss: str = "cosine"
+    """Per-token feature loss: cosine (1 - cos) or mse_ln (MSE after parameter-free layer norm)."""
+    layer_map: str = "uniform"
+    """Student-to-teacher layer map: uniform (K layers) or last."""
+    feat_layers: int = 4
+    """K, the number of mapped layers of the uniform map."""
+    hard_branch: str = "feat_plus_logits"
+    """Routed tokens get feature + logit KD (feat_plus_logits) or feature loss only (feat_only)."""
+    feat_weight_schedule: str = "constant"
+    """constant beta_f, or follow_lambda: beta_f * lambda(s)."""
+
+    chunk_size: int = 1024
+    """Tokens per chunk of the vocabulary-sized computation; bounds the (chunk x V) fp32 working set."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"objective.{name}={value!r} is not one of {list(allowed)}")
+        _check_range("alpha", self.alpha, 0.0, 1.0)
+        _check_range("jsd_beta", self.jsd_beta, 0.0, 1.0)
+        _check_range("skew_lambda", self.skew_lambda, 0.0, 1.0, hi_open=True)
+        _check_range("akl_mu", self.akl_mu, 0.0, 1.0)
+        _check_range("w_min", self.w_min, 0.0, 1.0)
+        _check_range("rho", self.rho, 0.0, 1.0, lo_open=True)
+        _check_range("select_ratio", self.select_ratio, 0.0, 1.0, lo_open=True)
+        _check_range("pacing_c0", self.pacing_c0, 0.0, 1.0, hi_open=True)
+        if self.fixed_lambda is not None:
+            _check_range("fixed_lambda", self.fixed_lambda, 0.0, 1.0)
+        if not self.pacing_s1 > self.pacing_s0:
+            raise ConfigError(f"objective.pacing_s1={self.pacing_s1} must be > pacing_s0={self.pacing_s0}")
+        if not 0 < self.tau_min <= self.tau_max:
+            raise ConfigError(f"objective.tau_min={self.tau_min}, tau_max={self.tau_max}: need 0 < tau_min <= tau_max")
+        for name in ("tau0", "ea_temperature", "h_ref", "chunk_size", "feat_layers"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"objective.{name}={getattr(self, name)} must be > 0")
+        if self.beta_f < 0:
+            raise ConfigError(f"objective.beta_f={self.beta_f} must be >= 0 (0 turns features off)")
+        if self.bild_top_k < 2:
+            raise ConfigError(f"objective.bild_top_k={self.bild_top_k} must be >= 2")
+        if self.hard_branch == "feat_only" and not self.uses_features:
+            raise ConfigError("objective.hard_branch='feat_only' drops logit KD on routed tokens, so it needs beta_f > 0 "
+                              "and a route_mode other than 'none'")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """False for SFT (alpha = 0 and no features): the teacher need not run."""
+        return self.alpha > 0 or self.uses_features
+
+    @property
+    def uses_features(self) -> bool:
+        """True when the feature branch is on (needs hidden states and projections)."""
+        return self.beta_f > 0 and self.route_mode != "none"
+
+    @property
+    def needs_difficulty(self) -> bool:
+        """True when some component reads the difficulty d_t (curriculum, linear temperatures, d-based routes)."""
+        uses_d_route = self.uses_features and self.route_mode in ("batch_topk", "global_quantile")
+        return self.weighting == "curriculum" or self.temp_mode in ("inverse", "direct") or uses_d_route
+
+    @property
+    def needs_knots(self) -> bool:
+        """True when the difficulty needs an entropy CDF from knots (cdf_mode global or ema_hist)."""
+        return self.needs_difficulty and self.difficulty == "quantile" and self.cdf_mode in ("global", "ema_hist")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ConfigError(f"objective.{name}={value} must lie in {left}{lo}, {hi}{right}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its docstring, read from the source (used by `--help` and docs)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in docs.items() if k in names}
+
+
+__all__ = ["ConfigError", "ObjectiveConfig", "field_docs"]

@@ -1,0 +1,373 @@
+"""THE method: one objective that composes entropy, curriculum, temperature, routing, divergence and features.
+
+    L = (1 - alpha) CE + alpha KD + beta_f feat                                     (spec section 6)
+    KD   = (1/N) sum_t w_t tau_t^2 D(p^(tau_t), q^(tau_t))
+    feat = (1/ceil(rho N)) sum_{t routed} l_feat(t)
+
+N is the response-token count of the whole accumulation window on all processes (`num_tokens`), so micro-batches
+add up exactly to the big batch. Everything vocabulary-sized is computed in chunks of `chunk_size` tokens: the
+gradient w.r.t. the student logits (or, with `fused`, w.r.t. the final hidden state and the lm_head weight) is
+produced chunk by chunk inside the forward, as Liger-Kernel's chunked losses do, so no (N x V) fp32 tensor is
+ever alive, and with the fused lm_head the student's full logits are never materialised either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from egad.config import ObjectiveConfig
+from egad.curriculum import curriculum_weights, pacing
+from egad.entropy import batch_mid_rank, quantile_cdf, token_entropy
+from egad.losses.divergences import DIVERGENCES, NO_TAU2
+from egad.losses.features import FeatureProjector, feature_loss
+from egad.routing import route_tokens, topk_mask
+from egad.teacher.signal import DenseSignal
+from egad.temperature import tau_squared_factor, token_temperature
+
+
+@dataclass
+class StudentOutputs:
+    """The student side. Either `logits` (B, L, V_S), or `hidden` (B, L, d) plus `lm_head_weight` (V_S, d) for the
+    fused path. `features`: hidden states of the mapped layers, (B, L, d_S) each."""
+
+    logits: Tensor | None = None
+    hidden: Tensor | None = None
+    lm_head_weight: Tensor | None = None
+    features: list[Tensor] | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.logits is None
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.lm_head_weight.shape[0] if self.fused else self.logits.shape[-1]  # type: ignore[union-attr]
+
+
+@dataclass
+class ObjectiveOutput:
+    """`loss` carries the gradient. `metrics` are detached 0-d tensors; `tokens` are detached (N,) per-token signals
+    (entropy, difficulty, weight, tau, route) for logging and plots."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+    tokens: dict[str, Tensor] = field(default_factory=dict)
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """HF causal-LM labels (B, L) -> targets aligned with the logits: targets[:, t] = labels[:, t + 1]."""
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def resolve_vocab(student_rows: int, teacher_rows: int | None, vocab_size: int | None) -> int:
+    """The shared real vocabulary V. Padded embedding rows (Qwen2.5: 151,936 vs 152,064 for 151,665 tokens) are
+    sliced away, so V must be given when the row counts differ."""
+    rows = [student_rows] + ([teacher_rows] if teacher_rows is not None else [])
+    if vocab_size is None:
+        if len(set(rows)) > 1:
+            raise ValueError(
+                f"student has {student_rows} logit rows and teacher {teacher_rows}: pass vocab_size=len(tokenizer), "
+                "the shared real vocabulary, so padded rows are sliced away before the softmax"
+            )
+        return rows[0]
+    if vocab_size > min(rows):
+        raise ValueError(f"vocab_size={vocab_size} exceeds the logit rows (student {student_rows}, teacher "
+                         f"{teacher_rows}); the tokenizer does not match the models")
+    return vocab_size
+
+
+def _student_chunk(student: StudentOutputs, x: Tensor, w: Tensor | None, vocab: int) -> Tensor:
+    """Student logits of one chunk, fp32, shared vocabulary. x is logits rows (C, V_S) or hidden rows (C, d)."""
+    if w is None:
+        return x[:, :vocab].float()
+    return (x @ w[:vocab].t()).float()
+
+
+def _hellinger(zs: Tensor, zt: Tensor) -> Tensor:
+    p, q = zt.softmax(-1), zs.softmax(-1)
+    return ((p.sqrt() - q.sqrt()).pow(2).sum(-1) * 0.5).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def _token_signals(student: StudentOutputs, teacher: DenseSignal, rows: Tensor, cfg: ObjectiveConfig, vocab: int):
+    """Pass 1 (no grad): teacher entropy at tau=1 and, when a rule needs them, student entropy and Hellinger."""
+    need_hs = cfg.weighting in ("ea_kd", "select_student_entropy")
+    need_hel = cfg.weighting == "select_hellinger" or cfg.temp_signal == "hellinger"
+    x_all, w = _student_source(student)
+    out: dict[str, list[Tensor]] = {"entropy": [], "student_entropy": [], "hellinger": []}
+    for start in range(0, rows.numel(), cfg.chunk_size):
+        idx = rows[start : start + cfg.chunk_size]
+        zt = teacher.rows(idx, vocab)
+        out["entropy"].append(token_entropy(zt))
+        if need_hs or need_hel:
+            zs = _student_chunk(student, x_all.index_select(0, idx), w, vocab)
+            if need_hs:
+                t = cfg.ea_temperature if cfg.weighting == "ea_kd" else 1.0
+                out["student_entropy"].append(token_entropy(zs, temperature=t))
+            if need_hel:
+                out["hellinger"].append(_hellinger(zs, zt))
+        if cfg.weighting == "ea_kd" and cfg.ea_temperature != 1.0:
+            out["entropy_ea"] = out.get("entropy_ea", []) + [token_entropy(zt, temperature=cfg.ea_temperature)]
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def _student_source(student: StudentOutputs) -> tuple[Tensor, Tensor | None]:
+    if student.fused:
+        if student.hidden is None or student.lm_head_weight is None:
+            raise ValueError("StudentOutputs needs logits, or hidden and lm_head_weight for the fused path")
+        return student.hidden.reshape(-1, student.hidden.shape[-1]), student.lm_head_weight
+    return student.logits.reshape(-1, student.logits.shape[-1]), None  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def token_plan(sig: dict[str, Tensor], cfg: ObjectiveConfig, *, progress: float, vocab: int,
+               knots: Tensor | None, generator: torch.Generator | None = None) -> dict[str, Tensor | float]:
+    """Difficulty, curriculum weight, temperature, tau^2 factor and route per token, all under no_grad."""
+    h = sig["entropy"]
+    if not cfg.needs_difficulty:
+        d = torch.zeros_like(h)  # no component reads it (e.g. plain KD): no calibration needed
+    elif cfg.difficulty == "normalized":
+        d = (h / math.log(vocab) / cfg.h_ref).clamp(0, 1)
+    elif cfg.cdf_mode == "batch":
+        d = batch_mid_rank(h)
+    else:
+        if knots is None:
+            raise ValueError(f"cdf_mode={cfg.cdf_mode!r} needs entropy quantile knots: calibrate them on the teacher "
+                             "(egad.entropy.EntropyQuantileCalibrator) and pass knots=, or set cdf_mode='batch'")
+        d = quantile_cdf(h, knots.to(h.device))
+    lam = _lambda(cfg, progress)
+    w = _weights(sig, d, lam, cfg, vocab)
+    tau = _temperature(sig, d, w, cfg)
+    t2 = torch.ones_like(tau) if cfg.divergence in NO_TAU2 else tau_squared_factor(tau, cfg.tau2)
+    if cfg.uses_features:
+        route = route_tokens(d, mode=cfg.route_mode, rho=cfg.rho, entropy=h, h_abs=cfg.h_abs, generator=generator)
+    else:
+        route = torch.zeros_like(d, dtype=torch.bool)
+    return {"entropy": h, "difficulty": d, "weight": w, "tau": tau, "tau2": t2, "route": route, "lambda": lam}
+
+
+def _lambda(cfg: ObjectiveConfig, progress: float) -> float:
+    if cfg.fixed_lambda is not None:
+        return cfg.fixed_lambda
+    if cfg.curriculum_mode == "competence":
+        # Competence gating uses the sqrt competence c(s); presets set pacing_c0=0.3 (0.01 starves early training).
+        return pacing(progress, "sqrt", s0=cfg.pacing_s0, s1=cfg.pacing_s1, c0=cfg.pacing_c0)
+    return pacing(progress, cfg.pacing, s0=cfg.pacing_s0, s1=cfg.pacing_s1, c0=cfg.pacing_c0)
+
+
+def _weights(sig: dict[str, Tensor], d: Tensor, lam: float, cfg: ObjectiveConfig, vocab: int) -> Tensor:
+    if cfg.weighting == "none":
+        return torch.ones_like(d)
+    if cfg.weighting == "curriculum":
+        return curriculum_weights(d, lam, mode=cfg.curriculum_mode, w_min=cfg.w_min, beta_max=cfg.tilt_beta_max)
+    if cfg.weighting == "ea_kd":
+        # EA-KD (Su et al.): w = (H_T + H_T H_S / H_ub) / 2 with H_ub = log V, entropies at t_ea.
+        ht = sig.get("entropy_ea", sig["entropy"])
+        return (ht + ht * sig["student_entropy"] / math.log(vocab)) / 2
+    score = {
+        "select_teacher_entropy": sig["entropy"],
+        "select_student_entropy": sig.get("student_entropy"),
+        "select_hellinger": sig.get("hellinger"),
+    }[cfg.weighting]
+    return topk_mask(score, cfg.select_ratio).float() / cfg.select_ratio
+
+
+def _temperature(sig: dict[str, Tensor], d: Tensor, w: Tensor, cfg: ObjectiveConfig) -> Tensor:
+    score = sig["hellinger"] if cfg.temp_signal == "hellinger" else sig["entropy"]
+    kw = dict(mode=cfg.temp_mode, tau_min=cfg.tau_min, tau_max=cfg.tau_max, tau0=cfg.tau0, kappa=cfg.kappa)
+    if cfg.weighting.startswith("select_") and cfg.temp_mode == "idts":
+        # AdaKD computes IDTS (and its median) over the selected tokens only.
+        tau = torch.full_like(d, cfg.tau0)
+        sel = w > 0
+        if sel.any():
+            tau[sel] = token_temperature(d[sel], score=score[sel], **kw)
+        return tau
+    return token_temperature(d, score=score, **kw)
+
+
+class _ChunkedLogitLoss(torch.autograd.Function):
+    """(1 - alpha) CE + alpha KD summed over chunks; the input gradient is computed per chunk inside forward."""
+
+    @staticmethod
+    def forward(ctx, x_flat: Tensor, lm_w: Tensor | None, run: _Run):  # type: ignore[override]
+        need_grad = run.need_grad
+        gx = torch.zeros_like(x_flat) if need_grad else None
+        gw = torch.zeros(lm_w.shape, dtype=torch.float32, device=lm_w.device) if need_grad and lm_w is not None else None
+        ce_total = x_flat.new_zeros((), dtype=torch.float32)
+        kd_total = x_flat.new_zeros((), dtype=torch.float32)
+        for start in range(0, run.rows.numel(), run.cfg.chunk_size):
+            sl = slice(start, start + run.cfg.chunk_size)
+            idx = run.rows[sl]
+            with torch.enable_grad():
+                xc = x_flat.index_select(0, idx).detach().requires_grad_(need_grad)
+                wc = lm_w.detach().requires_grad_(need_grad) if lm_w is not None else None
+                ce_sum, kd_sum = run.chunk_terms(_student_chunk(run.student, xc, wc, run.vocab), idx, sl)
+                total = run.ce_scale * ce_sum + run.kd_scale * kd_sum
+                if need_grad and total.requires_grad:
+                    grads = torch.autograd.grad(total, [xc] + ([wc] if wc is not None else []))
+                    gx.index_add_(0, idx, grads[0].to(gx.dtype))
+                    if gw is not None:
+                        gw += grads[1]
+            ce_total += ce_sum.detach()
+            kd_total += kd_sum.detach()
+        ctx.save_for_backward(*(t for t in (gx, gw) if t is not None))
+        ctx.has_w = gw is not None
+        ctx.lm_w_dtype = lm_w.dtype if lm_w is not None else None
+        loss = run.ce_scale * ce_total + run.kd_scale * kd_total
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        return loss, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx, g_loss: Tensor, _g_ce, _g_kd):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        if not saved:
+            return None, None, None
+        gx = saved[0] * g_loss.to(saved[0].dtype)
+        gw = (saved[1] * g_loss).to(ctx.lm_w_dtype) if ctx.has_w else None
+        return gx, gw, None
+
+
+@dataclass
+class _Run:
+    """Everything one objective call needs inside the autograd function."""
+
+    cfg: ObjectiveConfig
+    student: StudentOutputs
+    teacher: DenseSignal | None
+    targets: Tensor  # (N,) target ids of the response tokens
+    rows: Tensor  # (N,) flat positions
+    plan: dict[str, Tensor | float] | None
+    vocab: int
+    ce_scale: float
+    kd_scale: float
+    need_grad: bool
+
+    def chunk_terms(self, zs: Tensor, idx: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
+        zero = zs.new_zeros(())
+        ce_sum = F.cross_entropy(zs, self.targets[sl], reduction="sum") if self.ce_scale else zero
+        if not self.kd_scale:
+            return ce_sum, zero
+        plan, cfg = self.plan, self.cfg
+        zt = self.teacher.rows(idx, self.vocab)  # type: ignore[union-attr]
+        tau = plan["tau"][sl]  # type: ignore[index]
+        div = DIVERGENCES[cfg.divergence](zs, zt, temperature=tau, **_div_kwargs(cfg))  # (C,)
+        coef = plan["weight"][sl] * plan["tau2"][sl]  # type: ignore[index]
+        if cfg.hard_branch == "feat_only":
+            coef = coef * (~plan["route"][sl]).float()  # type: ignore[index]
+        return ce_sum, (coef * div).sum()
+
+
+def _div_kwargs(cfg: ObjectiveConfig) -> dict:
+    return {
+        "jsd": {"beta": cfg.jsd_beta},
+        "skew_forward_kl": {"lam": cfg.skew_lambda},
+        "skew_reverse_kl": {"lam": cfg.skew_lambda},
+        "akl": {"mu": cfg.akl_mu},
+        "todi": {"beta": cfg.todi_beta},
+        "ttm": {"gamma": cfg.ttm_gamma},
+        "wttm": {"gamma": cfg.ttm_gamma},
+        "bild": {"top_k": cfg.bild_top_k},
+    }.get(cfg.divergence, {})
+
+
+def distillation_loss(
+    student: StudentOutputs,
+    teacher: DenseSignal | None,
+    targets: Tensor,
+    cfg: ObjectiveConfig,
+    *,
+    progress: float = 0.0,
+    num_tokens: int | float | Tensor | None = None,
+    vocab_size: int | None = None,
+    knots: Tensor | None = None,
+    projector: FeatureProjector | None = None,
+    generator: torch.Generator | None = None,
+) -> ObjectiveOutput:
+    """The EGAD objective (or any preset of it) on one micro-batch.
+
+    targets: (B, L) next-token ids aligned with the logits (use `shift_labels` on HF labels), -100 where ignored.
+    progress: training progress s in [0, 1] for the curriculum. num_tokens: response tokens of the whole accumulation
+    window on all processes (default: this batch's). knots: entropy quantile knots (cdf_mode global / ema_hist).
+    """
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress={progress} must lie in [0, 1] (step / total_steps)")
+    if cfg.uses_teacher and teacher is None:
+        raise ValueError("this objective distils (alpha > 0 or beta_f > 0) but no teacher signal was given")
+    teacher = teacher if cfg.uses_teacher else None
+    vocab = resolve_vocab(student.vocab_rows, teacher.vocab_rows if teacher else None, vocab_size)
+    x_flat, lm_w = _student_source(student)
+    flat_targets = targets.reshape(-1)
+    if flat_targets.numel() != x_flat.shape[0]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match the student outputs ({x_flat.shape[0]} positions)")
+    rows = (flat_targets != -100).nonzero().squeeze(-1)  # (N,)
+    n_local = rows.numel()
+    denom = float(num_tokens) if num_tokens is not None else float(n_local)
+    denom = max(denom, 1.0)
+
+    plan = None
+    if teacher is not None and n_local:
+        sig = _token_signals(student, teacher, rows, cfg, vocab)
+        plan = token_plan(sig, cfg, progress=progress, vocab=vocab, knots=knots, generator=generator)
+
+    need_grad = torch.is_grad_enabled() and (x_flat.requires_grad or (lm_w is not None and lm_w.requires_grad))
+    kd_alpha = cfg.alpha if teacher is not None else 0.0
+    run = _Run(cfg, student, teacher, flat_targets.index_select(0, rows), rows, plan, vocab,
+               ce_scale=(1 - cfg.alpha) / denom, kd_scale=kd_alpha / denom, need_grad=need_grad)
+    loss, ce, kd = _apply_chunked(x_flat, lm_w, run)
+
+    feat = loss.new_zeros(())
+    if plan is not None and cfg.uses_features:
+        feat = _feature_term(student, teacher, rows, plan, cfg, projector, denom, progress)
+        loss = loss + feat
+    elif projector is not None and need_grad:
+        loss = loss + 0.0 * sum(p.sum() for p in projector.parameters())  # keeps DDP's unused-parameter check happy
+    metrics = _metrics(loss, ce / denom, kd / denom, feat, plan, n_local)
+    tokens = {k: v for k, v in (plan or {}).items() if isinstance(v, Tensor)}
+    return ObjectiveOutput(loss=loss, metrics=metrics, tokens=tokens)
+
+
+def _apply_chunked(x_flat: Tensor, lm_w: Tensor | None, run: _Run) -> tuple[Tensor, Tensor, Tensor]:
+    if run.rows.numel() == 0:
+        # A fully masked batch: 0 loss that still reaches the graph, so backward gives zero (not NaN) gradients.
+        zero = x_flat.sum() * 0.0 + (lm_w.sum() * 0.0 if lm_w is not None else 0.0)
+        return zero.float(), zero.detach().float(), zero.detach().float()
+    return _ChunkedLogitLoss.apply(x_flat, lm_w, run)
+
+
+def _feature_term(student: StudentOutputs, teacher: DenseSignal, rows: Tensor, plan: dict, cfg: ObjectiveConfig,
+                  projector: FeatureProjector | None, denom: float, progress: float) -> Tensor:
+    if projector is None or not student.features:
+        raise ValueError("the feature branch is on (beta_f > 0, route_mode != 'none') but the student features or "
+                         "the FeatureProjector are missing; capture the mapped layers or set beta_f=0")
+    routed = rows[plan["route"]]
+    beta = cfg.beta_f * (plan["lambda"] if cfg.feat_weight_schedule == "follow_lambda" else 1.0)
+    # Normalise by the routed budget of the whole window, ceil(rho N), so that micro-batches add up (spec: sum r).
+    budget = max(1.0, math.ceil((1.0 if cfg.route_mode == "all" else cfg.rho) * denom))
+    if routed.numel() == 0:
+        return sum(p.sum() for p in projector.parameters()) * 0.0
+    hs = [h.reshape(-1, h.shape[-1]).index_select(0, routed) for h in student.features]
+    per_tok = feature_loss(hs, teacher.features_at(routed), projector, kind=cfg.feat_loss)  # (N_r,)
+    return beta * per_tok.sum() / budget
+
+
+def _metrics(loss, ce, kd, feat, plan, n_local: int) -> dict[str, Tensor]:
+    """ce and kd are per-token means over num_tokens (before the alpha mix); feat is already weighted."""
+    m = {"loss": loss.detach(), "ce": ce, "kd": kd, "feat": feat.detach(),
+         "n_tokens": torch.tensor(float(n_local))}
+    if plan is not None:
+        h = plan["entropy"]
+        q = torch.quantile(h, torch.tensor([0.1, 0.5, 0.9], device=h.device)) if h.numel() else torch.zeros(3)
+        m.update({
+            "entropy_mean": h.mean(), "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2],
+            "lambda": torch.tensor(float(plan["lambda"])), "weight_mean": plan["weight"].mean(),
+            "weight_min": plan["weight"].min(), "weight_max": plan["weight"].max(), "tau_mean": plan["tau"].mean(),
+            "routed_frac": plan["route"].float().mean(),
+        })
+    return m
