@@ -48,10 +48,14 @@ def losses(
     ft = [torch.randn(1, tokens, dt, generator=g) for _ in range(k)]
     knots = fit_quantile_knots(token_entropy(zt[0]), 1001)
     h = token_entropy(zt[0])
-    typer.echo(f"N={tokens} V={vocab}; teacher entropy (nats): p10 {h.quantile(0.1):.2f}  p50 {h.median():.2f}  "
-               f"p90 {h.quantile(0.9):.2f}")
-    header = f"{'preset':<16}{'loss':>9}{'ce':>9}{'kd':>9}{'feat':>8}{'w mean':>8}{'corr(w,H) s=0':>15}" \
-             f"{'s=1':>7}{'tau':>7}{'routed':>8}{'ms':>8}"
+    typer.echo(
+        f"N={tokens} V={vocab}; teacher entropy (nats): p10 {h.quantile(0.1):.2f}  p50 {h.median():.2f}  "
+        f"p90 {h.quantile(0.9):.2f}"
+    )
+    header = (
+        f"{'preset':<16}{'loss':>9}{'ce':>9}{'kd':>9}{'feat':>8}{'w mean':>8}{'corr(w,H) s=0':>15}"
+        f"{'s=1':>7}{'tau':>7}{'routed':>8}{'ms':>8}"
+    )
     typer.echo(header)
     typer.echo("-" * len(header))
     for name in [p.strip() for p in presets.split(",") if p.strip()]:
@@ -62,18 +66,30 @@ def losses(
             zs = zs0.clone().requires_grad_()
             fs = [f.clone().requires_grad_() for f in fs0]
             t0 = time.perf_counter()
-            out = distillation_loss(StudentOutputs(logits=zs, features=fs), DenseSignal(zt, ft), targets, cfg,
-                                    progress=s, knots=knots, projector=proj, generator=torch.Generator().manual_seed(0))
+            out = distillation_loss(
+                StudentOutputs(logits=zs, features=fs),
+                DenseSignal(zt, ft),
+                targets,
+                cfg,
+                progress=s,
+                knots=knots,
+                projector=proj,
+                generator=torch.Generator().manual_seed(0),
+            )
             out.loss.backward()
             ms = (time.perf_counter() - t0) * 1e3
             w = out.tokens.get("weight")
             corr.append(torch.corrcoef(torch.stack([w, h]))[0, 1].item() if w is not None and w.std() > 0 else 0.0)
         m = {k_: v.item() for k_, v in out.metrics.items()}
-        typer.echo(f"{name:<16}{m['loss']:>9.3f}{m['ce']:>9.3f}{m['kd']:>9.3f}{m['feat']:>8.3f}"
-                   f"{m.get('weight_mean', 1.0):>8.2f}{corr[0]:>15.2f}{corr[1]:>7.2f}{m.get('tau_mean', 1.0):>7.2f}"
-                   f"{m.get('routed_frac', 0.0):>8.2f}{ms:>8.0f}")
-    typer.echo("\ncorr(w,H): correlation of the KD weight with teacher entropy at the start (s=0) and end (s=1) of "
-               "training; EGAD moves it from negative (easy tokens first) to positive (hard tokens last).")
+        typer.echo(
+            f"{name:<16}{m['loss']:>9.3f}{m['ce']:>9.3f}{m['kd']:>9.3f}{m['feat']:>8.3f}"
+            f"{m.get('weight_mean', 1.0):>8.2f}{corr[0]:>15.2f}{corr[1]:>7.2f}{m.get('tau_mean', 1.0):>7.2f}"
+            f"{m.get('routed_frac', 0.0):>8.2f}{ms:>8.0f}"
+        )
+    typer.echo(
+        "\ncorr(w,H): correlation of the KD weight with teacher entropy at the start (s=0) and end (s=1) of "
+        "training; EGAD moves it from negative (easy tokens first) to positive (hard tokens last)."
+    )
 
 
 if __name__ == "__main__":

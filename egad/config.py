@@ -24,7 +24,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "difficulty": ("quantile", "normalized"),
     "cdf_mode": ("global", "batch", "ema_hist"),
-    "weighting": ("none", "curriculum", "ea_kd", "select_teacher_entropy", "select_student_entropy", "select_hellinger"),
+    "weighting": (
+        "none",
+        "curriculum",
+        "ea_kd",
+        "select_teacher_entropy",
+        "select_student_entropy",
+        "select_hellinger",
+    ),
     "curriculum_mode": ("linear_interp", "tilt", "competence", "static_easy", "static_hard"),
     "pacing": ("linear", "sqrt", "cosine", "step", "reverse"),
     "temp_mode": ("inverse", "direct", "idts", "edt", "const"),
@@ -64,9 +71,9 @@ class ObjectiveConfig:
     """Top-k logits whose pairwise differences BiLD matches."""
 
     difficulty: str = "quantile"
-    """Difficulty d_t from teacher entropy: 'quantile' (empirical CDF u_t) or 'normalized' (clip(H/log V/h_ref, 0, 1))."""
+    """Difficulty d_t from teacher entropy: 'quantile' (empirical CDF) or 'normalized' (clip(H/log V/h_ref, 0, 1))."""
     cdf_mode: str = "global"
-    """How the entropy CDF is estimated: 'global' (calibration knots), 'batch' (mid-rank), 'ema_hist' (running knots)."""
+    """How the entropy CDF is estimated: 'global' (calibration knots), 'batch' (mid-rank), 'ema_hist' (running)."""
     h_ref: float = 1.0
     """Reference for difficulty='normalized': d = clip(H / log V / h_ref, 0, 1)."""
 
@@ -157,8 +164,10 @@ class ObjectiveConfig:
         if self.bild_top_k < 2:
             raise ConfigError(f"objective.bild_top_k={self.bild_top_k} must be >= 2")
         if self.hard_branch == "feat_only" and not self.uses_features:
-            raise ConfigError("objective.hard_branch='feat_only' drops logit KD on routed tokens, so it needs beta_f > 0 "
-                              "and a route_mode other than 'none'")
+            raise ConfigError(
+                "objective.hard_branch='feat_only' drops logit KD on routed tokens, so it needs beta_f > 0 "
+                "and a route_mode other than 'none'"
+            )
 
     @property
     def uses_teacher(self) -> bool:
@@ -182,7 +191,9 @@ class ObjectiveConfig:
         return self.needs_difficulty and self.difficulty == "quantile" and self.cdf_mode in ("global", "ema_hist")
 
 
-def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+def _check_range(
+    name: str, value: float, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
     ok_lo = value > lo if lo_open else value >= lo
     ok_hi = value < hi if hi_open else value <= hi
     if not (ok_lo and ok_hi):

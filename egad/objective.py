@@ -78,8 +78,10 @@ def resolve_vocab(student_rows: int, teacher_rows: int | None, vocab_size: int |
             )
         return rows[0]
     if vocab_size > min(rows):
-        raise ValueError(f"vocab_size={vocab_size} exceeds the logit rows (student {student_rows}, teacher "
-                         f"{teacher_rows}); the tokenizer does not match the models")
+        raise ValueError(
+            f"vocab_size={vocab_size} exceeds the logit rows (student {student_rows}, teacher "
+            f"{teacher_rows}); the tokenizer does not match the models"
+        )
     return vocab_size
 
 
@@ -127,8 +129,15 @@ def _student_source(student: StudentOutputs) -> tuple[Tensor, Tensor | None]:
 
 
 @torch.no_grad()
-def token_plan(sig: dict[str, Tensor], cfg: ObjectiveConfig, *, progress: float, vocab: int,
-               knots: Tensor | None, generator: torch.Generator | None = None) -> dict[str, Tensor | float]:
+def token_plan(
+    sig: dict[str, Tensor],
+    cfg: ObjectiveConfig,
+    *,
+    progress: float,
+    vocab: int,
+    knots: Tensor | None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor | float]:
     """Difficulty, curriculum weight, temperature, tau^2 factor and route per token, all under no_grad."""
     h = sig["entropy"]
     if not cfg.needs_difficulty:
@@ -139,8 +148,10 @@ def token_plan(sig: dict[str, Tensor], cfg: ObjectiveConfig, *, progress: float,
         d = batch_mid_rank(h)
     else:
         if knots is None:
-            raise ValueError(f"cdf_mode={cfg.cdf_mode!r} needs entropy quantile knots: calibrate them on the teacher "
-                             "(egad.entropy.EntropyQuantileCalibrator) and pass knots=, or set cdf_mode='batch'")
+            raise ValueError(
+                f"cdf_mode={cfg.cdf_mode!r} needs entropy quantile knots: calibrate them on the teacher "
+                "(egad.entropy.EntropyQuantileCalibrator) and pass knots=, or set cdf_mode='batch'"
+            )
         d = quantile_cdf(h, knots.to(h.device))
     lam = _lambda(cfg, progress)
     w = _weights(sig, d, lam, cfg, vocab)
@@ -199,7 +210,9 @@ class _ChunkedLogitLoss(torch.autograd.Function):
     def forward(ctx, x_flat: Tensor, lm_w: Tensor | None, run: _Run):  # type: ignore[override]
         need_grad = run.need_grad
         gx = torch.zeros_like(x_flat) if need_grad else None
-        gw = torch.zeros(lm_w.shape, dtype=torch.float32, device=lm_w.device) if need_grad and lm_w is not None else None
+        gw = (
+            torch.zeros(lm_w.shape, dtype=torch.float32, device=lm_w.device) if need_grad and lm_w is not None else None
+        )
         ce_total = x_flat.new_zeros((), dtype=torch.float32)
         kd_total = x_flat.new_zeros((), dtype=torch.float32)
         for start in range(0, run.rows.numel(), run.cfg.chunk_size):
@@ -305,7 +318,9 @@ def distillation_loss(
     x_flat, lm_w = _student_source(student)
     flat_targets = targets.reshape(-1)
     if flat_targets.numel() != x_flat.shape[0]:
-        raise ValueError(f"targets {tuple(targets.shape)} do not match the student outputs ({x_flat.shape[0]} positions)")
+        raise ValueError(
+            f"targets {tuple(targets.shape)} do not match the student outputs ({x_flat.shape[0]} positions)"
+        )
     rows = (flat_targets != -100).nonzero().squeeze(-1)  # (N,)
     n_local = rows.numel()
     denom = float(num_tokens) if num_tokens is not None else float(n_local)
@@ -318,8 +333,18 @@ def distillation_loss(
 
     need_grad = torch.is_grad_enabled() and (x_flat.requires_grad or (lm_w is not None and lm_w.requires_grad))
     kd_alpha = cfg.alpha if teacher is not None else 0.0
-    run = _Run(cfg, student, teacher, flat_targets.index_select(0, rows), rows, plan, vocab,
-               ce_scale=(1 - cfg.alpha) / denom, kd_scale=kd_alpha / denom, need_grad=need_grad)
+    run = _Run(
+        cfg,
+        student,
+        teacher,
+        flat_targets.index_select(0, rows),
+        rows,
+        plan,
+        vocab,
+        ce_scale=(1 - cfg.alpha) / denom,
+        kd_scale=kd_alpha / denom,
+        need_grad=need_grad,
+    )
     loss, ce, kd = _apply_chunked(x_flat, lm_w, run)
 
     feat = loss.new_zeros(())
@@ -341,11 +366,21 @@ def _apply_chunked(x_flat: Tensor, lm_w: Tensor | None, run: _Run) -> tuple[Tens
     return _ChunkedLogitLoss.apply(x_flat, lm_w, run)
 
 
-def _feature_term(student: StudentOutputs, teacher: DenseSignal, rows: Tensor, plan: dict, cfg: ObjectiveConfig,
-                  projector: FeatureProjector | None, denom: float, progress: float) -> Tensor:
+def _feature_term(
+    student: StudentOutputs,
+    teacher: DenseSignal,
+    rows: Tensor,
+    plan: dict,
+    cfg: ObjectiveConfig,
+    projector: FeatureProjector | None,
+    denom: float,
+    progress: float,
+) -> Tensor:
     if projector is None or not student.features:
-        raise ValueError("the feature branch is on (beta_f > 0, route_mode != 'none') but the student features or "
-                         "the FeatureProjector are missing; capture the mapped layers or set beta_f=0")
+        raise ValueError(
+            "the feature branch is on (beta_f > 0, route_mode != 'none') but the student features or "
+            "the FeatureProjector are missing; capture the mapped layers or set beta_f=0"
+        )
     routed = rows[plan["route"]]
     beta = cfg.beta_f * (plan["lambda"] if cfg.feat_weight_schedule == "follow_lambda" else 1.0)
     # Normalise by the routed budget of the whole window, ceil(rho N), so that micro-batches add up (spec: sum r).
@@ -359,15 +394,22 @@ def _feature_term(student: StudentOutputs, teacher: DenseSignal, rows: Tensor, p
 
 def _metrics(loss, ce, kd, feat, plan, n_local: int) -> dict[str, Tensor]:
     """ce and kd are per-token means over num_tokens (before the alpha mix); feat is already weighted."""
-    m = {"loss": loss.detach(), "ce": ce, "kd": kd, "feat": feat.detach(),
-         "n_tokens": torch.tensor(float(n_local))}
+    m = {"loss": loss.detach(), "ce": ce, "kd": kd, "feat": feat.detach(), "n_tokens": torch.tensor(float(n_local))}
     if plan is not None:
         h = plan["entropy"]
         q = torch.quantile(h, torch.tensor([0.1, 0.5, 0.9], device=h.device)) if h.numel() else torch.zeros(3)
-        m.update({
-            "entropy_mean": h.mean(), "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2],
-            "lambda": torch.tensor(float(plan["lambda"])), "weight_mean": plan["weight"].mean(),
-            "weight_min": plan["weight"].min(), "weight_max": plan["weight"].max(), "tau_mean": plan["tau"].mean(),
-            "routed_frac": plan["route"].float().mean(),
-        })
+        m.update(
+            {
+                "entropy_mean": h.mean(),
+                "entropy_p10": q[0],
+                "entropy_p50": q[1],
+                "entropy_p90": q[2],
+                "lambda": torch.tensor(float(plan["lambda"])),
+                "weight_mean": plan["weight"].mean(),
+                "weight_min": plan["weight"].min(),
+                "weight_max": plan["weight"].max(),
+                "tau_mean": plan["tau"].mean(),
+                "routed_frac": plan["route"].float().mean(),
+            }
+        )
     return m

@@ -164,11 +164,27 @@ def test_fused_lm_head_equals_logits(name):
     cfg = preset(name, chunk_size=11, feat_layers=K)
     proj = FeatureProjector(DS, DT, K)
     knots = knots_for(zt, targets)
-    fused = distillation_loss(StudentOutputs(hidden=hidden, lm_head_weight=w, features=fs), DenseSignal(zt, ft),
-                              targets, cfg, progress=0.6, knots=knots, projector=proj, vocab_size=V)
+    fused = distillation_loss(
+        StudentOutputs(hidden=hidden, lm_head_weight=w, features=fs),
+        DenseSignal(zt, ft),
+        targets,
+        cfg,
+        progress=0.6,
+        knots=knots,
+        projector=proj,
+        vocab_size=V,
+    )
     logits = hidden @ w.t()
-    plain = distillation_loss(StudentOutputs(logits=logits, features=fs), DenseSignal(zt, ft), targets, cfg,
-                              progress=0.6, knots=knots, projector=proj, vocab_size=V)
+    plain = distillation_loss(
+        StudentOutputs(logits=logits, features=fs),
+        DenseSignal(zt, ft),
+        targets,
+        cfg,
+        progress=0.6,
+        knots=knots,
+        projector=proj,
+        vocab_size=V,
+    )
     torch.testing.assert_close(fused.loss, plain.loss, atol=ATOL, rtol=RTOL)
     for a, b in zip(grads(fused.loss, [hidden, w]), grads(plain.loss, [hidden, w]), strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
@@ -184,8 +200,18 @@ def test_four_micro_batches_equal_one_batch(name):
     n_total = int((targets != -100).sum())
     whole = run_objective(zs, zt, targets, cfg, fs, ft, proj, knots, 0.5)
     parts = sum(
-        run_objective(zs[i : i + 2], zt[i : i + 2], targets[i : i + 2], cfg, [f[i : i + 2] for f in fs],
-                      [f[i : i + 2] for f in ft], proj, knots, 0.5, num_tokens=n_total).loss
+        run_objective(
+            zs[i : i + 2],
+            zt[i : i + 2],
+            targets[i : i + 2],
+            cfg,
+            [f[i : i + 2] for f in fs],
+            [f[i : i + 2] for f in ft],
+            proj,
+            knots,
+            0.5,
+            num_tokens=n_total,
+        ).loss
         for i in range(0, 8, 2)
     )
     torch.testing.assert_close(parts, whole.loss, atol=ATOL, rtol=RTOL)
@@ -207,8 +233,9 @@ def test_fully_masked_batch_gives_zero_and_finite_grads(name, fused):
         student, params = StudentOutputs(hidden=hidden, lm_head_weight=w, features=fs), [hidden, w]
     else:
         student, params = StudentOutputs(logits=zs, features=fs), [zs]
-    out = distillation_loss(student, DenseSignal(zt, ft), targets, cfg, knots=knots_for(zt, targets + 200),
-                            projector=proj)
+    out = distillation_loss(
+        student, DenseSignal(zt, ft), targets, cfg, knots=knots_for(zt, targets + 200), projector=proj
+    )
     assert out.loss.item() == 0.0
     out.loss.backward()
     for p in params + list(proj.parameters()):
@@ -235,8 +262,13 @@ def test_padded_vocab_rows_are_sliced_and_mismatch_is_an_error():
     junk = torch.full((B, L, 9), 50.0)  # padded rows with large logits would dominate any softmax
     cfg = preset("kd")
     base = distillation_loss(StudentOutputs(logits=zs), DenseSignal(zt), targets, cfg)
-    padded = distillation_loss(StudentOutputs(logits=torch.cat([zs, junk[..., :4]], -1)),
-                               DenseSignal(torch.cat([zt, junk], -1)), targets, cfg, vocab_size=V)
+    padded = distillation_loss(
+        StudentOutputs(logits=torch.cat([zs, junk[..., :4]], -1)),
+        DenseSignal(torch.cat([zt, junk], -1)),
+        targets,
+        cfg,
+        vocab_size=V,
+    )
     torch.testing.assert_close(padded.loss, base.loss)
     with pytest.raises(ValueError, match="vocab_size"):
         distillation_loss(StudentOutputs(logits=zs), DenseSignal(torch.cat([zt, junk], -1)), targets, cfg)
@@ -268,8 +300,18 @@ def test_metrics_and_token_signals_are_reported():
     cfg = preset("egad", feat_layers=K)
     out = run_objective(zs, zt, targets, cfg, fs, ft, FeatureProjector(DS, DT, K), knots_for(zt, targets), 0.9)
     n = int((targets != -100).sum())
-    for key in ("loss", "ce", "kd", "feat", "entropy_mean", "entropy_p90", "lambda", "weight_mean", "tau_mean",
-                "routed_frac"):
+    for key in (
+        "loss",
+        "ce",
+        "kd",
+        "feat",
+        "entropy_mean",
+        "entropy_p90",
+        "lambda",
+        "weight_mean",
+        "tau_mean",
+        "routed_frac",
+    ):
         assert key in out.metrics and torch.isfinite(out.metrics[key])
     assert out.tokens["entropy"].shape == (n,)
     assert out.metrics["routed_frac"].item() == pytest.approx(math.ceil(0.2 * n) / n)

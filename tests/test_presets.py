@@ -18,8 +18,15 @@ VOCAB = 101  # the real vocabulary; the teacher's embedding has padded rows beyo
 
 def tiny(hidden: int, vocab_rows: int, seed: int):
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = Qwen2Config(
+        vocab_size=vocab_rows,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     return AutoModelForCausalLM.from_config(cfg)
 
 
@@ -74,14 +81,28 @@ def test_fused_path_on_hf_model_matches_logits(models):
     cfg = preset("egad_no_c3", chunk_size=7)
     student.zero_grad()
     out_logits = student(input_ids=ids)
-    a = distillation_loss(StudentOutputs(logits=out_logits.logits), DenseSignal(t_out.logits), targets, cfg,
-                          progress=0.3, vocab_size=VOCAB, knots=knots)
+    a = distillation_loss(
+        StudentOutputs(logits=out_logits.logits),
+        DenseSignal(t_out.logits),
+        targets,
+        cfg,
+        progress=0.3,
+        vocab_size=VOCAB,
+        knots=knots,
+    )
     a.loss.backward()
     g_ref = student.lm_head.weight.grad.clone()
     student.zero_grad()
     hidden = student.model(input_ids=ids).last_hidden_state
-    b = distillation_loss(StudentOutputs(hidden=hidden, lm_head_weight=student.lm_head.weight),
-                          DenseSignal(t_out.logits), targets, cfg, progress=0.3, vocab_size=VOCAB, knots=knots)
+    b = distillation_loss(
+        StudentOutputs(hidden=hidden, lm_head_weight=student.lm_head.weight),
+        DenseSignal(t_out.logits),
+        targets,
+        cfg,
+        progress=0.3,
+        vocab_size=VOCAB,
+        knots=knots,
+    )
     b.loss.backward()
     torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(student.lm_head.weight.grad, g_ref, atol=1e-5, rtol=1e-4)

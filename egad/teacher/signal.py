@@ -30,6 +30,8 @@ class DenseSignal:
     def features_at(self, flat_index: Tensor) -> list[Tensor]:
         """Mapped-layer hidden states at flattened positions. -> K tensors of (C, d_T)."""
         if not self.features:
-            raise ValueError("the objective routes tokens to the feature branch but the teacher signal has no "
-                             "hidden states; run the teacher with the mapped layers captured, or set beta_f=0")
+            raise ValueError(
+                "the objective routes tokens to the feature branch but the teacher signal has no "
+                "hidden states; run the teacher with the mapped layers captured, or set beta_f=0"
+            )
         return [h.reshape(-1, h.shape[-1]).index_select(0, flat_index) for h in self.features]
