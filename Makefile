@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/egad demo
+	$(VENV)/bin/egad losses
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

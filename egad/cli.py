@@ -1,4 +1,4 @@
-"""Command line: `egad losses` (the objective on random logits). Training, caching and eval commands join here."""
+"""Command line: `egad train` (distil), `egad losses` (the objective on random logits)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,43 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy-Guid
 @app.callback()
 def _main() -> None:
     """egad: distil a teacher LLM into a student, token by token, guided by the teacher's entropy."""
+
+
+_TRAIN_HELP = """Distil a teacher into a student: `egad train --config configs/tiny.yaml [--section.field VALUE ...]`.
+
+Any field below can be overridden on the command line with a dotted name, e.g. `--objective.alpha 0.3
+--train.max_steps 50 --objective.preset kd`. Add --resume to continue the latest checkpoint in train.output_dir.
+"""
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help=_TRAIN_HELP,
+    epilog="",
+)
+def train(
+    ctx: typer.Context,
+    config: str = typer.Option(..., "--config", "-c", help="YAML run config (see configs/)."),
+    resume: bool = typer.Option(False, help="Continue from the latest complete checkpoint in train.output_dir."),
+) -> None:
+    from egad.run_config import load_config, parse_overrides
+    from egad.trainer import Trainer
+
+    cfg = load_config(config, parse_overrides(list(ctx.args)))
+    trainer = Trainer(cfg).setup(resume=resume)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    if trainer.main:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        typer.echo(f"done: {trainer.step} steps -> {trainer.out / 'final'}  {shown}")
+
+
+def _train_help_epilog() -> str:
+    from egad.run_config import help_text
+
+    return "Config fields (defaults in parentheses):\n\n" + help_text()
 
 
 @app.command()
@@ -92,5 +129,12 @@ def losses(
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Entry point; fills `egad train --help` with every config field (read from the dataclass docstrings)."""
+    cmd = next(c for c in app.registered_commands if c.callback is train)
+    cmd.epilog = _train_help_epilog()
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -134,8 +134,8 @@ class ObjectiveConfig:
     feat_weight_schedule: str = "constant"
     """constant beta_f, or follow_lambda: beta_f * lambda(s)."""
 
-    chunk_size: int = 1024
-    """Tokens per chunk of the vocabulary-sized computation; bounds the (chunk x V) fp32 working set."""
+    chunk_size: int = 0
+    """Tokens per chunk of the vocabulary-sized work; 0 = auto, 2^24 / V (64 MiB per fp32 chunk x V tensor)."""
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -156,7 +156,9 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.pacing_s1={self.pacing_s1} must be > pacing_s0={self.pacing_s0}")
         if not 0 < self.tau_min <= self.tau_max:
             raise ConfigError(f"objective.tau_min={self.tau_min}, tau_max={self.tau_max}: need 0 < tau_min <= tau_max")
-        for name in ("tau0", "ea_temperature", "h_ref", "chunk_size", "feat_layers"):
+        if self.chunk_size < 0:
+            raise ConfigError(f"objective.chunk_size={self.chunk_size} must be >= 0 (0 picks it from the vocabulary)")
+        for name in ("tau0", "ea_temperature", "h_ref", "feat_layers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"objective.{name}={getattr(self, name)} must be > 0")
         if self.beta_f < 0:
@@ -178,6 +180,10 @@ class ObjectiveConfig:
     def uses_features(self) -> bool:
         """True when the feature branch is on (needs hidden states and projections)."""
         return self.beta_f > 0 and self.route_mode != "none"
+
+    def chunk_tokens(self, vocab: int) -> int:
+        """Tokens per chunk for a vocabulary of `vocab` entries."""
+        return self.chunk_size or max(16, 2**24 // max(vocab, 1))
 
     @property
     def needs_difficulty(self) -> bool:

@@ -2,7 +2,7 @@
 
     L = (1 - alpha) CE + alpha KD + beta_f feat                                     (spec section 6)
     KD   = (1/N) sum_t w_t tau_t^2 D(p^(tau_t), q^(tau_t))
-    feat = (1/ceil(rho N)) sum_{t routed} l_feat(t)
+    feat = (1/(rho N)) sum_{t routed} l_feat(t)
 
 N is the response-token count of the whole accumulation window on all processes (`num_tokens`), so micro-batches
 add up exactly to the big batch. Everything vocabulary-sized is computed in chunks of `chunk_size` tokens: the
@@ -85,11 +85,11 @@ def resolve_vocab(student_rows: int, teacher_rows: int | None, vocab_size: int |
     return vocab_size
 
 
-def _student_chunk(student: StudentOutputs, x: Tensor, w: Tensor | None, vocab: int) -> Tensor:
+def _student_chunk(x: Tensor, w: Tensor | None, vocab: int) -> Tensor:
     """Student logits of one chunk, fp32, shared vocabulary. x is logits rows (C, V_S) or hidden rows (C, d)."""
     if w is None:
         return x[:, :vocab].float()
-    return (x @ w[:vocab].t()).float()
+    return (x @ w[:vocab].t()).float().detach()
 
 
 def _hellinger(zs: Tensor, zt: Tensor) -> Tensor:
@@ -103,20 +103,21 @@ def _token_signals(student: StudentOutputs, teacher: DenseSignal, rows: Tensor, 
     need_hs = cfg.weighting in ("ea_kd", "select_student_entropy")
     need_hel = cfg.weighting == "select_hellinger" or cfg.temp_signal == "hellinger"
     x_all, w = _student_source(student)
-    out: dict[str, list[Tensor]] = {"entropy": [], "student_entropy": [], "hellinger": []}
-    for start in range(0, rows.numel(), cfg.chunk_size):
-        idx = rows[start : start + cfg.chunk_size]
+    out: dict[str, list[Tensor]] = {"entropy": [], "entropy_ea": [], "student_entropy": [], "hellinger": []}
+    step = cfg.chunk_tokens(vocab)
+    for start in range(0, rows.numel(), step):
+        idx = rows[start : start + step]
         zt = teacher.rows(idx, vocab)
         out["entropy"].append(token_entropy(zt))
         if need_hs or need_hel:
-            zs = _student_chunk(student, x_all.index_select(0, idx), w, vocab)
+            zs = _student_chunk(x_all.index_select(0, idx), w, vocab)
             if need_hs:
                 t = cfg.ea_temperature if cfg.weighting == "ea_kd" else 1.0
                 out["student_entropy"].append(token_entropy(zs, temperature=t))
             if need_hel:
                 out["hellinger"].append(_hellinger(zs, zt))
         if cfg.weighting == "ea_kd" and cfg.ea_temperature != 1.0:
-            out["entropy_ea"] = out.get("entropy_ea", []) + [token_entropy(zt, temperature=cfg.ea_temperature)]
+            out["entropy_ea"].append(token_entropy(zt, temperature=cfg.ea_temperature))
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -215,19 +216,27 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         )
         ce_total = x_flat.new_zeros((), dtype=torch.float32)
         kd_total = x_flat.new_zeros((), dtype=torch.float32)
-        for start in range(0, run.rows.numel(), run.cfg.chunk_size):
-            sl = slice(start, start + run.cfg.chunk_size)
+        # Only the real-vocabulary rows of the lm_head take part; slicing before requires_grad avoids a full-size
+        # zero gradient for the padded rows in every chunk.
+        wv = lm_w.detach()[: run.vocab] if lm_w is not None else None
+        step = run.cfg.chunk_tokens(run.vocab)
+        for start in range(0, run.rows.numel(), step):
+            sl = slice(start, start + step)
             idx = run.rows[sl]
+            xc = x_flat.index_select(0, idx).detach()  # (C, V_S) logits or (C, d) hidden
             with torch.enable_grad():
-                xc = x_flat.index_select(0, idx).detach().requires_grad_(need_grad)
-                wc = lm_w.detach().requires_grad_(need_grad) if lm_w is not None else None
-                ce_sum, kd_sum = run.chunk_terms(_student_chunk(run.student, xc, wc, run.vocab), idx, sl)
+                # The chunk's logits are the autograd leaf; for the fused path the lm_head gradients are then two
+                # small matmuls, accumulated in place (no weight-sized temporary per chunk).
+                zs = _student_chunk(xc, wv, run.vocab).requires_grad_(need_grad)  # (C, V) fp32
+                ce_sum, kd_sum = run.chunk_terms(zs, idx, sl)
                 total = run.ce_scale * ce_sum + run.kd_scale * kd_sum
                 if need_grad and total.requires_grad:
-                    grads = torch.autograd.grad(total, [xc] + ([wc] if wc is not None else []))
-                    gx.index_add_(0, idx, grads[0].to(gx.dtype))
-                    if gw is not None:
-                        gw += grads[1]
+                    (gz,) = torch.autograd.grad(total, [zs])  # (C, V)
+                    if wv is None:
+                        gx.index_add_(0, idx, F.pad(gz, (0, gx.shape[1] - gz.shape[1])).to(gx.dtype))
+                    else:
+                        gx.index_add_(0, idx, (gz.to(wv.dtype) @ wv).to(gx.dtype))
+                        gw[: run.vocab].addmm_(gz.t(), xc.float())
             ce_total += ce_sum.detach()
             kd_total += kd_sum.detach()
         ctx.save_for_backward(*(t for t in (gx, gw) if t is not None))
@@ -242,8 +251,20 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         saved = ctx.saved_tensors
         if not saved:
             return None, None, None
-        gx = saved[0] * g_loss.to(saved[0].dtype)
-        gw = (saved[1] * g_loss).to(ctx.lm_w_dtype) if ctx.has_w else None
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "the chunked distillation loss hands out its gradient buffers once: backward twice "
+                "through it (retain_graph=True) is not supported"
+            )
+        ctx.consumed = True
+        # The usual upstream gradient is exactly 1: hand the buffers over instead of allocating scaled copies, which
+        # would double the (tokens x V) gradient memory at this point.
+        unit = bool(g_loss.item() == 1.0)
+        gx = saved[0] if unit else saved[0] * g_loss.to(saved[0].dtype)
+        gw = None
+        if ctx.has_w:
+            gw = saved[1] if unit else saved[1] * g_loss
+            gw = gw.to(ctx.lm_w_dtype)
         return gx, gw, None
 
 
@@ -383,8 +404,9 @@ def _feature_term(
         )
     routed = rows[plan["route"]]
     beta = cfg.beta_f * (plan["lambda"] if cfg.feat_weight_schedule == "follow_lambda" else 1.0)
-    # Normalise by the routed budget of the whole window, ceil(rho N), so that micro-batches add up (spec: sum r).
-    budget = max(1.0, math.ceil((1.0 if cfg.route_mode == "all" else cfg.rho) * denom))
+    # Normalise by the routed budget of the whole window, rho N (spec: the routed count, which batch_topk makes
+    # ceil(rho N)), so that micro-batches and processes add up exactly.
+    budget = max(1.0, (1.0 if cfg.route_mode == "all" else cfg.rho) * denom)
     if routed.numel() == 0:
         return sum(p.sum() for p in projector.parameters()) * 0.0
     hs = [h.reshape(-1, h.shape[-1]).index_select(0, routed) for h in student.features]

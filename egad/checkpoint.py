@@ -1,0 +1,90 @@
+"""Checkpoints that `transformers` loads, written atomically: a half-written folder is never taken as complete.
+
+Layout of a run folder:
+    checkpoint-<step>/   HF model + tokenizer + feature_projector.safetensors + trainer_state.json + state/ (accelerate)
+    best/                HF model + tokenizer (+ projector) with the lowest dev NLL
+    final/               HF model + tokenizer at the end of training
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from egad.losses.features import FeatureProjector
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Write into a temporary sibling folder, then rename it over `final` only once everything is written."""
+    tmp = staging_dir(final)
+    yield tmp
+    commit_dir(tmp, final)
+
+
+def staging_dir(final: Path) -> Path:
+    """A fresh, empty sibling folder to write `final`'s content into."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` by the finished `tmp` with renames, so readers see the old or the new folder, never half."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_dir(path: Path, model, tokenizer, projector: FeatureProjector | None, pairs) -> None:
+    """HF `save_pretrained` files (safetensors) + tokenizer, and the feature projections beside them."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    if projector is not None:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()},
+            str(path / "feature_projector.safetensors"),
+        )
+        (path / "feature_projector.json").write_text(
+            json.dumps(
+                {
+                    "layer_pairs": [list(p) for p in pairs],
+                    "student_dim": projector.student_dim,
+                    "teacher_dim": projector.teacher_dim,
+                },
+                indent=1,
+            )
+        )
+
+
+def load_projector_weights(path: Path, projector: FeatureProjector) -> None:
+    projector.load_state_dict(load_file(str(path / "feature_projector.safetensors")))
+
+
+def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints, oldest first."""
+    found = []
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            m = _CKPT.match(p.name)
+            if m and (p / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def prune(out_dir: Path, keep: int) -> None:
+    for _, p in checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,424 @@
+"""Instruction data: records, prompt templates, tokenisation, batching and the global batch order.
+
+Pipeline: `load_records` (JSONL file or hub id) -> `format_prompt` -> `tokenize_dataset` -> `global_batches` +
+`shard` -> `collate`. Two record schemas are read, detected per record:
+
+    Dolly    instruction, context (optional), response
+    MiniLLM  instruction, input (optional),   output   (a string, or a list of references as in sinst)
+
+Bad data fails loudly: every problem raises `DataError` naming the file, the 1-based line and the field. Nothing is
+dropped silently either: records left out by the split filter or `max_examples` are counted in `LoadStats`, and
+examples truncated or left without response tokens are counted in `TruncationStats`; both are logged on the
+`egad.data` logger.
+
+The `alpaca` template is MiniLLM's, character for character (the tests compare it with the `prompt` field of every
+record of the MiniLLM evaluation files), so scores are comparable with the published protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger("egad.data")
+
+IGNORE_INDEX = -100
+TEMPLATES = ("alpaca", "chat")
+
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+class DataError(ValueError):
+    """A problem in the data, located as `file:line: field 'name' ...` (hub rows: `id[split]:row`)."""
+
+    def __init__(self, file: str, line: int | None, message: str, field: str | None = None):
+        self.file, self.line, self.field = file, line, field
+        where = f"{file}:{line}" if line is not None else file
+        subject = f"field '{field}' " if field is not None else ""
+        super().__init__(f"{where}: {subject}{message}")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction example. `output` is the reference, or the list of references (sinst); `source_line` is the
+    1-based line of the JSONL file (or row of the hub split) it came from, for error messages."""
+
+    instruction: str
+    input: str
+    output: str | list[str]
+    source_line: int
+
+    @property
+    def response(self) -> str:
+        """The training target: the reference, or the first of several (scoring uses them all)."""
+        return self.output if isinstance(self.output, str) else self.output[0]
+
+
+@dataclass
+class LoadStats:
+    """What `load_records` read and what it left out. `records` = kept + dropped_split + dropped_max."""
+
+    source: str
+    records: int = 0
+    blank_lines: int = 0
+    splits: dict[str, int] = field(default_factory=dict)
+    dropped_split: int = 0
+    dropped_max: int = 0
+    kept: int = 0
+
+    def summary(self) -> str:
+        splits = ", ".join(f"{k}={v}" for k, v in sorted(self.splits.items())) or "none"
+        return (
+            f"{self.source}: {self.records} records (splits: {splits}); kept {self.kept}, left out "
+            f"{self.dropped_split} by the split filter and {self.dropped_max} by max_examples; "
+            f"{self.blank_lines} blank lines"
+        )
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return "/" in source and not source.endswith(".jsonl")
+
+
+def load_records(
+    source: str | Path, split: str | None = None, *, max_examples: int | None = None
+) -> tuple[list[Example], LoadStats]:
+    """Read instruction records from a JSONL file or, if `source` is not an existing path but looks like a hub id
+    (`owner/name`), from `datasets.load_dataset(source, split=split or "train")`.
+
+    For JSONL, `split` keeps the records whose `split` field equals it; asking for a split from a file without
+    `split` fields is an error rather than a silent "everything". `max_examples` keeps the first n (file order)
+    after the split filter. Returns (examples, stats); the stats are also logged.
+    """
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
+    path = Path(source)
+    if path.is_file():
+        examples, stats = _load_jsonl(path, split)
+    elif path.exists():
+        raise DataError(str(source), None, "is not a file (expected a .jsonl file or a hub dataset id)")
+    elif _looks_like_hub_id(str(source)):
+        examples, stats = _load_hub(str(source), split or "train")
+    else:
+        raise DataError(str(source), None, "no such file (and not a hub dataset id of the form owner/name)")
+    if max_examples is not None and len(examples) > max_examples:
+        stats.dropped_max = len(examples) - max_examples
+        examples = examples[:max_examples]
+    stats.kept = len(examples)
+    logger.info(stats.summary())
+    return examples, stats
+
+
+def _load_jsonl(path: Path, split: str | None) -> tuple[list[Example], LoadStats]:
+    file = str(path)
+    stats = LoadStats(source=file)
+    parsed: list[tuple[Example, str | None]] = []
+    first_without_split: int | None = None
+    # Bytes, decoded line by line, so an encoding error still points at its line.
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(file, line_no, f"is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not text.strip():
+                stats.blank_lines += 1
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(file, line_no, f"malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(file, line_no, f"expected a JSON object, got {type(row).__name__}")
+            example = _parse_record(row, file, line_no)
+            rec_split = row.get("split")
+            if rec_split is not None and not isinstance(rec_split, str):
+                raise DataError(file, line_no, f"must be a string, got {type(rec_split).__name__}", "split")
+            if rec_split is None and first_without_split is None:
+                first_without_split = line_no
+            stats.records += 1
+            if rec_split is not None:
+                stats.splits[rec_split] = stats.splits.get(rec_split, 0) + 1
+            parsed.append((example, rec_split))
+    if not parsed:
+        raise DataError(file, None, "contains no records")
+    if split is None:
+        if len(stats.splits) > 1:
+            # Not an error (a whole-file read is legitimate for inspection), but training on it would mix in test.
+            logger.warning("%s: split=None loads every split (%s); pass split= to select one", file, stats.splits)
+        return [ex for ex, _ in parsed], stats
+    if not stats.splits:
+        raise DataError(file, None, f"split={split!r} was requested but no record has a 'split' field; pass split=None")
+    if first_without_split is not None:
+        raise DataError(file, first_without_split, "is missing while other records have one", "split")
+    if split not in stats.splits:
+        found = ", ".join(sorted(stats.splits))
+        raise DataError(file, None, f"no record has split {split!r} (found: {found})")
+    kept = [ex for ex, s in parsed if s == split]
+    stats.dropped_split = len(parsed) - len(kept)
+    return kept, stats
+
+
+def _load_hub(source: str, split: str) -> tuple[list[Example], LoadStats]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"loading {source!r} from the hub needs `pip install datasets`") from e
+    where = f"{source}[{split}]"
+    stats = LoadStats(source=where)
+    examples = []
+    for row_no, row in enumerate(datasets.load_dataset(source, split=split), start=1):
+        examples.append(_parse_record(dict(row), where, row_no))
+    if not examples:
+        raise DataError(where, None, "contains no records")
+    stats.records = len(examples)
+    stats.splits = {split: len(examples)}
+    return examples, stats
+
+
+def _string_field(row: dict[str, Any], name: str, file: str, line: int, *, required: bool) -> str:
+    value = row.get(name)
+    if value is None:
+        if required:
+            raise DataError(file, line, "is missing", name)
+        return ""
+    if not isinstance(value, str):
+        raise DataError(file, line, f"must be a string, got {type(value).__name__}", name)
+    return value
+
+
+def _parse_record(row: dict[str, Any], file: str, line: int) -> Example:
+    if "response" in row and "output" in row:
+        raise DataError(file, line, "record has both 'response' (Dolly) and 'output' (MiniLLM); keep one")
+    if "response" in row:
+        target_name, input_name = "response", "context"
+    elif "output" in row:
+        target_name, input_name = "output", "input"
+    else:
+        raise DataError(file, line, "is missing (a record needs 'response' (Dolly) or 'output' (MiniLLM))", "response")
+    instruction = _string_field(row, "instruction", file, line, required=True)
+    if not instruction.strip():
+        raise DataError(file, line, "is empty; remove the record or fill it", "instruction")
+    # Optional input: no stripping anywhere, the eval prompts keep surrounding whitespace verbatim.
+    input_text = _string_field(row, input_name, file, line, required=False)
+    target = row[target_name]
+    if isinstance(target, list):
+        if not target:
+            raise DataError(file, line, "is an empty list of references", target_name)
+        for i, ref in enumerate(target):
+            if not isinstance(ref, str):
+                raise DataError(file, line, f"must be a string, got {type(ref).__name__}", f"{target_name}[{i}]")
+            if not ref.strip():
+                raise DataError(file, line, "is empty; remove the reference or fill it", f"{target_name}[{i}]")
+        output: str | list[str] = list(target)
+    else:
+        output = _string_field(row, target_name, file, line, required=True)
+        if not output.strip():
+            raise DataError(file, line, "is empty; remove the record or fill it", target_name)
+    return Example(instruction=instruction, input=input_text, output=output, source_line=line)
+
+
+def format_prompt(ex: Example, template: str = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt text for `ex`. `alpaca`: MiniLLM's template (no-input variant when `input` is the empty string,
+    exactly as MiniLLM decides). `chat`: the tokenizer's chat template with one user turn and the generation prompt."""
+    if template == "alpaca":
+        if ex.input:
+            return ALPACA_WITH_INPUT.format(instruction=ex.instruction, input=ex.input)
+        return ALPACA_NO_INPUT.format(instruction=ex.instruction)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template='chat' needs a tokenizer with a chat template; use template='alpaca'")
+        content = ex.instruction + (f"\n\n{ex.input}" if ex.input else "")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+
+def texts_for_tokenizer(examples: list[Example]) -> Iterator[str]:
+    """Training text for a BPE: each example as the student will see it (alpaca prompt + response), so the template's
+    boilerplate gets merged into few tokens."""
+    for ex in examples:
+        yield format_prompt(ex) + ex.response
+
+
+def fingerprint(parts: list[Any]) -> str:
+    """A hex digest identifying `parts` for cache keys. A part naming an existing file contributes its bytes, not
+    just its name, so an edited data file invalidates what was cached from it."""
+    digest = hashlib.sha256()
+    for part in parts:
+        path = Path(part) if isinstance(part, (str, Path)) else None
+        if path is not None and path.is_file():
+            digest.update(b"file:" + hashlib.sha256(path.read_bytes()).digest())
+        else:
+            digest.update(b"value:" + repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@dataclass
+class TruncationStats:
+    """Counts over all tokenised examples (dropped ones included): prompts cut on the left to `max_prompt_len`,
+    responses cut on the right to fit `max_len`, and examples dropped because no response token survived."""
+
+    examples: int = 0
+    kept: int = 0
+    truncated_prompt: int = 0
+    truncated_response: int = 0
+    dropped_no_response: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"tokenised {self.examples} examples: kept {self.kept}; truncated prompts {self.truncated_prompt}, "
+            f"truncated responses {self.truncated_response}, dropped with no response token left "
+            f"{self.dropped_no_response}"
+        )
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; the student must learn where a response ends")
+    return int(eos)
+
+
+def _assemble(prompt_ids: list[int], response_ids: list[int], eos_id: int, max_prompt_len: int, max_len: int) -> dict:
+    truncated_prompt = len(prompt_ids) > max_prompt_len
+    if truncated_prompt:
+        # Keep the end: the instruction's last words and "### Response:" are what the response depends on.
+        prompt_ids = prompt_ids[-max_prompt_len:]
+    target = list(response_ids) + [eos_id]
+    room = max(max_len - len(prompt_ids), 0)
+    truncated_response = len(target) > room
+    target = target[:room]
+    prompt_ids = prompt_ids[:max_len]
+    return {
+        "input_ids": list(prompt_ids) + target,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + target,
+        "truncated_prompt": truncated_prompt,
+        "truncated_response": truncated_response,
+    }
+
+
+def _check_lengths(max_prompt_len: int, max_len: int) -> None:
+    if max_prompt_len < 1 or max_len < 1:
+        raise ValueError(f"max_prompt_len and max_len must be >= 1, got {max_prompt_len}, {max_len}")
+
+
+def tokenize_example(
+    ex: Example, tokenizer: Any, *, template: str = "alpaca", max_prompt_len: int = 256, max_len: int = 512
+) -> dict:
+    """Token ids and labels for one example: prompt (left-truncated to `max_prompt_len`) + response + eos, cut on
+    the right to `max_len`. Labels are -100 on prompt positions and the ids on response positions (unshifted, HF
+    causal-LM convention). Returns input_ids, labels, truncated_prompt, truncated_response."""
+    _check_lengths(max_prompt_len, max_len)
+    eos = _eos_id(tokenizer)
+    prompt_ids = tokenizer(format_prompt(ex, template, tokenizer), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
+    return _assemble(prompt_ids, response_ids, eos, max_prompt_len, max_len)
+
+
+def tokenize_dataset(
+    examples: list[Example],
+    tokenizer: Any,
+    *,
+    template: str = "alpaca",
+    max_prompt_len: int = 256,
+    max_len: int = 512,
+    batch_size: int = 1024,
+) -> tuple[list[dict], TruncationStats]:
+    """`tokenize_example` over `examples` (batched through the fast tokenizer). Each kept item also carries `index`,
+    its position in `examples`. Examples left with no response token are dropped and counted."""
+    _check_lengths(max_prompt_len, max_len)
+    eos = _eos_id(tokenizer)
+    stats = TruncationStats(examples=len(examples))
+    out: list[dict] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = tokenizer([format_prompt(ex, template, tokenizer) for ex in chunk], add_special_tokens=False)
+        responses = tokenizer([ex.response for ex in chunk], add_special_tokens=False)
+        for offset, (p_ids, r_ids) in enumerate(zip(prompts["input_ids"], responses["input_ids"], strict=True)):
+            item = _assemble(p_ids, r_ids, eos, max_prompt_len, max_len)
+            stats.truncated_prompt += item["truncated_prompt"]
+            stats.truncated_response += item["truncated_response"]
+            if all(label == IGNORE_INDEX for label in item["labels"]):
+                stats.dropped_no_response += 1
+                continue
+            item["index"] = start + offset
+            out.append(item)
+    stats.kept = len(out)
+    log = logger.warning if stats.dropped_no_response else logger.info
+    log(stats.summary())
+    return out, stats
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a list of tokenised items into long tensors (B, L_max): input_ids (pad_id), labels (-100),
+    attention_mask (1 on tokens, 0 on padding), and `index` (B,) when the items carry one."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        if len(item["labels"]) != n:
+            raise ValueError(f"batch item {row}: {n} input_ids but {len(item['labels'])} labels")
+        input_ids[row, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.as_tensor(item["labels"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    with_index = sum("index" in item for item in batch)
+    if with_index == len(batch):
+        out["index"] = torch.tensor([item["index"] for item in batch], dtype=torch.long)
+    elif with_index:
+        raise ValueError("some batch items carry 'index' and some do not")
+    return out
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # A hash rather than seed + epoch, so (seed, epoch) pairs never share a permutation (seed 1 epoch 0 would
+    # otherwise equal seed 0 epoch 1).
+    digest = hashlib.sha256(f"egad.data.global_batches:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def global_batches(
+    n_examples: int, global_batch: int, *, seed: int, epoch: int, drop_last: bool = True
+) -> list[list[int]]:
+    """The epoch's global micro-batches: a permutation of range(n_examples) fixed by (seed, epoch), cut into
+    consecutive groups of `global_batch` indices. Every process computes the same list and takes its `shard`, so one
+    and many processes see the same global batches, and resuming after k batches is `global_batches(...)[k:]`."""
+    if n_examples < 0 or global_batch < 1:
+        raise ValueError(f"need n_examples >= 0 and global_batch >= 1, got {n_examples}, {global_batch}")
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    end = n_examples - n_examples % global_batch if drop_last else n_examples
+    return [order[i : i + global_batch] for i in range(0, end, global_batch)]
+
+
+def shard(batch_indices: list[int], rank: int, world: int, per_device: int) -> list[int]:
+    """This process's slice of a global batch: batch_indices[rank*per_device:(rank+1)*per_device]. A short last
+    batch (drop_last=False) can leave a rank fewer or no items; a batch larger than world*per_device is an error,
+    since the excess would be silently skipped."""
+    if world < 1 or not 0 <= rank < world or per_device < 1:
+        raise ValueError(f"need world >= 1, 0 <= rank < world and per_device >= 1, got {rank}, {world}, {per_device}")
+    if len(batch_indices) > world * per_device:
+        raise ValueError(f"a batch of {len(batch_indices)} does not fit {world} processes x {per_device} per device")
+    return list(batch_indices[rank * per_device : (rank + 1) * per_device])

@@ -1,0 +1,165 @@
+"""Load teacher, student and tokenizer; check that they agree; capture the hidden states of mapped layers.
+
+Hidden-state convention: feature layer m >= 1 is the output of decoder block m (the pre-norm residual stream), and
+m = 0 the embedding output, for teacher and student alike. (HF's `hidden_states[-1]` is taken after the final norm
+while the others are not; forward hooks on the blocks avoid that mismatch and avoid keeping every layer.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger("egad.models")
+
+_PROBE = 'Distillation probe: héllo wörld 12345 <tag> {"k": [1, 2]}\n\tdone.'
+
+
+class ModelError(ValueError):
+    """Models or tokenizers that cannot be used together; the message says why and what to do."""
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_model(
+    source: str | None,
+    config: dict | None,
+    *,
+    dtype: torch.dtype,
+    tokenizer=None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """`from_pretrained(source)`, or `from_config` with random weights from a config dict (needs `model_type`)."""
+    if source:
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+        )
+    if not config or "model_type" not in config:
+        raise ModelError("a model built from a config needs `model_type` (e.g. qwen2, llama) in its config dict")
+    kwargs = dict(config)
+    model_type = kwargs.pop("model_type")
+    if tokenizer is not None:
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                kwargs.setdefault(name, getattr(tokenizer, name))
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    with _seeded(seed):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def try_load_tokenizer(source: str | None, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer stored with a model, or None when the source has none."""
+    if not source:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        log.info("no tokenizer found at %s (%s)", source, err)
+        return None
+
+
+def check_tokenizers(a, b, name_a: str = "teacher", name_b: str = "student") -> None:
+    """Distillation compares distributions over the same token ids: vocabularies, special tokens and the encoding of
+    a probe text must agree (a mere size match is not enough)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        only_a = sorted(set(va) - set(vb))[:5]
+        diff_id = next((t for t in va if t in vb and va[t] != vb[t]), None)
+        detail = f"e.g. {only_a} only in the {name_a}'s" if only_a else f"token {diff_id!r} has different ids"
+        raise ModelError(
+            f"the {name_a} and {name_b} tokenizers differ ({len(va)} vs {len(vb)} entries; {detail}). "
+            "Token-level distillation needs one shared tokenizer: pick models of the same family."
+        )
+    for attr in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if getattr(a, attr, None) != getattr(b, attr, None):
+            raise ModelError(f"{attr} differs: {name_a} {getattr(a, attr, None)} vs {name_b} {getattr(b, attr, None)}")
+    if a(_PROBE, add_special_tokens=False)["input_ids"] != b(_PROBE, add_special_tokens=False)["input_ids"]:
+        raise ModelError(
+            f"the {name_a} and {name_b} tokenizers encode the same text differently (normaliser or "
+            "pre-tokenizer differ); use one tokenizer for both"
+        )
+
+
+def shared_vocab(tokenizer, *models: PreTrainedModel) -> int:
+    """V = len(tokenizer); every model must have at least that many logit rows (extra rows are padding)."""
+    vocab = len(tokenizer)
+    for m in models:
+        rows = m.get_output_embeddings().weight.shape[0]
+        if rows < vocab:
+            raise ModelError(
+                f"{type(m).__name__} has {rows} logit rows but the tokenizer has {vocab} tokens: "
+                "the tokenizer does not belong to this model"
+            )
+    return vocab
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Teacher mode: eval (no dropout), no gradients, its own dtype."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The list of transformer blocks of a causal LM (Llama/Qwen/Mistral/Gemma `model.layers`, GPT-2 `h`, ...)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for attr in ("layers", "h", "blocks"):
+        layers = getattr(base, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}; feature distillation needs them")
+
+
+def model_dims(model: PreTrainedModel) -> tuple[int, int]:
+    """(number of layers, hidden size)."""
+    return len(decoder_layers(model)), model.get_input_embeddings().weight.shape[1]
+
+
+@contextlib.contextmanager
+def capture_hidden(model: PreTrainedModel, layers: list[int]) -> Iterator[list[Tensor]]:
+    """Collect the outputs of the given layers (see the module docstring) during one forward. Yields a list filled
+    in `layers` order once the forward has run."""
+    blocks = decoder_layers(model)
+    slots: dict[int, Tensor] = {}
+    handles = []
+    for m in sorted(set(layers)):
+        module = model.get_input_embeddings() if m == 0 else blocks[m - 1]
+
+        def hook(_mod, _inp, out, m=m):
+            slots[m] = out[0] if isinstance(out, tuple) else out
+
+        handles.append(module.register_forward_hook(hook))
+    result: list[Tensor] = []
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [m for m in layers if m not in slots]
+    if missing and slots:
+        raise ModelError(f"layers {missing} produced no output during the forward")
+    result.extend(slots[m] for m in layers if m in slots)

@@ -1,0 +1,254 @@
+"""The configuration of a training run: model, data, objective, train. Loaded from YAML with dotted overrides.
+
+Split from egad/config.py (the objective's knobs) to keep each file readable. Every field has a one-line docstring,
+printed by `egad train --help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from egad.config import ConfigError, ObjectiveConfig, field_docs
+from egad.presets import PRESETS, preset
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """Teacher, student and tokenizer."""
+
+    teacher: str | None = None
+    """Teacher: a local directory or a hub id for `from_pretrained`. Leave empty to build it from `teacher_config`."""
+    teacher_config: dict | None = None
+    """Build the teacher from this config dict (keys of e.g. Qwen2Config, plus `model_type`) with random weights."""
+    student: str | None = None
+    """Student: a local directory or a hub id. Leave empty to build it from `student_config`."""
+    student_config: dict | None = None
+    """Build the student from this config dict with random weights (from_config)."""
+    tokenizer: str | None = None
+    """Tokenizer dir or hub id. Default: the student's, else the teacher's. Checked against the other model's."""
+    train_tokenizer: dict | None = None
+    """Train a byte-level BPE tokenizer on the training data instead: {vocab_size: 4096, examples: 20000}."""
+    teacher_dtype: str = "auto"
+    """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
+    student_dtype: str = "float32"
+    """Student master-weights dtype (use train.mixed_precision for bf16 compute)."""
+    revision: str | None = None
+    """Hub revision for teacher and student."""
+    trust_remote_code: bool = False
+    """Passed to from_pretrained."""
+
+    def __post_init__(self) -> None:
+        for side in ("teacher", "student"):
+            if getattr(self, side) and getattr(self, f"{side}_config"):
+                raise ConfigError(f"model.{side} and model.{side}_config are both set; give one of them")
+        if not (self.student or self.student_config):
+            raise ConfigError("model.student (a path or hub id) or model.student_config is required")
+        for name in ("teacher_dtype", "student_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}")
+
+
+@dataclass
+class DataConfig:
+    """Instruction data: Dolly (instruction/context/response) or MiniLLM (instruction/input/output) fields."""
+
+    train: str = "../shared/data/dolly/dolly.jsonl"
+    """Training data: a JSONL file or a hub dataset id (e.g. databricks/databricks-dolly-15k)."""
+    train_split: str | None = "train"
+    """Keep the records whose `split` field equals this (JSONL); the dataset split for a hub id. Empty: all."""
+    dev: str | None = "../shared/data/dolly/dolly.jsonl"
+    """Dev data for evaluation and best-checkpoint selection; empty disables evaluation."""
+    dev_split: str | None = "dev"
+    """Split filter of the dev data."""
+    template: str = "alpaca"
+    """Prompt format: alpaca (the MiniLLM template, comparable with published numbers) or chat (tokenizer's)."""
+    max_prompt_len: int = 256
+    """Prompt tokens kept at most (truncated from the left, so the instruction's end survives)."""
+    max_len: int = 512
+    """Prompt + response tokens at most (the response is truncated on the right)."""
+    max_train_examples: int | None = None
+    """Use only the first N training examples."""
+    max_dev_examples: int | None = 500
+    """Use only the first N dev examples."""
+
+    def __post_init__(self) -> None:
+        if self.template not in ("alpaca", "chat"):
+            raise ConfigError(f"data.template={self.template!r} is not one of ['alpaca', 'chat']")
+        if not 0 < self.max_prompt_len < self.max_len:
+            raise ConfigError(f"data.max_prompt_len={self.max_prompt_len} must be in (0, max_len={self.max_len})")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    output_dir: str = "runs/default"
+    """Run folder: checkpoints, metrics.jsonl, TensorBoard events, the resolved config."""
+    seed: int = 0
+    """Seed of data order, initialisation and sampling."""
+    max_steps: int = 0
+    """Optimizer steps; 0 means `epochs` passes over the training data."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is 0."""
+    per_device_batch_size: int = 8
+    """Examples per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = per_device_batch_size x grad_accum x processes."""
+    lr: float = 2e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of the student (projections: 0)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps of linear warmup before the cosine decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    proj_lr_mult: float = 1.0
+    """Learning-rate multiplier of the feature projections."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: no, bf16, fp16."""
+    fused_lm_head: bool = False
+    """Apply the student's lm_head per chunk inside the loss, so its full logits never exist (saves memory)."""
+    gradient_checkpointing: bool = False
+    """Recompute student activations in backward."""
+    calib_examples: int = 1000
+    """Training examples the teacher runs over before training to fit the global entropy quantile knots."""
+    log_every: int = 10
+    """Steps between metric lines (JSONL, TensorBoard, progress bar)."""
+    eval_at_start: bool = True
+    """Evaluate on dev before the first step (the baseline of the dev curves)."""
+    eval_every: int = 100
+    """Steps between dev evaluations (response NLL, teacher-student KL); 0 = only at the end."""
+    save_every: int = 100
+    """Steps between checkpoints; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Most recent step checkpoints kept (the best one is kept apart)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under output_dir/tb."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # YAML gives a list
+        for name in ("per_device_batch_size", "grad_accum", "log_every", "calib_examples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.max_steps < 0 or self.epochs <= 0:
+            raise ConfigError("train.max_steps must be >= 0 and train.epochs > 0")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} is not one of ['no', 'bf16', 'fp16']")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+
+
+@dataclass
+class RunConfig:
+    """A whole run. `method` is the objective preset's name; `objective` holds its resolved fields."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: str = "egad"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["objective"] = {"preset": self.method, **_diff(self.objective, preset(self.method))}
+        d["train"]["adam_betas"] = list(self.train.adam_betas)
+        return d
+
+
+def _diff(cfg: ObjectiveConfig, base: ObjectiveConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)}
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig, "train": TrainConfig}
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """['--objective.alpha', '0.3', '--train.lr=1e-4'] -> {'objective.alpha': 0.3, 'train.lr': 1e-4}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(
+                f"unexpected argument {arg!r}: overrides look like --section.field VALUE "
+                f"(sections: {', '.join(SECTIONS)})"
+            )
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, *, source: str = "config") -> RunConfig:
+    """Validate a nested dict (from YAML) plus dotted overrides into a RunConfig. Errors name the bad key."""
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {list(SECTIONS)}")
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"override --{key}: the section must be one of {list(SECTIONS)}")
+        raw.setdefault(section, {})[name] = value
+    for section, cls in SECTIONS.items():
+        known = {f.name for f in fields(cls)} | ({"preset"} if section == "objective" else set())
+        bad = set(raw.get(section, {})) - known
+        if bad:
+            raise ConfigError(
+                f"{source}: unknown field(s) {sorted(f'{section}.{b}' for b in bad)}; `egad train --help` lists them"
+            )
+    obj = dict(raw.get("objective", {}))
+    method = obj.pop("preset", "egad")
+    if method not in PRESETS:
+        raise ConfigError(f"{source}: objective.preset={method!r} is unknown; choose one of {sorted(PRESETS)}")
+    return RunConfig(
+        model=ModelConfig(**raw.get("model", {})),
+        data=DataConfig(**raw.get("data", {})),
+        objective=preset(method, **obj),
+        train=TrainConfig(**raw.get("train", {})),
+        method=method,
+    )
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config and apply dotted overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+    with path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
+    return build_config(raw, overrides, source=str(path))
+
+
+def help_text() -> str:
+    """Every field of every section with its docstring and default, for `egad train --help`."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        if section == "objective":
+            lines.append(f"  preset  (default egad)  one of: {', '.join(sorted(PRESETS))}")
+        defaults = {f.name: f.default for f in fields(cls)}
+        for name, doc in field_docs(cls).items():
+            default = defaults.get(name)
+            shown = "" if default is dataclasses.MISSING else f"  (default {default})"
+            lines.append(f"  {name}{shown}  {doc}")
+    return "\n".join(lines)

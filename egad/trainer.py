@@ -1,0 +1,492 @@
+"""The one stateful piece: an explicit distillation loop on `accelerate.Accelerator`.
+
+setup() loads models and data, fits the teacher-entropy knots and resumes; train() runs AdamW with warmup + cosine,
+gradient clipping and accumulation; evaluate() gives dev response NLL and teacher-student KL; save_checkpoint()
+writes HF-format folders atomically.
+
+Exactness across accumulation and processes: every optimizer step consumes one window of `grad_accum` global
+micro-batches; each process takes its slice of each (egad.data.shard), the KD and CE sums are divided by the
+response-token count of the whole window on all processes, and the DDP gradient mean is undone by the world size.
+So one process with batch B and P processes with batch B/P compute the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from egad import checkpoint as ckpt
+from egad import data as D
+from egad.entropy import EmaEntropyHistogram, EntropyQuantileCalibrator, token_entropy
+from egad.eval.metrics import response_sums
+from egad.losses.features import FeatureProjector, layer_map
+from egad.models import (
+    build_model,
+    check_tokenizers,
+    freeze,
+    model_dims,
+    resolve_dtype,
+    shared_vocab,
+    try_load_tokenizer,
+)
+from egad.objective import shift_labels
+from egad.run_config import RunConfig
+from egad.student import DistillationModule
+from egad.teacher.online import OnlineTeacher
+
+log = logging.getLogger("egad.trainer")
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        self.step = 0
+        self.best_dev_nll = math.inf
+        self.knots: Tensor | None = None
+        self.hist: EmaEntropyHistogram | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume: bool = False) -> Trainer:
+        cfg, t = self.cfg, self.cfg.train
+        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+        set_seed(t.seed)
+        self.main = self.acc.is_main_process
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._setup_models()
+        self._setup_data()
+        self._setup_optim()
+        if resume and ckpt.checkpoints(self.out):
+            self._resume()
+        else:
+            self._calibrate()
+        self._setup_logging(resumed=resume)
+        return self
+
+    def _setup_models(self) -> None:
+        m, dev = self.cfg.model, self.acc.device
+        with self.acc.main_process_first():
+            self.tokenizer = self._tokenizer()
+        s_dtype = resolve_dtype(m.student_dtype, dev)
+        student = build_model(
+            m.student,
+            m.student_config,
+            dtype=s_dtype,
+            tokenizer=self.tokenizer,
+            revision=m.revision,
+            trust_remote_code=m.trust_remote_code,
+            seed=self.cfg.train.seed,
+        )
+        teacher = None
+        if self.cfg.objective.uses_teacher:
+            if not (m.teacher or m.teacher_config):
+                raise ValueError(f"objective preset {self.cfg.method!r} distils from a teacher: set model.teacher")
+            teacher = build_model(
+                m.teacher,
+                m.teacher_config,
+                dtype=resolve_dtype(m.teacher_dtype, dev),
+                tokenizer=self.tokenizer,
+                revision=m.revision,
+                trust_remote_code=m.trust_remote_code,
+                seed=self.cfg.train.seed + 1,
+            )
+            freeze(teacher).to(dev)
+        self.vocab = shared_vocab(self.tokenizer, student, *([teacher] if teacher is not None else []))
+        if self.cfg.train.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        obj = self.cfg.objective
+        self.pairs: list[tuple[int, int]] = []
+        projector = None
+        if obj.uses_features:
+            (ls, ds), (lt, dt) = model_dims(student), model_dims(teacher)
+            self.pairs = layer_map(obj.layer_map, ls, lt, min(obj.feat_layers, ls))
+            projector = FeatureProjector(ds, dt, len(self.pairs)).to(dev)
+        self.teacher = OnlineTeacher(teacher, [p[1] for p in self.pairs]) if teacher is not None else None
+        self.module = DistillationModule(student, projector, [p[0] for p in self.pairs], self.cfg.train.fused_lm_head)
+
+    def _tokenizer(self):
+        m = self.cfg.model
+        found = {
+            side: try_load_tokenizer(src, m.revision, m.trust_remote_code)
+            for side, src in (("tokenizer", m.tokenizer), ("student", m.student), ("teacher", m.teacher))
+        }
+        if m.tokenizer and found["tokenizer"] is None:
+            raise ValueError(f"model.tokenizer={m.tokenizer!r} could not be loaded")
+        tok = found["tokenizer"] or found["student"] or found["teacher"]
+        if tok is None:
+            if not m.train_tokenizer:
+                raise ValueError(
+                    "no tokenizer: set model.tokenizer, load a model that has one, or set "
+                    "model.train_tokenizer: {vocab_size: 4096} to train a BPE on the training data"
+                )
+            tok = self._train_tokenizer(m.train_tokenizer)
+        for side in ("student", "teacher"):
+            if found[side] is not None and found[side] is not tok:
+                check_tokenizers(found[side], tok, side, "run")
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def _train_tokenizer(self, spec: dict):
+        from egad.tokenizer import cached_bpe_tokenizer
+
+        d = self.cfg.data
+        n = int(spec.get("examples", 20000))
+        records = D.load_records(d.train, d.train_split, max_examples=n)[0]
+        fp = D.fingerprint([d.train, d.train_split, n, spec.get("vocab_size", 4096)])
+        cache = Path(spec.get("cache_dir", Path.home() / ".cache" / "egad" / "tokenizers"))
+        return cached_bpe_tokenizer(
+            lambda: D.texts_for_tokenizer(records), int(spec.get("vocab_size", 4096)), cache, fp
+        )
+
+    def _setup_data(self) -> None:
+        d, t = self.cfg.data, self.cfg.train
+        kw = dict(template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len)
+        train_recs = D.load_records(d.train, d.train_split, max_examples=d.max_train_examples)[0]
+        self.train_set, self.train_stats = D.tokenize_dataset(train_recs, self.tokenizer, **kw)
+        self.dev_set = []
+        if d.dev:
+            dev_recs = D.load_records(d.dev, d.dev_split, max_examples=d.max_dev_examples)[0]
+            self.dev_set, _ = D.tokenize_dataset(dev_recs, self.tokenizer, **kw)
+        self.world = self.acc.num_processes
+        self.global_micro = t.per_device_batch_size * self.world
+        self.steps_per_epoch = len(self.train_set) // (self.global_micro * t.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.train_set)} training examples cannot fill one step of "
+                f"{self.global_micro * t.grad_accum} (batch x accumulation x processes)"
+            )
+        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
+
+    def _setup_optim(self) -> None:
+        t = self.cfg.train
+        student, projector = self.module.student, self.module.projector
+        decay, no_decay = [], []
+        for name, p in student.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if projector is not None:
+            groups.append({"params": list(projector.parameters()), "weight_decay": 0.0, "lr": t.lr * t.proj_lr_mult})
+        opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
+        sched = get_cosine_schedule_with_warmup(opt, math.ceil(t.warmup_ratio * self.total_steps), self.total_steps)
+        # The scheduler is not prepared: accelerate would step it once per process (it assumes a sharded
+        # dataloader), while our windows already hold the global batch. It is registered for checkpointing instead.
+        self.module, self.opt = self.acc.prepare(self.module, opt)
+        self.sched = sched
+        self.acc.register_for_checkpointing(self.sched)
+
+    # ------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def _calibrate(self) -> None:
+        """Teacher entropies of response tokens over the first `calib_examples` training examples (split across
+        processes and gathered) -> global quantile knots, or the initial EMA histogram."""
+        obj = self.cfg.objective
+        if not (self.teacher and obj.needs_knots):
+            return
+        n = min(self.cfg.train.calib_examples, len(self.train_set))
+        idx = list(range(self.acc.process_index, n, self.world))
+        calib = EntropyQuantileCalibrator()
+        bs = self.cfg.train.per_device_batch_size
+        for start in tqdm(range(0, len(idx), bs), desc="calibrating teacher entropy", disable=not self.main):
+            batch = self._to_device(
+                D.collate([self.train_set[i] for i in idx[start : start + bs]], self.tokenizer.pad_token_id)
+            )
+            h = self._batch_entropy(batch)
+            all_h = self.acc.gather(self.acc.pad_across_processes(h, pad_index=-1.0))
+            calib.update(all_h[all_h >= 0].cpu())
+        if obj.cdf_mode == "ema_hist":
+            self.hist = EmaEntropyHistogram()
+            self.hist.update(torch.as_tensor(calib.samples))
+            self.knots = self.hist.knots()
+        else:
+            self.knots = calib.knots()
+        if self.main:
+            save_file({"knots": self.knots.contiguous()}, str(self.out / "entropy_knots.safetensors"))
+
+    def _batch_entropy(self, batch: dict[str, Tensor]) -> Tensor:
+        targets = shift_labels(batch["labels"])
+        with self.acc.autocast():
+            sig = self.teacher(batch["input_ids"], batch["attention_mask"])
+        rows = (targets.reshape(-1) != -100).nonzero().squeeze(-1)
+        return torch.cat(
+            [token_entropy(sig.rows(rows[i : i + 256], self.vocab)) for i in range(0, rows.numel(), 256)]
+            or [torch.zeros(0, device=rows.device)]
+        )
+
+    # ------------------------------------------------------------------ data
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    def _window(self, step: int) -> list[dict[str, Tensor]]:
+        """This process's micro-batches for optimizer step `step`: a pure function of (seed, step), so a resumed run
+        sees exactly the batches an uninterrupted one would."""
+        t = self.cfg.train
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        batches = D.global_batches(len(self.train_set), self.global_micro, seed=t.seed, epoch=epoch)
+        window = batches[offset * t.grad_accum : (offset + 1) * t.grad_accum]
+        local = [D.shard(b, self.acc.process_index, self.world, t.per_device_batch_size) for b in window]
+        return [
+            self._to_device(D.collate([self.train_set[i] for i in ix], self.tokenizer.pad_token_id)) for ix in local
+        ]
+
+    # ------------------------------------------------------------------ train
+    def train(self, stop_at: int | None = None) -> dict[str, float]:
+        """Run to train.max_steps (or `stop_at`, which leaves the run resumable, as an interruption would)."""
+        t = self.cfg.train
+        if self.dev_set and self.step == 0 and t.eval_at_start:
+            self._eval_and_keep_best()
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc=self.cfg.method, disable=not self.main, dynamic_ncols=True
+        )
+        window: dict[str, float] = {}
+        n_window, t0, tokens_seen = 0, time.perf_counter(), 0.0
+        while self.step < self.total_steps and (stop_at is None or self.step < stop_at):
+            metrics, n_tok = self._train_step()
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            n_window += 1
+            tokens_seen += n_tok
+            self.step += 1
+            bar.update(1)
+            last = self.step == self.total_steps
+            if self.step % t.log_every == 0 or last:
+                row = {k: v / n_window for k, v in window.items()}
+                row.update(
+                    step=self.step,
+                    lr=self.sched.get_last_lr()[0],
+                    tokens_per_s=tokens_seen / max(time.perf_counter() - t0, 1e-9),
+                )
+                self._log(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kd=f"{row['kd']:.3f}")
+                window, n_window, t0, tokens_seen = {}, 0, time.perf_counter(), 0.0
+            if self.dev_set and ((t.eval_every and self.step % t.eval_every == 0) or last):
+                self._eval_and_keep_best()
+            if (t.save_every and self.step % t.save_every == 0) or last:
+                self.save_checkpoint()
+        bar.close()
+        if self.step == self.total_steps:
+            self.save_final()
+        return getattr(self, "last_eval", {})
+
+    def _train_step(self) -> tuple[dict[str, float], float]:
+        t, obj = self.cfg.train, self.cfg.objective
+        window = self._window(self.step)
+        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        n_global = float(self.acc.reduce(torch.tensor(float(n_local), device=self.acc.device), "sum"))
+        progress = self.step / self.total_steps
+        sums: dict[str, float] = {}
+        gen = torch.Generator(device=self.acc.device).manual_seed(
+            t.seed * 1_000_003 + self.step * 97 + self.acc.process_index
+        )
+        self.module.train()
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1
+            with nullcontext() if sync else self.acc.no_sync(self.module):
+                teacher = None
+                if self.teacher is not None:
+                    with self.acc.autocast():
+                        teacher = self.teacher(batch["input_ids"], batch["attention_mask"])
+                # DDP averages gradients over processes; the loss is already a global mean, so scale N down by the
+                # world size instead (keeps the upstream gradient at 1, which the chunked loss relies on).
+                loss, metrics, tokens = self.module(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    shift_labels(batch["labels"]),
+                    teacher,
+                    obj,
+                    progress=progress,
+                    num_tokens=n_global / self.world,
+                    vocab_size=self.vocab,
+                    knots=self.knots,
+                    generator=gen,
+                )
+                self.acc.backward(loss)
+            for k, v in metrics.items():
+                # Loss terms add up over the window: each process's sum is world x its share of the global mean, so
+                # the mean over processes below is the exact global value. Token statistics are averaged.
+                w = 1.0 if k in ("loss", "ce", "kd", "feat") else 1.0 / len(window)
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+            if self.hist is not None and "entropy" in tokens:
+                self.hist.update(tokens["entropy"].detach().float().cpu())
+        if t.grad_clip > 0:
+            sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.module.parameters(), t.grad_clip))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.hist is not None:
+            self.knots = self.hist.knots()
+        reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
+        return dict(zip(sums, reduced.tolist(), strict=True)), n_global
+
+    # ------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Dev response NLL (perplexity) of the student, and with a teacher: its NLL, KL(teacher || student), top-1
+        agreement. Sharded across processes, summed, then divided."""
+        self.module.eval()
+        student = self.acc.unwrap_model(self.module).student
+        bs = self.cfg.train.per_device_batch_size
+        idx = list(range(self.acc.process_index, len(self.dev_set), self.world))
+        totals: dict[str, Tensor] = {}
+        for start in range(0, len(idx), bs):
+            batch = self._to_device(
+                D.collate([self.dev_set[i] for i in idx[start : start + bs]], self.tokenizer.pad_token_id)
+            )
+            targets = shift_labels(batch["labels"])
+            with self.acc.autocast():
+                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                t_logits = None
+                if self.teacher is not None:
+                    t_logits = self.teacher.model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+            for k, v in response_sums(logits, targets, vocab_size=self.vocab, teacher_logits=t_logits).items():
+                totals[k] = totals.get(k, 0) + v
+        keys = sorted(totals) or ["tokens"]
+        vec = torch.stack(
+            [torch.as_tensor(totals.get(k, 0.0), dtype=torch.float64, device=self.acc.device) for k in keys]
+        )
+        vec = self.acc.reduce(vec, "sum")
+        tot = dict(zip(keys, vec.tolist(), strict=True))
+        n = max(tot.get("tokens", 0.0), 1.0)
+        out = {"dev_nll": tot.get("nll", 0.0) / n}
+        out["dev_ppl"] = math.exp(min(out["dev_nll"], 50))
+        if "kl" in tot:
+            out.update(dev_teacher_nll=tot["teacher_nll"] / n, dev_kl=tot["kl"] / n, dev_top1_agree=tot["agree"] / n)
+        self.module.train()
+        return out
+
+    def _eval_and_keep_best(self) -> None:
+        ev = self.evaluate()
+        ev["step"] = self.step
+        self.last_eval = ev
+        self._log(ev)
+        if ev["dev_nll"] < self.best_dev_nll:
+            self.best_dev_nll = ev["dev_nll"]
+            self._save_model_dir(self.out / "best", extra={"step": self.step, **ev})
+
+    # ------------------------------------------------------------ checkpoints
+    def _save_model_dir(self, path: Path, extra: dict | None = None) -> None:
+        self.acc.wait_for_everyone()
+        if self.main:
+            unwrapped = self.acc.unwrap_model(self.module)
+            with ckpt.atomic_dir(path) as tmp:
+                ckpt.save_model_dir(tmp, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs)
+                if extra:
+                    (tmp / "eval.json").write_text(json.dumps(extra, indent=1))
+        self.acc.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        """checkpoint-<step>/: HF model + tokenizer + projector, and the full training state (optimizer, scheduler,
+        RNG, step, best dev NLL, entropy CDF) so that `--resume` continues the same run."""
+        final = self.out / f"checkpoint-{self.step}"
+        tmp = final.with_name(f".tmp-{final.name}")
+        if self.main:
+            ckpt.staging_dir(final)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp / "state"))  # every process writes its RNG state
+        self.acc.wait_for_everyone()
+        if self.main:
+            unwrapped = self.acc.unwrap_model(self.module)
+            ckpt.save_model_dir(tmp, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs)
+            state = {
+                "step": self.step,
+                "best_dev_nll": self.best_dev_nll,
+                "total_steps": self.total_steps,
+                "method": self.cfg.method,
+            }
+            if self.knots is not None:
+                save_file({"knots": self.knots.contiguous().cpu()}, str(tmp / "entropy_knots.safetensors"))
+            if self.hist is not None:
+                torch.save(self.hist.state_dict(), tmp / "entropy_hist.pt")
+            # trainer_state.json is written last: its presence marks the checkpoint complete.
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            ckpt.commit_dir(tmp, final)
+            ckpt.prune(self.out, self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return final
+
+    def save_final(self) -> None:
+        self._save_model_dir(self.out / "final", extra={"step": self.step, **getattr(self, "last_eval", {})})
+
+    def _resume(self) -> None:
+        step, path = ckpt.checkpoints(self.out)[-1]
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("total_steps") != self.total_steps:
+            raise ValueError(
+                f"{path} was written by a run of {state.get('total_steps')} steps; this config gives "
+                f"{self.total_steps}. Resume with the same train.max_steps / epochs / batch sizes"
+            )
+        self.acc.load_state(str(path / "state"))
+        self.step, self.best_dev_nll = step, state["best_dev_nll"]
+        if (path / "entropy_knots.safetensors").is_file():
+            self.knots = load_file(str(path / "entropy_knots.safetensors"))["knots"].to(self.acc.device)
+        if (path / "entropy_hist.pt").is_file():
+            self.hist = EmaEntropyHistogram()
+            self.hist.load_state_dict(torch.load(path / "entropy_hist.pt"))
+        log.info("resumed from %s at step %d", path, step)
+
+    # --------------------------------------------------------------- logging
+    def _setup_logging(self, resumed: bool) -> None:
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.tb = None
+        if not self.main:
+            return
+        if resumed and self.metrics_path.exists():
+            # Drop lines from after the checkpoint, so the log reads like one uninterrupted run.
+            keep = [
+                ln
+                for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= self.step
+            ]
+            self.metrics_path.write_text("".join(k + "\n" for k in keep))
+        elif not resumed:
+            self.metrics_path.write_text("")
+        if self.cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step if resumed else None)
+        info = {
+            "event": "setup",
+            "step": self.step,
+            "train_examples": len(self.train_set),
+            "dev_examples": len(self.dev_set),
+            "total_steps": self.total_steps,
+            "processes": self.world,
+            "vocab": self.vocab,
+            **{f"data_{k}": v for k, v in asdict(self.train_stats).items()},
+        }
+        self._log(info)
+
+    def _log(self, row: dict) -> None:
+        if not self.main:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row.get("step", self.step))
+            self.tb.flush()
+
+    def cleanup(self) -> None:
+        if getattr(self, "tb", None) is not None:
+            self.tb.close()
+        self.acc.end_training()

@@ -1,0 +1,71 @@
+"""Shared fixtures: the real data folder and a small BPE tokenizer trained once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+DOLLY = DATA / "dolly" / "dolly.jsonl"
+
+
+@pytest.fixture(scope="session")
+def dolly_path() -> Path:
+    if not DOLLY.is_file():
+        pytest.skip(f"{DOLLY} is missing (the shared data folder sits beside the repository)")
+    return DOLLY
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, dolly_path) -> Path:
+    """A 512-entry byte-level BPE trained on 1,500 Dolly train records, saved as a HF tokenizer folder."""
+    from egad import data as D
+    from egad.tokenizer import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    records, _ = D.load_records(dolly_path, "train", max_examples=1500)
+    train_bpe_tokenizer(D.texts_for_tokenizer(records), 512, out)
+    return out
+
+
+def tiny_run_overrides(tok_dir: Path, out_dir: Path, **extra) -> dict:
+    """Overrides that turn configs/tiny.yaml into a ~10 s run for tests."""
+    o = {
+        "model.tokenizer": str(tok_dir),
+        "model.train_tokenizer": None,
+        "model.teacher_config": {
+            "model_type": "qwen2",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": True,
+        },
+        "model.student_config": {
+            "model_type": "qwen2",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": True,
+        },
+        "data.train": str(DOLLY),
+        "data.dev": str(DOLLY),
+        "data.max_train_examples": 400,
+        "data.max_dev_examples": 48,
+        "data.max_prompt_len": 64,
+        "data.max_len": 128,
+        "train.output_dir": str(out_dir),
+        "train.per_device_batch_size": 8,
+        "train.calib_examples": 64,
+        "train.log_every": 2,
+        "train.tensorboard": False,
+    }
+    o.update(extra)
+    return o

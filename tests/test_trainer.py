@@ -1,0 +1,141 @@
+"""End-to-end training on CPU with tiny from_config models and the real Dolly file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, tiny_run_overrides
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from egad.config import ConfigError
+from egad.data import DataError
+from egad.models import ModelError, check_tokenizers
+from egad.run_config import load_config
+from egad.trainer import Trainer
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def run(overrides: dict, *, resume: bool = False, stop_at: int | None = None) -> Trainer:
+    trainer = Trainer(load_config(TINY, overrides)).setup(resume=resume)
+    try:
+        trainer.train(stop_at=stop_at)
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
+def test_end_to_end_tiny_run(tmp_path, tiny_tokenizer_dir):
+    out = tmp_path / "run"
+    run(
+        tiny_run_overrides(
+            tiny_tokenizer_dir,
+            out,
+            **{
+                "train.max_steps": 24,
+                "train.eval_every": 12,
+                "train.save_every": 12,
+                "train.tensorboard": True,
+                "train.lr": 3e-3,
+            },
+        )
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "dev_nll" in r]
+    assert [r["step"] for r in evals] == [0, 12, 24]
+    assert evals[-1]["dev_nll"] < evals[0]["dev_nll"] - 0.2, evals
+    train_rows = [r for r in rows if "ce" in r and "step" in r]
+    for key in (
+        "loss",
+        "ce",
+        "kd",
+        "feat",
+        "entropy_mean",
+        "entropy_p90",
+        "lambda",
+        "weight_mean",
+        "tau_mean",
+        "routed_frac",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ):
+        assert key in train_rows[-1], key
+    assert {"dev_kl", "dev_teacher_nll", "dev_top1_agree"} <= set(evals[-1])
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("### Instruction:\nSay hi\n\n### Response:\n", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] >= len(tok)
+    assert (out / "best" / "model.safetensors").is_file() and (
+        out / "final" / "feature_projector.safetensors"
+    ).is_file()
+    assert (out / "checkpoint-24" / "trainer_state.json").is_file()
+    assert (out / "entropy_knots.safetensors").is_file()
+    assert list((out / "tb").iterdir())
+
+
+def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir):
+    common = {
+        "train.max_steps": 8,
+        "train.save_every": 4,
+        "train.eval_every": 0,
+        "data.dev": None,
+        "objective.preset": "egad",
+        "train.grad_accum": 2,
+        "train.per_device_batch_size": 4,
+    }
+    straight = tmp_path / "straight"
+    run(tiny_run_overrides(tiny_tokenizer_dir, straight, **common))
+    split = tmp_path / "split"
+    first = run(tiny_run_overrides(tiny_tokenizer_dir, split, **common), stop_at=4)
+    assert first.step == 4 and not (split / "final").exists()
+    second = run(tiny_run_overrides(tiny_tokenizer_dir, split, **common), resume=True)
+    assert second.step == 8
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(split / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    losses = {}
+    for name in ("straight", "split"):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses["split"]) == len(losses["straight"])
+    torch.testing.assert_close(torch.tensor(losses["split"]), torch.tensor(losses["straight"]), atol=1e-5, rtol=1e-4)
+
+
+def test_every_config_parses():
+    from egad.run_config import RunConfig
+
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        assert isinstance(load_config(f), RunConfig), f
+    import yaml
+
+    for f in sorted((REPO / "configs" / "accelerate").glob("*.yaml")):
+        assert yaml.safe_load(f.read_text())["distributed_type"] in ("DEEPSPEED", "FSDP", "MULTI_GPU"), f
+
+
+def test_documented_errors(tmp_path, tiny_tokenizer_dir):
+    with pytest.raises(ConfigError, match="objective.preset='egda' is unknown"):
+        load_config(TINY, {"objective.preset": "egda"})
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load_config(TINY, {"train.lrr": 1.0})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "context": "", "response": "b", "split": "train"}\n{"instruction": "x",\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        Trainer(
+            load_config(TINY, tiny_run_overrides(tiny_tokenizer_dir, tmp_path / "r", **{"data.train": str(bad)}))
+        ).setup()
+    other_dir = tmp_path / "tok2"
+    from egad import data as D
+    from egad.tokenizer import train_bpe_tokenizer
+
+    records, _ = D.load_records(REPO.parent / "shared" / "data" / "dolly" / "dolly.jsonl", "dev", max_examples=300)
+    other = train_bpe_tokenizer(D.texts_for_tokenizer(records), 400, other_dir)
+    with pytest.raises(ModelError, match="tokenizers differ"):
+        check_tokenizers(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), other)
