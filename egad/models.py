@@ -163,3 +163,42 @@ def capture_hidden(model: PreTrainedModel, layers: list[int]) -> Iterator[list[T
     if missing and slots:
         raise ModelError(f"layers {missing} produced no output during the forward")
     result.extend(slots[m] for m in layers if m in slots)
+
+
+def resolve_tokenizer(model_cfg, data_cfg):
+    """The run's tokenizer: model.tokenizer, else the student's, else the teacher's, else a BPE trained on the
+    training data (model.train_tokenizer). Every tokenizer found beside a model must agree with it."""
+    m = model_cfg
+    found = {
+        side: try_load_tokenizer(src, m.revision, m.trust_remote_code)
+        for side, src in (("tokenizer", m.tokenizer), ("student", m.student), ("teacher", m.teacher))
+    }
+    if m.tokenizer and found["tokenizer"] is None:
+        raise ModelError(f"model.tokenizer={m.tokenizer!r} could not be loaded")
+    tok = found["tokenizer"] or found["student"] or found["teacher"]
+    if tok is None:
+        if not m.train_tokenizer:
+            raise ModelError(
+                "no tokenizer: set model.tokenizer, load a model that has one, or set "
+                "model.train_tokenizer: {vocab_size: 4096} to train a BPE on the training data"
+            )
+        tok = _train_tokenizer(m.train_tokenizer, data_cfg)
+    for side in ("student", "teacher"):
+        if found[side] is not None and found[side] is not tok:
+            check_tokenizers(found[side], tok, side, "run")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _train_tokenizer(spec: dict, data_cfg):
+    from pathlib import Path
+
+    from egad import data as D
+    from egad.tokenizer import cached_bpe_tokenizer
+
+    n, vocab = int(spec.get("examples", 20000)), int(spec.get("vocab_size", 4096))
+    records, _ = D.load_records(data_cfg.train, data_cfg.train_split, max_examples=n)
+    fp = D.fingerprint([data_cfg.train, data_cfg.train_split, n, vocab])
+    cache = Path(spec.get("cache_dir", Path.home() / ".cache" / "egad" / "tokenizers"))
+    return cached_bpe_tokenizer(lambda: D.texts_for_tokenizer(records), vocab, cache, fp)

@@ -31,21 +31,15 @@ from transformers import get_cosine_schedule_with_warmup
 
 from egad import checkpoint as ckpt
 from egad import data as D
-from egad.entropy import EmaEntropyHistogram, EntropyQuantileCalibrator, token_entropy
+from egad.entropy import EmaEntropyHistogram, fit_quantile_knots
 from egad.eval.metrics import response_sums
 from egad.losses.features import FeatureProjector, layer_map
-from egad.models import (
-    build_model,
-    check_tokenizers,
-    freeze,
-    model_dims,
-    resolve_dtype,
-    shared_vocab,
-    try_load_tokenizer,
-)
+from egad.models import build_model, freeze, model_dims, resolve_dtype, resolve_tokenizer, shared_vocab
 from egad.objective import shift_labels
 from egad.run_config import RunConfig
+from egad.run_log import RunLog
 from egad.student import DistillationModule
+from egad.teacher.calibrate import calibrate_entropy
 from egad.teacher.online import OnlineTeacher
 
 log = logging.getLogger("egad.trainer")
@@ -72,17 +66,57 @@ class Trainer:
         self._setup_models()
         self._setup_data()
         self._setup_optim()
-        if resume and ckpt.checkpoints(self.out):
+        resumed = resume and bool(ckpt.checkpoints(self.out))
+        if resumed:
             self._resume()
         else:
             self._calibrate()
-        self._setup_logging(resumed=resume)
+        self.log = RunLog(
+            self.out,
+            enabled=self.main,
+            tensorboard=self.cfg.train.tensorboard,
+            resume_step=self.step if resumed else None,
+        )
+        self._log(
+            {
+                "event": "setup",
+                "step": self.step,
+                "train_examples": len(self.train_set),
+                "dev_examples": len(self.dev_set),
+                "total_steps": self.total_steps,
+                "processes": self.world,
+                "vocab": self.vocab,
+                **{f"data_{k}": v for k, v in asdict(self.train_stats).items()},
+            }
+        )
         return self
+
+    def _calibrate(self) -> None:
+        obj = self.cfg.objective
+        if not (self.teacher and obj.needs_knots):
+            return
+        n = min(self.cfg.train.calib_examples, len(self.train_set))
+        samples = calibrate_entropy(
+            self.teacher,
+            self.train_set[:n],
+            self.acc,
+            pad_id=self.tokenizer.pad_token_id,
+            batch_size=self.cfg.train.per_device_batch_size,
+            vocab=self.vocab,
+        )
+        if obj.cdf_mode == "ema_hist":
+            self.hist = EmaEntropyHistogram()
+            self.hist.update(samples)
+            self.knots = self.hist.knots()
+        else:
+            self.knots = fit_quantile_knots(samples)
+        if self.main:
+            save_file({"knots": self.knots.contiguous()}, str(self.out / "entropy_knots.safetensors"))
 
     def _setup_models(self) -> None:
         m, dev = self.cfg.model, self.acc.device
         with self.acc.main_process_first():
-            self.tokenizer = self._tokenizer()
+            self.tokenizer = resolve_tokenizer(self.cfg.model, self.cfg.data)
         s_dtype = resolve_dtype(m.student_dtype, dev)
         student = build_model(
             m.student,
@@ -119,41 +153,6 @@ class Trainer:
             projector = FeatureProjector(ds, dt, len(self.pairs)).to(dev)
         self.teacher = OnlineTeacher(teacher, [p[1] for p in self.pairs]) if teacher is not None else None
         self.module = DistillationModule(student, projector, [p[0] for p in self.pairs], self.cfg.train.fused_lm_head)
-
-    def _tokenizer(self):
-        m = self.cfg.model
-        found = {
-            side: try_load_tokenizer(src, m.revision, m.trust_remote_code)
-            for side, src in (("tokenizer", m.tokenizer), ("student", m.student), ("teacher", m.teacher))
-        }
-        if m.tokenizer and found["tokenizer"] is None:
-            raise ValueError(f"model.tokenizer={m.tokenizer!r} could not be loaded")
-        tok = found["tokenizer"] or found["student"] or found["teacher"]
-        if tok is None:
-            if not m.train_tokenizer:
-                raise ValueError(
-                    "no tokenizer: set model.tokenizer, load a model that has one, or set "
-                    "model.train_tokenizer: {vocab_size: 4096} to train a BPE on the training data"
-                )
-            tok = self._train_tokenizer(m.train_tokenizer)
-        for side in ("student", "teacher"):
-            if found[side] is not None and found[side] is not tok:
-                check_tokenizers(found[side], tok, side, "run")
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        return tok
-
-    def _train_tokenizer(self, spec: dict):
-        from egad.tokenizer import cached_bpe_tokenizer
-
-        d = self.cfg.data
-        n = int(spec.get("examples", 20000))
-        records = D.load_records(d.train, d.train_split, max_examples=n)[0]
-        fp = D.fingerprint([d.train, d.train_split, n, spec.get("vocab_size", 4096)])
-        cache = Path(spec.get("cache_dir", Path.home() / ".cache" / "egad" / "tokenizers"))
-        return cached_bpe_tokenizer(
-            lambda: D.texts_for_tokenizer(records), int(spec.get("vocab_size", 4096)), cache, fp
-        )
 
     def _setup_data(self) -> None:
         d, t = self.cfg.data, self.cfg.train
@@ -192,44 +191,6 @@ class Trainer:
         self.sched = sched
         self.acc.register_for_checkpointing(self.sched)
 
-    # ------------------------------------------------------------ calibration
-    @torch.no_grad()
-    def _calibrate(self) -> None:
-        """Teacher entropies of response tokens over the first `calib_examples` training examples (split across
-        processes and gathered) -> global quantile knots, or the initial EMA histogram."""
-        obj = self.cfg.objective
-        if not (self.teacher and obj.needs_knots):
-            return
-        n = min(self.cfg.train.calib_examples, len(self.train_set))
-        idx = list(range(self.acc.process_index, n, self.world))
-        calib = EntropyQuantileCalibrator()
-        bs = self.cfg.train.per_device_batch_size
-        for start in tqdm(range(0, len(idx), bs), desc="calibrating teacher entropy", disable=not self.main):
-            batch = self._to_device(
-                D.collate([self.train_set[i] for i in idx[start : start + bs]], self.tokenizer.pad_token_id)
-            )
-            h = self._batch_entropy(batch)
-            all_h = self.acc.gather(self.acc.pad_across_processes(h, pad_index=-1.0))
-            calib.update(all_h[all_h >= 0].cpu())
-        if obj.cdf_mode == "ema_hist":
-            self.hist = EmaEntropyHistogram()
-            self.hist.update(torch.as_tensor(calib.samples))
-            self.knots = self.hist.knots()
-        else:
-            self.knots = calib.knots()
-        if self.main:
-            save_file({"knots": self.knots.contiguous()}, str(self.out / "entropy_knots.safetensors"))
-
-    def _batch_entropy(self, batch: dict[str, Tensor]) -> Tensor:
-        targets = shift_labels(batch["labels"])
-        with self.acc.autocast():
-            sig = self.teacher(batch["input_ids"], batch["attention_mask"])
-        rows = (targets.reshape(-1) != -100).nonzero().squeeze(-1)
-        return torch.cat(
-            [token_entropy(sig.rows(rows[i : i + 256], self.vocab)) for i in range(0, rows.numel(), 256)]
-            or [torch.zeros(0, device=rows.device)]
-        )
-
     # ------------------------------------------------------------------ data
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.acc.device) for k, v in batch.items()}
@@ -258,7 +219,11 @@ class Trainer:
         window: dict[str, float] = {}
         n_window, t0, tokens_seen = 0, time.perf_counter(), 0.0
         while self.step < self.total_steps and (stop_at is None or self.step < stop_at):
-            metrics, n_tok = self._train_step()
+            try:
+                metrics, n_tok = self._train_step()
+            except KeyboardInterrupt:
+                self._save_on_interrupt()
+                raise
             for k, v in metrics.items():
                 window[k] = window.get(k, 0.0) + v
             n_window += 1
@@ -423,6 +388,14 @@ class Trainer:
         self.acc.wait_for_everyone()
         return final
 
+    def _save_on_interrupt(self) -> None:
+        """Ctrl-C mid-step: the step is discarded and the last finished one is saved, so `--resume` loses nothing.
+        With several processes a collective save could hang; the periodic checkpoints serve there."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.world == 1 and self.step > 0 and not (self.out / f"checkpoint-{self.step}").exists():
+            log.warning("interrupted: saving checkpoint-%d before exiting", self.step)
+            self.save_checkpoint()
+
     def save_final(self) -> None:
         self._save_model_dir(self.out / "final", extra={"step": self.step, **getattr(self, "last_eval", {})})
 
@@ -443,50 +416,10 @@ class Trainer:
             self.hist.load_state_dict(torch.load(path / "entropy_hist.pt"))
         log.info("resumed from %s at step %d", path, step)
 
-    # --------------------------------------------------------------- logging
-    def _setup_logging(self, resumed: bool) -> None:
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.tb = None
-        if not self.main:
-            return
-        if resumed and self.metrics_path.exists():
-            # Drop lines from after the checkpoint, so the log reads like one uninterrupted run.
-            keep = [
-                ln
-                for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= self.step
-            ]
-            self.metrics_path.write_text("".join(k + "\n" for k in keep))
-        elif not resumed:
-            self.metrics_path.write_text("")
-        if self.cfg.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step if resumed else None)
-        info = {
-            "event": "setup",
-            "step": self.step,
-            "train_examples": len(self.train_set),
-            "dev_examples": len(self.dev_set),
-            "total_steps": self.total_steps,
-            "processes": self.world,
-            "vocab": self.vocab,
-            **{f"data_{k}": v for k, v in asdict(self.train_stats).items()},
-        }
-        self._log(info)
-
     def _log(self, row: dict) -> None:
-        if not self.main:
-            return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row.get("step", self.step))
-            self.tb.flush()
+        self.log.write(row, self.step)
 
     def cleanup(self) -> None:
-        if getattr(self, "tb", None) is not None:
-            self.tb.close()
+        if getattr(self, "log", None) is not None:
+            self.log.close()
         self.acc.end_training()

@@ -139,3 +139,23 @@ def test_documented_errors(tmp_path, tiny_tokenizer_dir):
     other = train_bpe_tokenizer(D.texts_for_tokenizer(records), 400, other_dir)
     with pytest.raises(ModelError, match="tokenizers differ"):
         check_tokenizers(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), other)
+
+
+def test_interrupt_saves_the_last_finished_step_and_resume_completes(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    over = tiny_run_overrides(tiny_tokenizer_dir, tmp_path / "r", **{"train.max_steps": 6, "train.save_every": 0,
+                                                                   "train.eval_every": 0, "data.dev": None})
+    trainer = Trainer(load_config(TINY, over)).setup()
+    real_step = trainer._train_step
+
+    def flaky():
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(trainer, "_train_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.cleanup()
+    assert (tmp_path / "r" / "checkpoint-3" / "trainer_state.json").is_file()
+    resumed = run(over, resume=True)
+    assert resumed.step == 6 and (tmp_path / "r" / "final" / "model.safetensors").is_file()

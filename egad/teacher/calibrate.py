@@ -1,0 +1,52 @@
+"""The calibration pass: teacher entropies of response tokens, before training, for the global entropy CDF."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from egad import data as D
+from egad.entropy import EntropyQuantileCalibrator, token_entropy
+from egad.objective import shift_labels
+from egad.teacher.online import OnlineTeacher
+
+
+@torch.no_grad()
+def response_entropies(teacher: OnlineTeacher, batch: dict[str, Tensor], vocab: int) -> Tensor:
+    """Teacher entropy (tau = 1, nats) at every response token of a collated batch. -> (N,)"""
+    rows = (shift_labels(batch["labels"]).reshape(-1) != -100).nonzero().squeeze(-1)
+    sig = teacher(batch["input_ids"], batch["attention_mask"])
+    step = max(16, 2**24 // vocab)
+    parts = [token_entropy(sig.rows(rows[i : i + step], vocab)) for i in range(0, rows.numel(), step)]
+    return torch.cat(parts) if parts else torch.zeros(0, device=rows.device)
+
+
+def calibrate_entropy(
+    teacher: OnlineTeacher,
+    examples: list[dict],
+    accelerator,
+    *,
+    pad_id: int,
+    batch_size: int,
+    vocab: int,
+    max_samples: int = 2_000_000,
+) -> Tensor:
+    """Run the frozen teacher over `examples` (split across processes, gathered back) and return the response-token
+    entropies, subsampled to at most `max_samples` (identical on every process)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = examples[rank::world]
+    calib = EntropyQuantileCalibrator(max_samples=max_samples)
+    # Every process must take part in each gather, so all loop over the longest shard.
+    n_batches = -(-((len(examples) + world - 1) // world) // batch_size)
+    for b in tqdm(range(n_batches), desc="calibrating teacher entropy", disable=not accelerator.is_main_process):
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
+        if chunk:
+            batch = {k: v.to(accelerator.device) for k, v in D.collate(chunk, pad_id).items()}
+            with accelerator.autocast():
+                h = response_entropies(teacher, batch, vocab)
+        else:
+            h = torch.zeros(0, device=accelerator.device)
+        gathered = accelerator.gather(accelerator.pad_across_processes(h, pad_index=-1.0))
+        calib.update(gathered[gathered >= 0].float().cpu())
+    return torch.as_tensor(calib.samples)
