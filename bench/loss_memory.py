@@ -45,7 +45,7 @@ class PeakMemory:
         else:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-            self.start = _proc_status("VmRSS")
+            self.start = _proc_field("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -53,15 +53,16 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.start
         else:
-            self.peak = _proc_status("VmHWM") - self.start
+            self.peak = _proc_field("VmHWM") - self.start
 
 
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
+def _proc_field(key: str, path: str = "/proc/self/status") -> int:
+    """A 'Key: value kB' line of a /proc file, in bytes."""
+    with open(path) as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    raise RuntimeError(f"{key} not in {path}")
 
 
 def naive_egad(h_s, w_lm, zt, targets_flat, fs, ft, proj, knots, cfg, progress):
@@ -152,16 +153,8 @@ def _naive_fits(n: int, seen: dict[int, tuple[float, int]]) -> bool:
     if not seen:
         return True
     m, (_, peak) = max(seen.items())
-    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else _proc_meminfo("MemAvailable")
+    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else _proc_field("MemAvailable", "/proc/meminfo")
     return peak * n / m < 0.8 * free
-
-
-def _proc_meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/meminfo")
 
 
 def main() -> None:

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from egad.curriculum import CURRICULUM_MODES, PACING_KINDS
+from egad.losses.divergences import DIVERGENCES
+from egad.losses.features import FEATURE_LOSSES
+from egad.routing import ROUTE_MODES
+from egad.temperature import TAU2_MODES, TEMP_MODES
+
+# Allowed values are read from the modules that implement them: one place per idea.
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "divergence": (
-        "forward_kl",
-        "reverse_kl",
-        "jsd",
-        "skew_forward_kl",
-        "skew_reverse_kl",
-        "tvd",
-        "akl",
-        "todi",
-        "ttm",
-        "wttm",
-        "bild",
-    ),
+    "divergence": tuple(DIVERGENCES),
     "difficulty": ("quantile", "normalized"),
     "cdf_mode": ("global", "batch", "ema_hist"),
     "weighting": (
@@ -32,13 +27,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
         "select_student_entropy",
         "select_hellinger",
     ),
-    "curriculum_mode": ("linear_interp", "tilt", "competence", "static_easy", "static_hard"),
-    "pacing": ("linear", "sqrt", "cosine", "step", "reverse"),
-    "temp_mode": ("inverse", "direct", "idts", "edt", "const"),
+    "curriculum_mode": CURRICULUM_MODES,
+    "pacing": PACING_KINDS,
+    "temp_mode": TEMP_MODES,
     "temp_signal": ("teacher_entropy", "hellinger"),
-    "tau2": ("per_token", "none", "normalized"),
-    "route_mode": ("none", "batch_topk", "global_quantile", "abs", "random", "all"),
-    "feat_loss": ("cosine", "mse_ln"),
+    "tau2": TAU2_MODES,
+    "route_mode": ROUTE_MODES,
+    "feat_loss": tuple(FEATURE_LOSSES),
     "layer_map": ("uniform", "last"),
     "hard_branch": ("feat_plus_logits", "feat_only"),
     "feat_weight_schedule": ("constant", "follow_lambda"),

@@ -142,8 +142,11 @@ def test_documented_errors(tmp_path, tiny_tokenizer_dir):
 
 
 def test_interrupt_saves_the_last_finished_step_and_resume_completes(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    over = tiny_run_overrides(tiny_tokenizer_dir, tmp_path / "r", **{"train.max_steps": 6, "train.save_every": 0,
-                                                                   "train.eval_every": 0, "data.dev": None})
+    over = tiny_run_overrides(
+        tiny_tokenizer_dir,
+        tmp_path / "r",
+        **{"train.max_steps": 6, "train.save_every": 0, "train.eval_every": 0, "data.dev": None},
+    )
     trainer = Trainer(load_config(TINY, over)).setup()
     real_step = trainer._train_step
 
