@@ -1,4 +1,4 @@
-"""Command line: `egad train` (distil), `egad losses` (the objective on random logits)."""
+"""Command line: `egad demo`, `egad train`, `egad eval`, `egad report`, `egad losses`."""
 
 from __future__ import annotations
 
@@ -49,6 +49,82 @@ def _train_help_epilog() -> str:
     from egad.run_config import help_text
 
     return "Config fields (defaults in parentheses):\n\n" + help_text()
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", help="Output folder: runs, evaluations, report and plots."),
+    data: str = typer.Option(
+        None,
+        help="Data dir holding dolly/dolly.jsonl (default $EGAD_DATA_DIR, then "
+        "../shared/data, then the hub dataset databricks/databricks-dolly-15k).",
+    ),
+    quick: bool = typer.Option(False, help="A ~3-minute miniature of the same pipeline (used by the tests)."),
+) -> None:
+    """The whole job on this machine: tokenizer, teacher from scratch (cached), SFT / KD / EGAD students, the
+    MiniLLM evaluation, a results table and plots."""
+    from egad.demo import run_demo
+
+    run_demo(out, data=data, quick=quick)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., help="Model folder (HF format) or hub id to evaluate."),
+    out: str = typer.Option(..., help="Output folder; `egad report` reads RUN/eval when out is RUN/eval."),
+    sets: str = typer.Option(
+        "dolly_test",
+        help="Comma-separated eval set names (dolly_test, self_inst, vicuna, sinst, uinst) or JSONL paths.",
+    ),
+    teacher: str = typer.Option(None, help="Teacher folder: adds KL, top-1 agreement and entropy-decile tables."),
+    data_dir: str = typer.Option(None, help="Where named sets live (default $EGAD_DATA_DIR or ../shared/data)."),
+    seeds: str = typer.Option("10,20,30,40,50", help="Sampling seeds (MiniLLM protocol)."),
+    greedy: bool = typer.Option(False, help="Greedy decoding instead of sampling (one pass, no seeds)."),
+    max_examples: int = typer.Option(None, help="Evaluate only the first N records of each set."),
+    max_new_tokens: int = typer.Option(None, help="Cap on generated tokens (default: up to max_len)."),
+    max_prompt_len: int = typer.Option(256, help="Prompt tokens kept (left-truncated)."),
+    max_len: int = typer.Option(512, help="Prompt + response tokens at most."),
+    batch_size: int = typer.Option(16, help="Prompts per generation batch."),
+) -> None:
+    """Generate with the MiniLLM sampling protocol, score ROUGE-L per seed, and teacher-forced NLL / KL."""
+    from pathlib import Path
+
+    from egad.eval.suite import EvalSettings, default_data_dir, run_eval
+
+    settings = EvalSettings(
+        seeds=tuple(int(x) for x in seeds.split(",") if x),
+        greedy=greedy,
+        max_examples=max_examples,
+        max_new_tokens=max_new_tokens,
+        max_prompt_len=max_prompt_len,
+        max_len=max_len,
+        batch_size=batch_size,
+    )
+    names = [x.strip() for x in sets.split(",") if x.strip()]
+    results = run_eval(
+        model,
+        names,
+        settings,
+        out_dir=out,
+        teacher_path=teacher,
+        data_dir=Path(data_dir) if data_dir else default_data_dir(),
+    )
+    for name, r in results.items():
+        extra = f"  KL {r['kl']:.4f}  top-1 {r['top1_agree']:.3f}" if "kl" in r else ""
+        typer.echo(f"{name:<12} ROUGE-L {r['rouge_l_mean']:.2f} ± {r['rouge_l_std']:.2f}  NLL {r['nll']:.4f}{extra}")
+
+
+@app.command()
+def report(
+    runs: list[str] = typer.Argument(..., help="Run folders (written by egad train, with RUN/eval from egad eval)."),
+    out: str = typer.Option("report", help="Folder for report.md and the PNG plots."),
+) -> None:
+    """Results table (method x eval set, mean ± std) and plots, built from the run folders' files."""
+    from egad.eval.report import write_report
+
+    table, plots = write_report(runs, out)
+    typer.echo(table)
+    typer.echo(f"\n{len(plots)} plots in {out}: " + ", ".join(p.name for p in plots))
 
 
 @app.command()

@@ -104,6 +104,28 @@ def check_tokenizers(a, b, name_a: str = "teacher", name_b: str = "student") -> 
         )
 
 
+def check_tokenizer_roundtrip(tokenizer, model: PreTrainedModel) -> None:
+    """Save the tokenizer beside the model's config and reload it with AutoTokenizer, as users of our checkpoints
+    will. Some model types make AutoTokenizer rebuild a different pipeline from the saved vocabulary (seen with a
+    byte-level BPE beside a qwen2 config in transformers 5.x); that would silently change every token id."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoTokenizer.from_pretrained(tmp)
+    if (
+        reloaded(_PROBE, add_special_tokens=False)["input_ids"]
+        != tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    ):
+        raise ModelError(
+            f"AutoTokenizer reloads this tokenizer as {type(reloaded).__name__} next to a "
+            f"{model.config.model_type!r} config and encodes text differently, so saved checkpoints would not "
+            "round-trip. Use a model_type whose tokenizer mapping is generic (e.g. llama) for from-scratch models, "
+            "or the model family's own tokenizer."
+        )
+
+
 def shared_vocab(tokenizer, *models: PreTrainedModel) -> int:
     """V = len(tokenizer); every model must have at least that many logit rows (extra rows are padding)."""
     vocab = len(tokenizer)

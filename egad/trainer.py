@@ -34,7 +34,15 @@ from egad import data as D
 from egad.entropy import EmaEntropyHistogram, fit_quantile_knots
 from egad.eval.metrics import response_sums
 from egad.losses.features import FeatureProjector, layer_map
-from egad.models import build_model, freeze, model_dims, resolve_dtype, resolve_tokenizer, shared_vocab
+from egad.models import (
+    build_model,
+    check_tokenizer_roundtrip,
+    freeze,
+    model_dims,
+    resolve_dtype,
+    resolve_tokenizer,
+    shared_vocab,
+)
 from egad.objective import shift_labels
 from egad.run_config import RunConfig
 from egad.run_log import RunLog
@@ -111,7 +119,12 @@ class Trainer:
         else:
             self.knots = fit_quantile_knots(samples)
         if self.main:
-            save_file({"knots": self.knots.contiguous()}, str(self.out / "entropy_knots.safetensors"))
+            # A sample of the calibration entropies travels with the knots, for the report's histogram.
+            sample = samples[torch.randperm(samples.numel(), generator=torch.Generator().manual_seed(0))[:20000]]
+            save_file(
+                {"knots": self.knots.contiguous().cpu(), "sample": sample.contiguous().float()},
+                str(self.out / "entropy_knots.safetensors"),
+            )
 
     def _setup_models(self) -> None:
         m, dev = self.cfg.model, self.acc.device
@@ -141,6 +154,8 @@ class Trainer:
                 seed=self.cfg.train.seed + 1,
             )
             freeze(teacher).to(dev)
+        if m.student is None:  # built from a config: its saved tokenizer must reload identically
+            check_tokenizer_roundtrip(self.tokenizer, student)
         self.vocab = shared_vocab(self.tokenizer, student, *([teacher] if teacher is not None else []))
         if self.cfg.train.gradient_checkpointing:
             student.gradient_checkpointing_enable()

@@ -36,7 +36,7 @@ def tiny_run_overrides(tok_dir: Path, out_dir: Path, **extra) -> dict:
         "model.tokenizer": str(tok_dir),
         "model.train_tokenizer": None,
         "model.teacher_config": {
-            "model_type": "qwen2",
+            "model_type": "llama",
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 2,
@@ -46,7 +46,7 @@ def tiny_run_overrides(tok_dir: Path, out_dir: Path, **extra) -> dict:
             "tie_word_embeddings": True,
         },
         "model.student_config": {
-            "model_type": "qwen2",
+            "model_type": "llama",
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 2,

@@ -1,0 +1,221 @@
+"""`egad report`: a Markdown table and PNG plots built from run folders, never typed by hand.
+
+A run folder is what `egad train` writes (config.yaml, metrics.jsonl, entropy_knots.safetensors) plus what
+`egad eval --out RUN/eval` adds (eval/summary.json). The folder's name labels the run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from egad.curriculum import curriculum_weights, pacing  # noqa: E402
+from egad.entropy import quantile_cdf  # noqa: E402
+from egad.presets import preset  # noqa: E402
+from egad.run_log import read_metrics  # noqa: E402
+from egad.temperature import token_temperature  # noqa: E402
+
+
+@dataclass
+class Run:
+    label: str
+    path: Path
+    config: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    evals: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config.get("objective", {}).get("preset", "?")
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        rows = [r for r in self.metrics if key in r and "step" in r]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+
+    @property
+    def best_dev_nll(self) -> float | None:
+        vals = [r["dev_nll"] for r in self.metrics if "dev_nll" in r]
+        return min(vals) if vals else None
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run folder {path} does not exist")
+    run = Run(label=path.name, path=path)
+    if (path / "config.yaml").is_file():
+        run.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if (path / "metrics.jsonl").is_file():
+        run.metrics = read_metrics(path)
+    if (path / "eval" / "summary.json").is_file():
+        run.evals = json.loads((path / "eval" / "summary.json").read_text())["sets"]
+    return run
+
+
+def results_table(runs: list[Run]) -> str:
+    """Method x eval set, ROUGE-L mean ± std over seeds, plus best dev NLL and test response NLL."""
+    sets = list(dict.fromkeys(s for r in runs for s in r.evals))
+    head = ["run", "method", "dev NLL"] + [f"{s} ROUGE-L" for s in sets] + [f"{s} NLL" for s in sets[:1]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in runs:
+        dev = f"{r.best_dev_nll:.3f}" if r.best_dev_nll is not None else "—"
+        cells = [r.label, r.method, dev]
+        for s in sets:
+            e = r.evals.get(s)
+            cells.append(f"{e['rouge_l_mean']:.2f} ± {e['rouge_l_std']:.2f}" if e else "—")
+        for s in sets[:1]:
+            e = r.evals.get(s)
+            cells.append(f"{e['nll']:.3f}" if e else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_training_curves(runs: list[Run], out: Path) -> Path:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        steps, ce = r.series("ce")
+        if steps:
+            a.plot(steps, ce, label=r.label)
+        steps, dev = r.series("dev_nll")
+        if steps:
+            b.plot(steps, dev, marker="o", label=r.label)
+    teacher_nll = [x for r in runs for x in r.series("dev_teacher_nll")[1]]
+    if teacher_nll:
+        b.axhline(teacher_nll[-1], color="k", ls="--", lw=1, label="teacher")
+    a.set(title="Training cross-entropy on labels", xlabel="step", ylabel="CE (nats/token)")
+    b.set(title="Dev response NLL", xlabel="step", ylabel="NLL (nats/token)")
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out / "training_curves.png")
+
+
+def _knots_run(runs: list[Run]) -> Run | None:
+    for r in runs:
+        if (r.path / "entropy_knots.safetensors").is_file():
+            return r
+    return None
+
+
+def plot_entropy_histogram(runs: list[Run], out: Path) -> Path | None:
+    r = _knots_run(runs)
+    if r is None:
+        return None
+    tensors = load_file(str(r.path / "entropy_knots.safetensors"))
+    sample = tensors.get("sample", tensors["knots"])
+    rho = float(r.config.get("objective", {}).get("rho", preset(r.method).rho))
+    thr = float(torch.quantile(sample.float(), 1 - rho))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(sample.numpy(), bins=80, color="tab:blue", alpha=0.8)
+    ax.axvline(thr, color="tab:red", lw=2, label=f"routing threshold: top {rho:.0%} (H = {thr:.2f})")
+    ax.set(
+        title=f"Teacher entropy on response tokens ({r.label} calibration sample, n={sample.numel()})",
+        xlabel="entropy H (nats)",
+        ylabel="tokens",
+    )
+    ax.legend()
+    return _save(fig, out / "entropy_hist.png")
+
+
+def plot_curriculum(runs: list[Run], out: Path) -> Path | None:
+    """Weight and temperature against teacher entropy at several points of training, from the run's knots and
+    objective (the same functions the loss uses)."""
+    r = _knots_run(runs)
+    if r is None:
+        return None
+    knots = load_file(str(r.path / "entropy_knots.safetensors"))["knots"]
+    obj = dict(r.config.get("objective", {}))
+    cfg = preset(obj.pop("preset", "egad"), **obj)
+    h = torch.linspace(float(knots[0]), float(knots[-1]), 400)
+    d = quantile_cdf(h, knots)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for s in (0.0, 0.25, 0.5, 0.75, 1.0):
+        lam = pacing(s, cfg.pacing, s0=cfg.pacing_s0, s1=cfg.pacing_s1, c0=cfg.pacing_c0)
+        w = curriculum_weights(d, lam, mode=cfg.curriculum_mode, w_min=cfg.w_min, beta_max=cfg.tilt_beta_max)
+        a.plot(h.numpy(), w.numpy(), label=f"s = {s:.2f} (λ = {lam:.2f})")
+    tau = token_temperature(
+        d, mode=cfg.temp_mode, tau_min=cfg.tau_min, tau_max=cfg.tau_max, tau0=cfg.tau0, kappa=cfg.kappa, score=h
+    )
+    b.plot(h.numpy(), tau.numpy(), color="tab:purple")
+    a.set(
+        title=f"Curriculum weight vs teacher entropy ({r.label})",
+        xlabel="teacher entropy H (nats)",
+        ylabel="KD weight w",
+    )
+    b.set(title=f"Per-token temperature ({cfg.temp_mode})", xlabel="teacher entropy H (nats)", ylabel="τ")
+    a.legend(fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    return _save(fig, out / "curriculum.png")
+
+
+def plot_routing_temperature(runs: list[Run], out: Path) -> Path | None:
+    with_stats = [r for r in runs if r.series("routed_frac")[0]]
+    if not with_stats:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in with_stats:
+        a.plot(*r.series("routed_frac"), label=r.label)
+        b.plot(*r.series("tau_mean"), label=r.label)
+    a.set(title="Fraction of tokens routed to the feature branch", xlabel="step", ylabel="routed fraction")
+    b.set(title="Mean per-token temperature", xlabel="step", ylabel="mean τ")
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out / "routing_temperature.png")
+
+
+def plot_rouge(runs: list[Run], out: Path) -> Path | None:
+    sets = list(dict.fromkeys(s for r in runs for s in r.evals))
+    if not sets:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets) * len(runs) / 2), 4))
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+        xs = [j + i * width for j in range(len(sets))]
+        means = [r.evals.get(s, {}).get("rouge_l_mean", 0.0) for s in sets]
+        stds = [r.evals.get(s, {}).get("rouge_l_std", 0.0) for s in sets]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=r.label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
+    ax.set(title="ROUGE-L by method (mean ± std over sampling seeds)", ylabel="ROUGE-L")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out / "rouge_by_method.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, list[Path]]:
+    """Write report.md and the PNG plots into out_dir; returns the table and the plot paths."""
+    runs = [load_run(p) for p in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = results_table(runs)
+    plots = [
+        p
+        for p in (
+            plot_training_curves(runs, out),
+            plot_entropy_histogram(runs, out),
+            plot_curriculum(runs, out),
+            plot_routing_temperature(runs, out),
+            plot_rouge(runs, out),
+        )
+        if p is not None
+    ]
+    md = ["# egad report", "", table, ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return table, plots

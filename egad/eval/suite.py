@@ -1,0 +1,201 @@
+"""`egad eval`: the MiniLLM evaluation protocol on named or file eval sets.
+
+For each set: sampled generations over several seeds (temperature 1, top-p 1, top-k 0; seeds 10..50) scored by
+ROUGE-L against the references (S-NI: max over its reference list), written as JSONL; and teacher-forced metrics on
+the references: response NLL / perplexity, and with a teacher, KL(teacher || student) and top-1 agreement, broken
+down by teacher-entropy decile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from egad import data as D
+from egad.eval.generate import generate_responses
+from egad.eval.metrics import entropy_buckets, token_metrics
+from egad.eval.rouge import rouge_l
+from egad.models import check_tokenizers, shared_vocab
+from egad.objective import shift_labels
+
+# name -> (file under the data dir, split filter)
+EVAL_SETS: dict[str, tuple[str, str | None]] = {
+    "dolly_test": ("dolly/dolly.jsonl", "test"),
+    "self_inst": ("eval/self_inst.jsonl", None),
+    "vicuna": ("eval/vicuna.jsonl", None),
+    "sinst": ("eval/sinst.jsonl", None),
+    "uinst": ("eval/uinst.jsonl", None),
+}
+MINILLM_SEEDS = (10, 20, 30, 40, 50)
+
+
+def default_data_dir() -> Path | None:
+    """$EGAD_DATA_DIR, else ../shared/data when it exists (the project layout), else None."""
+    env = os.environ.get("EGAD_DATA_DIR")
+    if env:
+        return Path(env)
+    local = Path("..") / "shared" / "data"
+    return local if local.is_dir() else None
+
+
+def resolve_eval_set(spec: str, data_dir: Path | None) -> tuple[str, Path, str | None]:
+    """A set name (see EVAL_SETS) or a JSONL path -> (name, path, split)."""
+    if spec in EVAL_SETS:
+        if data_dir is None:
+            raise FileNotFoundError(f"eval set {spec!r} is read from the data dir: pass --data-dir or $EGAD_DATA_DIR")
+        rel, split = EVAL_SETS[spec]
+        path = Path(data_dir) / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"eval set {spec!r}: {path} does not exist (check --data-dir)")
+        return spec, path, split
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval set {spec!r} is neither a known name ({', '.join(EVAL_SETS)}) nor a file")
+    return path.stem, path, None
+
+
+@dataclass
+class EvalSettings:
+    """Generation and scoring settings; defaults are the MiniLLM protocol."""
+
+    seeds: tuple[int, ...] = MINILLM_SEEDS
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_len: int = 256
+    max_len: int = 512
+    max_new_tokens: int | None = None
+    batch_size: int = 16
+    max_examples: int | None = None
+    template: str = "alpaca"
+    extra: dict = field(default_factory=dict)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def evaluate_set(
+    model, tokenizer, spec: str, settings: EvalSettings, *, data_dir: Path | None, out_dir: Path, teacher=None
+) -> dict:
+    """Generate, score and write one eval set; returns its summary (also written as summary.json)."""
+    name, path, split = resolve_eval_set(spec, data_dir)
+    examples, _ = D.load_records(path, split, max_examples=settings.max_examples)
+    prompts = [D.format_prompt(ex, settings.template, tokenizer) for ex in examples]
+    set_dir = Path(out_dir) / name
+    set_dir.mkdir(parents=True, exist_ok=True)
+    seeds = (None,) if settings.greedy else settings.seeds
+    per_seed = {}
+    for seed in seeds:
+        outputs = generate_responses(
+            model,
+            tokenizer,
+            prompts,
+            seed=seed,
+            greedy=settings.greedy,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            max_prompt_len=settings.max_prompt_len,
+            max_len=settings.max_len,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            desc=f"{name} seed {seed}",
+        )
+        scores = [rouge_l(o, ex.output) for o, ex in zip(outputs, examples, strict=True)]
+        tag = "greedy" if seed is None else f"seed{seed}"
+        with (set_dir / f"generations-{tag}.jsonl").open("w") as f:
+            for p, ex, o, sc in zip(prompts, examples, outputs, scores, strict=True):
+                f.write(json.dumps({"prompt": p, "reference": ex.output, "output": o, "rouge_l": sc}) + "\n")
+        per_seed[tag] = sum(scores) / max(len(scores), 1)
+    vals = list(per_seed.values())
+    summary = {
+        "set": name,
+        "examples": len(examples),
+        "rouge_l_mean": statistics.fmean(vals),
+        "rouge_l_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "rouge_l_per_seed": per_seed,
+        "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
+    }
+    summary.update(teacher_forced(model, tokenizer, examples, settings, teacher=teacher))
+    (set_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer, examples, settings: EvalSettings, *, teacher=None) -> dict:
+    """Response NLL / perplexity on the references; with a teacher, KL and top-1 agreement by entropy decile."""
+    items, _ = D.tokenize_dataset(
+        examples,
+        tokenizer,
+        template=settings.template,
+        max_prompt_len=settings.max_prompt_len,
+        max_len=settings.max_len,
+    )
+    models = [model] + ([teacher] if teacher is not None else [])
+    vocab = shared_vocab(tokenizer, *models)
+    device = next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in tqdm(range(0, len(items), settings.batch_size), desc="teacher-forced", leave=False):
+        batch = {
+            k: v.to(device)
+            for k, v in D.collate(items[start : start + settings.batch_size], tokenizer.pad_token_id).items()
+        }
+        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        t_logits = teacher(**kw).logits if teacher is not None else None
+        tok = token_metrics(
+            model(**kw).logits, shift_labels(batch["labels"]), vocab_size=vocab, teacher_logits=t_logits
+        )
+        for k, v in tok.items():
+            parts.setdefault(k, []).append(v)
+    tokens = {k: torch.cat(v) for k, v in parts.items()}
+    out = {"tokens": int(tokens["nll"].numel()), "nll": float(tokens["nll"].double().mean())}
+    out["ppl"] = math.exp(min(out["nll"], 50))
+    if teacher is not None:
+        out.update(
+            teacher_nll=float(tokens["teacher_nll"].double().mean()),
+            kl=float(tokens["kl"].double().mean()),
+            top1_agree=float(tokens["agree"].double().mean()),
+            buckets=entropy_buckets(tokens),
+        )
+    return out
+
+
+def run_eval(
+    model_path: str | Path,
+    sets: list[str],
+    settings: EvalSettings,
+    *,
+    out_dir: str | Path,
+    teacher_path: str | Path | None = None,
+    data_dir: Path | None = None,
+    device: str | None = None,
+) -> dict:
+    """Evaluate one model on several sets; writes <out_dir>/<set>/... and <out_dir>/summary.json."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(model_path, device)
+    teacher = None
+    if teacher_path is not None:
+        teacher, t_tok = load_model(teacher_path, device)
+        check_tokenizers(t_tok, tokenizer, "teacher", "model")
+    out = Path(out_dir)
+    results = {
+        s: evaluate_set(model, tokenizer, s, settings, data_dir=data_dir, out_dir=out, teacher=teacher) for s in sets
+    }
+    # Merge with earlier calls on the same folder, so sets can be evaluated in separate runs (e.g. with other sizes).
+    path = out / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {"sets": {}}
+    summary.update(model=str(model_path), teacher=str(teacher_path) if teacher_path else None)
+    summary["sets"].update({k: {kk: vv for kk, vv in v.items() if kk != "buckets"} for k, v in results.items()})
+    path.write_text(json.dumps(summary, indent=1))
+    return results

@@ -1,0 +1,275 @@
+"""Per-token divergences against a cached top-k teacher (the offline teacher cache, `egad.teacher.signal.TopKSignal`).
+
+The cache stores, per response token, the teacher's top-k ids and log-probs at tau = 1 and the tail log-mass
+log m = log(1 - sum_topk p) (-inf when k = V). Each loss here maps BOTH models to a distribution over k + 1 outcomes,
+the k cached ids plus one "tail" bucket for every other token, and runs the dense formula of
+`egad.losses.divergences` on those bucket log-probs (log-probs are valid logits; they are passed already tempered,
+with temperature=1 to the dense function). So every loss is a true divergence between two (k+1)-outcome
+distributions, and equals its dense counterpart exactly when k = V. Signatures mirror the dense ones:
+``fn(student_logits (N, V), ids (N, k), teacher_logprobs (N, k), tail (N,), *, temperature, **hyper) -> (N,)`` fp32,
+``temperature`` a float or an (N,) tensor, no tau^2 factor (the caller applies it, except for ``divergences.NO_TAU2``).
+
+Student buckets (exact): q = softmax(z_S / tau) at the cached ids, and the student's own tail mass as a logsumexp over
+the non-cached entries. Computing it as log(1 - sum q(ids)) would cancel to log 0 = -inf when the student puts almost
+all its mass on the ids; the logsumexp is exact there. With nothing left (k = V, or every other entry -inf) the tail
+is -inf, as the teacher's.
+
+APPROXIMATIONS, each exact when k = V:
+
+1. Teacher temperature. The cache holds p at tau = 1 only. We use p^(tau) over the buckets = softmax((log p_ids, log
+   m) / tau), i.e. the tail is treated as ONE pseudo-token of probability m. This is an approximation of softmax(z_T /
+   tau): the exact tempered tail needs sum_{v in tail} p_v^(1/tau), which depends on the tail's internal distribution,
+   and the cache does not store it. Since x^a is subadditive for a < 1, m^(1/tau) <= sum_tail p_v^(1/tau) when
+   tau > 1, so the tempered tail is UNDERestimated for tau > 1 (overestimated for tau < 1). Exact at tau = 1 and
+   when the tail is empty (m = 0, k = V).
+2. Coarsening. Even at tau = 1 the loss compares the bucket distributions, not the full ones. For the f-divergences
+   (forward/reverse/skew KL, JSD, TVD) that is a lower bound of the full value (data processing), with equality when
+   the student is proportional to the teacher inside the tail. AKL ranks the tail as a single entry when it splits
+   head and tail; ToDi gives the tail one mixing weight from the aggregated ratio log(m_p / m_q).
+3. TTM / WTTM. The teacher is tempered by tau, then powered by gamma, the tail again as one pseudo-token (the target's
+   tail is m^(gamma/tau) renormalised); the student is not tempered. WTTM's weight sum_v p_v^gamma sees m^gamma for the
+   tail, below sum_tail p_v^gamma for gamma < 1 (the same subadditivity), so the weight is underestimated.
+4. BiLD uses only the cached ids; the tail is unused. Teacher logits there are replaced by the cached log-probs:
+   log-prob differences equal logit differences, so the teacher-led half is exact for top_k <= k. The student-led half
+   needs the teacher's value at the student's top_k over the full vocabulary, unknown outside the cache; we take the
+   student's top_k AMONG THE CACHED IDS instead. Exact when the student's top_k all lie in the cached ids (always when
+   k = V), an approximation otherwise. Requires 2 <= top_k <= k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from egad.losses import divergences as dense
+from egad.losses.divergences import _NEG, _temper
+
+__all__ = [
+    "SPARSE_DIVERGENCES",
+    "akl",
+    "bild",
+    "forward_kl",
+    "jsd",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "student_bucket_logprobs",
+    "teacher_bucket_logprobs",
+    "todi",
+    "tvd",
+    "ttm",
+    "wttm",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------- buckets
+def _check(student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor) -> None:
+    n = student_logits.shape[0] if student_logits.dim() == 2 else -1
+    if n < 0 or ids.dim() != 2 or ids.shape[0] != n or teacher_logprobs.shape != ids.shape or tail.shape != (n,):
+        raise ValueError(
+            "expected student_logits (N, V), ids (N, k), teacher_logprobs (N, k) and tail (N,); got "
+            f"{tuple(student_logits.shape)}, {tuple(ids.shape)}, {tuple(teacher_logprobs.shape)}, {tuple(tail.shape)}"
+        )
+    if not 1 <= ids.shape[1] <= student_logits.shape[1]:
+        raise ValueError(f"k must be in [1, V={student_logits.shape[1]}], got {ids.shape[1]}")
+
+
+def teacher_bucket_logprobs(logprobs: Tensor, tail: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
+    """Teacher log-probs over (top-k ids, tail) at ``temperature``, tail as one pseudo-token. (N, k), (N,) -> (N, k+1).
+
+    softmax((log p_ids, log m) / tau): exact at tau = 1 or k = V, an approximation otherwise (module docstring, 1).
+    The softmax also renormalises away the rounding of a low-precision cache.
+    """
+    if logprobs.dim() != 2 or tail.shape != (logprobs.shape[0],):
+        raise ValueError(f"expected logprobs (N, k) and tail (N,); got {tuple(logprobs.shape)}, {tuple(tail.shape)}")
+    buckets = torch.cat([logprobs.float(), tail.float()[:, None]], dim=-1)
+    return torch.log_softmax(_temper(buckets, temperature), dim=-1)
+
+
+def student_bucket_logprobs(student_logits: Tensor, ids: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
+    """Exact student log-probs over (ids, everything else) at ``temperature``. (N, V), (N, k) -> (N, k+1).
+
+    The last column is log(1 - sum_ids q), computed as a logsumexp over the non-cached entries (no cancellation when
+    that mass is ~0); -inf when no entry is left, with a zero gradient there.
+    """
+    z = _temper(student_logits.float(), temperature)  # (N, V)
+    top = z.gather(-1, ids)  # (N, k)
+    # A finite floor instead of -inf keeps logsumexp's backward finite when every remaining entry is masked
+    # (its gradient is exp(x - lse), NaN at -inf - -inf); rows left at the floor are then set to an exact -inf.
+    rest_lse = torch.logsumexp(z.clamp_min(_NEG).scatter_(-1, ids, _NEG), dim=-1)  # (N,)
+    tail = torch.where(rest_lse > _NEG / 2, rest_lse, -math.inf)
+    return torch.log_softmax(torch.cat([top, tail[:, None]], dim=-1), dim=-1)
+
+
+def _buckets(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    temperature: float | Tensor,
+    *,
+    temper_student: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(log q, log p) over the k+1 buckets, both (N, k+1), ready for a dense divergence at temperature 1."""
+    _check(student_logits, ids, teacher_logprobs, tail)
+    logq = student_bucket_logprobs(student_logits, ids, temperature=temperature if temper_student else 1.0)
+    return logq, teacher_bucket_logprobs(teacher_logprobs, tail, temperature=temperature)
+
+
+# ------------------------------------------------------------------------------------------------------ divergences
+def forward_kl(
+    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor, *, temperature: float | Tensor = 1.0
+) -> Tensor:
+    """KL(p || q) over the k+1 buckets; see `divergences.forward_kl`."""
+    return dense.forward_kl(*_buckets(student_logits, ids, teacher_logprobs, tail, temperature), temperature=1.0)
+
+
+def reverse_kl(
+    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor, *, temperature: float | Tensor = 1.0
+) -> Tensor:
+    """KL(q || p) over the k+1 buckets; see `divergences.reverse_kl`."""
+    return dense.reverse_kl(*_buckets(student_logits, ids, teacher_logprobs, tail, temperature), temperature=1.0)
+
+
+def jsd(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    beta: float = 0.5,
+) -> Tensor:
+    """Generalised JSD, beta weighting the teacher, over the k+1 buckets; see `divergences.jsd`."""
+    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
+    return dense.jsd(logq, logp, temperature=1.0, beta=beta)
+
+
+def skew_forward_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    lam: float = 0.1,
+) -> Tensor:
+    """KL(p || lam p + (1 - lam) q) over the k+1 buckets; see `divergences.skew_forward_kl`."""
+    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
+    return dense.skew_forward_kl(logq, logp, temperature=1.0, lam=lam)
+
+
+def skew_reverse_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    lam: float = 0.1,
+) -> Tensor:
+    """KL(q || (1 - lam) p + lam q) over the k+1 buckets; see `divergences.skew_reverse_kl`."""
+    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
+    return dense.skew_reverse_kl(logq, logp, temperature=1.0, lam=lam)
+
+
+def tvd(
+    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor, *, temperature: float | Tensor = 1.0
+) -> Tensor:
+    """0.5 sum |p - q| over the k+1 buckets; see `divergences.tvd`."""
+    return dense.tvd(*_buckets(student_logits, ids, teacher_logprobs, tail, temperature), temperature=1.0)
+
+
+def akl(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    mu: float = 0.5,
+) -> Tensor:
+    """Adaptive KL over the k+1 buckets, the tail ranked as one entry; see `divergences.akl`."""
+    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
+    return dense.akl(logq, logp, temperature=1.0, mu=mu)
+
+
+def todi(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    beta: float = 1.0,
+) -> Tensor:
+    """ToDi over the k+1 buckets, the tail with one mixing weight; see `divergences.todi`."""
+    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
+    return dense.todi(logq, logp, temperature=1.0, beta=beta)
+
+
+def ttm(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    gamma: float = 0.5,
+) -> Tensor:
+    """KL(p~ || q_1) over the k+1 buckets, p~ from the tau-tempered teacher, q_1 untempered; see `divergences.ttm`."""
+    logq1, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature, temper_student=False)
+    return dense.ttm(logq1, logp, temperature=1.0, gamma=gamma)
+
+
+def wttm(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    gamma: float = 0.5,
+) -> Tensor:
+    """sg(sum p^gamma) * TTM over the k+1 buckets (weight underestimated for k < V); see `divergences.wttm`."""
+    logq1, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature, temper_student=False)
+    return dense.wttm(logq1, logp, temperature=1.0, gamma=gamma)
+
+
+def bild(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 3.0,
+    top_k: int = 8,
+) -> Tensor:
+    """BiLD restricted to the cached ids (``tail`` unused); see `divergences.bild` and the module docstring, 4.
+
+    The dense BiLD on the (N, k) sub-vocabulary of cached ids is exactly that restriction: its teacher-led top_k are
+    the first top_k cached ids, its student-led top_k the student's best among the cached ids.
+    """
+    _check(student_logits, ids, teacher_logprobs, tail)
+    if not 2 <= top_k <= ids.shape[1]:
+        raise ValueError(f"top_k must be in [2, k={ids.shape[1]}] (BiLD only sees the cached ids), got {top_k}")
+    zs = student_logits.float().gather(-1, ids)  # (N, k)
+    return dense.bild(zs, teacher_logprobs.float(), temperature=temperature, top_k=top_k)
+
+
+SPARSE_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": tvd,
+    "akl": akl,
+    "todi": todi,
+    "ttm": ttm,
+    "wttm": wttm,
+    "bild": bild,
+}

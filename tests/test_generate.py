@@ -1,0 +1,191 @@
+"""Response generation: seeding, greedy decoding, input order, truncation, padding, length limits and sampling knobs,
+with a tiny random Qwen2 and the session's BPE tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from egad.data import format_prompt, load_records
+from egad.eval.generate import generate_responses
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    return transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    config = transformers.Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(0)
+    # float64: batched and single-prompt logits then agree to ~1e-10, so greedy argmaxes cannot flip between them.
+    return transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(dolly_path, tok):
+    """Five real Dolly test prompts of distinct lengths under 256 tokens, deliberately not in length order."""
+    examples, _ = load_records(dolly_path, "test", max_examples=40)
+    by_len: dict[int, str] = {}
+    for ex in examples:
+        text = format_prompt(ex)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n < 200:
+            by_len.setdefault(n, text)
+    lengths = sorted(by_len)
+    assert len(lengths) >= 5
+    picked = [lengths[0], lengths[-1], lengths[len(lengths) // 2], lengths[1], lengths[-2]]
+    return [by_len[n] for n in picked]
+
+
+class Recorder:
+    """Wraps `model.generate` to keep each call's inputs and output sequences."""
+
+    def __init__(self, model):
+        self.generate = model.generate
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, **kwargs):
+        out = self.generate(**kwargs)
+        self.calls.append((kwargs["input_ids"], kwargs["attention_mask"], out))
+        return out
+
+
+@pytest.fixture
+def recorder(model, monkeypatch):
+    rec = Recorder(model)
+    monkeypatch.setattr(model, "generate", rec)
+    return rec
+
+
+def ids_of(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_same_seed_same_outputs_other_seed_differs(model, tok, prompts):
+    kw = {"max_new_tokens": 12, "batch_size": 2, "progress": False}
+    a = generate_responses(model, tok, prompts, seed=10, **kw)
+    b = generate_responses(model, tok, prompts, seed=10, **kw)
+    c = generate_responses(model, tok, prompts, seed=20, **kw)
+    assert len(a) == len(prompts) and all(isinstance(x, str) for x in a)
+    assert a == b
+    assert a != c
+
+
+def test_greedy_ignores_seed_and_keeps_input_order(model, tok, prompts):
+    kw = {"greedy": True, "max_new_tokens": 12, "progress": False}
+    batched = generate_responses(model, tok, prompts, seed=1, batch_size=3, **kw)
+    assert generate_responses(model, tok, prompts, seed=2, batch_size=3, **kw) == batched
+    assert generate_responses(model, tok, prompts, seed=None, batch_size=3, **kw) == batched
+    # Each prompt alone (no padding, no sorting): the batched outputs must line up with their own prompts.
+    alone = [generate_responses(model, tok, [p], seed=None, **kw)[0] for p in prompts]
+    assert batched == alone
+    assert len(set(alone)) > 1  # otherwise the order check would prove nothing
+
+
+def test_left_truncation_and_left_padding(model, tok, prompts, recorder):
+    long, short = prompts[1], prompts[0]
+    long_ids, short_ids = ids_of(tok, long), ids_of(tok, short)
+    keep = 24
+    assert len(long_ids) > keep
+    generate_responses(
+        model, tok, [short, long], seed=None, greedy=True, max_prompt_len=keep, max_new_tokens=2, progress=False
+    )
+    [(input_ids, mask, _)] = recorder.calls
+    rows = {tuple(r[m.bool()].tolist()) for r, m in zip(input_ids, mask, strict=True)}
+    # The last `keep` tokens of each prompt survive (all of a prompt shorter than that).
+    assert rows == {tuple(long_ids[-keep:]), tuple(short_ids[-keep:])}
+    assert input_ids.shape[1] == keep
+
+    recorder.calls.clear()
+    tiny = tok.decode(short_ids[-5:])
+    generate_responses(
+        model, tok, [tiny, long], seed=None, greedy=True, max_prompt_len=keep, max_new_tokens=2, progress=False
+    )
+    [(input_ids, mask, _)] = recorder.calls
+    n_tiny = len(ids_of(tok, tiny))
+    tiny_row = [i for i in range(2) if mask[i].sum() == n_tiny][0]
+    # Padding on the left: zeros in the mask first, pad ids under them, the prompt flush against the right edge.
+    assert mask[tiny_row].tolist() == [0] * (keep - n_tiny) + [1] * n_tiny
+    assert set(input_ids[tiny_row, : keep - n_tiny].tolist()) == {tok.pad_token_id}
+    assert input_ids[tiny_row, keep - n_tiny :].tolist() == ids_of(tok, tiny)
+
+
+def test_max_len_and_max_new_tokens_bound_the_new_tokens(model, tok, prompts, recorder):
+    longest = max(len(ids_of(tok, p)) for p in prompts)
+
+    def new_tokens(**kw) -> int:
+        recorder.calls.clear()
+        generate_responses(model, tok, prompts, seed=None, greedy=True, batch_size=len(prompts), progress=False, **kw)
+        [(input_ids, _, out)] = recorder.calls
+        return out.shape[1] - input_ids.shape[1]
+
+    # The batch's longest prompt sets the room: max_len - longest; greedy on this random model never emits eos early.
+    assert new_tokens(max_len=longest + 6) == 6
+    assert new_tokens(max_len=longest + 6, max_new_tokens=3) == 3
+    # A prompt already at max_len still gets one token, rather than an empty generation.
+    assert new_tokens(max_len=longest) == 1
+
+
+def test_top_k_zero_is_off_and_checkpoint_defaults_do_not_leak(model, tok, recorder):
+    # Checkpoint defaults that must not apply: top_k=1 (a field the call sets) would make every sample the argmax;
+    # suppress_tokens (a field the call leaves unset) would leave only tokens 0-9. The library's own default top_k=50
+    # would cap the distinct first tokens at 50. With top_k=0 and none of these, this near-uniform random model draws
+    # ~200 distinct tokens out of 512 in 256 samples.
+    model.generation_config.top_k = 1
+    model.generation_config.suppress_tokens = list(range(10, len(tok)))
+    try:
+        prompt = ["### Instruction:\nSay something.\n\n### Response:\n"] * 256
+        kw = {"max_new_tokens": 1, "batch_size": 256, "progress": False}
+        generate_responses(model, tok, prompt, seed=10, **kw)
+        generate_responses(model, tok, prompt, seed=10, top_k=5, **kw)
+        # The model's own config is back in place after the calls.
+        assert model.generation_config.top_k == 1
+        assert model.generation_config.suppress_tokens == list(range(10, len(tok)))
+    finally:
+        model.generation_config.top_k = None
+        model.generation_config.suppress_tokens = None
+    (inp_off, _, out_off), (inp_k5, _, out_k5) = recorder.calls
+    first_off = set(out_off[:, inp_off.shape[1]].tolist())
+    first_k5 = set(out_k5[:, inp_k5.shape[1]].tolist())
+    assert len(first_off) > 100
+    assert len(first_k5) <= 5
+
+
+def test_restores_mode_and_caller_rng_and_progress_flag(model, tok, prompts):
+    model.train()
+    try:
+        before = torch.get_rng_state()
+        quiet = generate_responses(model, tok, prompts[:2], seed=30, max_new_tokens=4, progress=False)
+        assert model.training
+        # Seeded calls run on a forked RNG: the caller's stream is untouched.
+        assert torch.equal(torch.get_rng_state(), before)
+        # The progress bar draws no random numbers, so it cannot change the samples.
+        assert generate_responses(model, tok, prompts[:2], seed=30, max_new_tokens=4, progress=True) == quiet
+        generate_responses(model, tok, prompts[:2], seed=None, max_new_tokens=4, progress=False)
+        assert not torch.equal(torch.get_rng_state(), before)  # unseeded sampling advances it, as usual
+    finally:
+        model.eval()
+
+
+def test_edge_cases(model, tok):
+    assert generate_responses(model, tok, [], seed=1) == []
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate_responses(model, tok, ["hello", ""], seed=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_responses(model, tok, ["hello"], seed=1, batch_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_responses(model, tok, ["hello"], seed=1, temperature=0.0)
