@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/egad losses
+	$(VENV)/bin/egad demo
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

@@ -30,11 +30,15 @@ def train(
     ctx: typer.Context,
     config: str = typer.Option(..., "--config", "-c", help="YAML run config (see configs/)."),
     resume: bool = typer.Option(False, help="Continue from the latest complete checkpoint in train.output_dir."),
+    teacher_cache: str = typer.Option(None, help="Train from this `egad cache` folder; no teacher model is loaded."),
 ) -> None:
     from egad.run_config import load_config, parse_overrides
     from egad.trainer import Trainer
 
-    cfg = load_config(config, parse_overrides(list(ctx.args)))
+    overrides = parse_overrides(list(ctx.args))
+    if teacher_cache:
+        overrides.update({"model.teacher_cache": teacher_cache})
+    cfg = load_config(config, overrides)
     trainer = Trainer(cfg).setup(resume=resume)
     try:
         result = trainer.train()
@@ -49,6 +53,27 @@ def _train_help_epilog() -> str:
     from egad.run_config import help_text
 
     return "Config fields (defaults in parentheses):\n\n" + help_text()
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def cache(
+    ctx: typer.Context,
+    config: str = typer.Option(..., "--config", "-c", help="The run config whose teacher and training data to cache."),
+    out: str = typer.Option(..., help="Cache folder (resumed if it holds a partial cache of the same identity)."),
+    k: int = typer.Option(64, help="Top-k teacher log-probs stored per response token."),
+    hidden_quantile: float = typer.Option(None, help="Also store teacher hidden states of the mapped layers for "
+                                          "tokens whose entropy is above this quantile (e.g. 0.8 = top 20%)."),
+    examples_per_shard: int = typer.Option(512, help="Examples per safetensors shard."),
+) -> None:
+    """Run the teacher once over the training split and write top-k log-probs, tail mass, exact entropy (and hidden
+    states of hard tokens) to safetensors shards; then `egad train --teacher-cache DIR` needs no teacher."""
+    from egad.run_config import load_config, parse_overrides
+    from egad.teacher.cache_job import run_cache_job
+
+    cfg = load_config(config, parse_overrides(list(ctx.args)))
+    man = run_cache_job(cfg, out, k=k, hidden_quantile=hidden_quantile, examples_per_shard=examples_per_shard)
+    typer.echo(f"cache {out}: {man['examples']} examples, {man['tokens']} tokens, {len(man['shards'])} shards, "
+               f"{man['bytes_per_token']:.0f} bytes/token, complete={man['complete']}")
 
 
 @app.command()

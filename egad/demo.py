@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -59,14 +60,14 @@ def _llama(hidden: int, layers: int, heads: int) -> dict:
 
 FULL = DemoSize(
     vocab=4096,
-    teacher=_llama(256, 4, 4),
-    student=_llama(128, 2, 2),
-    teacher_steps=1800,
-    student_steps=300,
+    teacher=_llama(192, 4, 4),
+    student=_llama(96, 2, 2),
+    teacher_steps=700,
+    student_steps=250,
     batch=16,
-    max_prompt_len=128,
-    max_len=256,
-    dev_examples=300,
+    max_prompt_len=96,
+    max_len=192,
+    dev_examples=200,
     test_examples=None,
     other_examples=40,
     seeds=(10, 20, 30, 40, 50),
@@ -114,7 +115,8 @@ def resolve_dolly(data: str | None, out: Path) -> tuple[Path, Path | None]:
 
 
 def _cache_root() -> Path:
-    return Path.home() / ".cache" / "egad" / "demo"
+    """Where the demo keeps its tokenizer and teacher between runs: $EGAD_CACHE_DIR/demo or ~/.cache/egad/demo."""
+    return Path(os.environ.get("EGAD_CACHE_DIR", Path.home() / ".cache" / "egad")) / "demo"
 
 
 def _base(size: DemoSize, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:

@@ -25,9 +25,12 @@ from egad.curriculum import curriculum_weights, pacing
 from egad.entropy import batch_mid_rank, quantile_cdf, token_entropy
 from egad.losses.divergences import DIVERGENCES, NO_TAU2
 from egad.losses.features import FeatureProjector, feature_loss
+from egad.losses.sparse import SPARSE_DIVERGENCES, student_bucket_logprobs, teacher_bucket_logprobs
 from egad.routing import route_tokens, topk_mask
-from egad.teacher.signal import DenseSignal
+from egad.teacher.signal import DenseSignal, TopKSignal
 from egad.temperature import tau_squared_factor, token_temperature
+
+TeacherSignal = DenseSignal | TopKSignal
 
 
 @dataclass
@@ -92,13 +95,30 @@ def _student_chunk(x: Tensor, w: Tensor | None, vocab: int) -> Tensor:
     return (x @ w[:vocab].t()).float().detach()
 
 
-def _hellinger(zs: Tensor, zt: Tensor) -> Tensor:
-    p, q = zt.softmax(-1), zs.softmax(-1)
+def _hellinger_lp(logq: Tensor, logp: Tensor) -> Tensor:
+    p, q = logp.exp(), logq.exp()
     return ((p.sqrt() - q.sqrt()).pow(2).sum(-1) * 0.5).clamp_min(0).sqrt()
 
 
+def _hellinger(zs: Tensor, teacher: TeacherSignal, idx: Tensor, vocab: int) -> Tensor:
+    """Hellinger distance teacher-student at tau=1; over the (top-k + tail) buckets for a cached teacher."""
+    if isinstance(teacher, TopKSignal):
+        ids, lp, tail = teacher.rows_topk(idx)
+        return _hellinger_lp(student_bucket_logprobs(zs, ids), teacher_bucket_logprobs(lp, tail))
+    return _hellinger_lp(zs.log_softmax(-1), teacher.rows(idx, vocab).log_softmax(-1))
+
+
+def _teacher_entropy(teacher: TeacherSignal, idx: Tensor, vocab: int, temperature: float = 1.0) -> Tensor:
+    """Exact teacher entropy: from the logits, or as stored in the cache (which holds it at tau = 1 only)."""
+    if isinstance(teacher, TopKSignal):
+        if temperature != 1.0:
+            raise ValueError("a cached teacher stores its entropy at tau=1 only; set ea_temperature=1.0")
+        return teacher.entropy_at(idx)
+    return token_entropy(teacher.rows(idx, vocab), temperature=temperature)
+
+
 @torch.no_grad()
-def _token_signals(student: StudentOutputs, teacher: DenseSignal, rows: Tensor, cfg: ObjectiveConfig, vocab: int):
+def _token_signals(student: StudentOutputs, teacher: TeacherSignal, rows: Tensor, cfg: ObjectiveConfig, vocab: int):
     """Pass 1 (no grad): teacher entropy at tau=1 and, when a rule needs them, student entropy and Hellinger."""
     need_hs = cfg.weighting in ("ea_kd", "select_student_entropy")
     need_hel = cfg.weighting == "select_hellinger" or cfg.temp_signal == "hellinger"
@@ -107,17 +127,16 @@ def _token_signals(student: StudentOutputs, teacher: DenseSignal, rows: Tensor, 
     step = cfg.chunk_tokens(vocab)
     for start in range(0, rows.numel(), step):
         idx = rows[start : start + step]
-        zt = teacher.rows(idx, vocab)
-        out["entropy"].append(token_entropy(zt))
+        out["entropy"].append(_teacher_entropy(teacher, idx, vocab))
         if need_hs or need_hel:
             zs = _student_chunk(x_all.index_select(0, idx), w, vocab)
             if need_hs:
                 t = cfg.ea_temperature if cfg.weighting == "ea_kd" else 1.0
                 out["student_entropy"].append(token_entropy(zs, temperature=t))
             if need_hel:
-                out["hellinger"].append(_hellinger(zs, zt))
+                out["hellinger"].append(_hellinger(zs, teacher, idx, vocab))
         if cfg.weighting == "ea_kd" and cfg.ea_temperature != 1.0:
-            out["entropy_ea"].append(token_entropy(zt, temperature=cfg.ea_temperature))
+            out["entropy_ea"].append(_teacher_entropy(teacher, idx, vocab, cfg.ea_temperature))
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -274,7 +293,7 @@ class _Run:
 
     cfg: ObjectiveConfig
     student: StudentOutputs
-    teacher: DenseSignal | None
+    teacher: TeacherSignal | None
     targets: Tensor  # (N,) target ids of the response tokens
     rows: Tensor  # (N,) flat positions
     plan: dict[str, Tensor | float] | None
@@ -289,9 +308,13 @@ class _Run:
         if not self.kd_scale:
             return ce_sum, zero
         plan, cfg = self.plan, self.cfg
-        zt = self.teacher.rows(idx, self.vocab)  # type: ignore[union-attr]
         tau = plan["tau"][sl]  # type: ignore[index]
-        div = DIVERGENCES[cfg.divergence](zs, zt, temperature=tau, **_div_kwargs(cfg))  # (C,)
+        if isinstance(self.teacher, TopKSignal):
+            ids, lp, tail = self.teacher.rows_topk(idx)
+            div = SPARSE_DIVERGENCES[cfg.divergence](zs, ids, lp, tail, temperature=tau, **_div_kwargs(cfg))
+        else:
+            zt = self.teacher.rows(idx, self.vocab)  # type: ignore[union-attr]
+            div = DIVERGENCES[cfg.divergence](zs, zt, temperature=tau, **_div_kwargs(cfg))  # (C,)
         coef = plan["weight"][sl] * plan["tau2"][sl]  # type: ignore[index]
         if cfg.hard_branch == "feat_only":
             coef = coef * (~plan["route"][sl]).float()  # type: ignore[index]
@@ -313,7 +336,7 @@ def _div_kwargs(cfg: ObjectiveConfig) -> dict:
 
 def distillation_loss(
     student: StudentOutputs,
-    teacher: DenseSignal | None,
+    teacher: TeacherSignal | None,
     targets: Tensor,
     cfg: ObjectiveConfig,
     *,
@@ -351,6 +374,10 @@ def distillation_loss(
     if teacher is not None and n_local:
         sig = _token_signals(student, teacher, rows, cfg, vocab)
         plan = token_plan(sig, cfg, progress=progress, vocab=vocab, knots=knots, generator=generator)
+        mask = getattr(teacher, "feature_mask", None)
+        if mask is not None and cfg.uses_features:
+            # A cache stores hidden states for its hard tokens only: route among those.
+            plan["route"] = plan["route"] & mask.reshape(-1).index_select(0, rows).to(plan["route"].device)
 
     need_grad = torch.is_grad_enabled() and (x_flat.requires_grad or (lm_w is not None and lm_w.requires_grad))
     kd_alpha = cfg.alpha if teacher is not None else 0.0
@@ -389,7 +416,7 @@ def _apply_chunked(x_flat: Tensor, lm_w: Tensor | None, run: _Run) -> tuple[Tens
 
 def _feature_term(
     student: StudentOutputs,
-    teacher: DenseSignal,
+    teacher: TeacherSignal,
     rows: Tensor,
     plan: dict,
     cfg: ObjectiveConfig,

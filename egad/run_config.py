@@ -35,6 +35,8 @@ class ModelConfig:
     """Tokenizer dir or hub id. Default: the student's, else the teacher's. Checked against the other model's."""
     train_tokenizer: dict | None = None
     """Train a byte-level BPE tokenizer on the training data instead: {vocab_size: 4096, examples: 20000}."""
+    teacher_cache: str | None = None
+    """Read the teacher's signals from this `egad cache` folder instead of running the teacher (no teacher loaded)."""
     teacher_dtype: str = "auto"
     """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
     student_dtype: str = "float32"

@@ -53,6 +53,19 @@ from egad.teacher.online import OnlineTeacher
 log = logging.getLogger("egad.trainer")
 
 
+def tokenized_split(data_cfg, tokenizer, which: str = "train") -> tuple[list[dict], D.TruncationStats]:
+    """The tokenized train or dev set of a run config; `egad cache` uses the same function, so cache rows and
+    training batches line up."""
+    d = data_cfg
+    source, split, n = (
+        (d.train, d.train_split, d.max_train_examples) if which == "train" else (d.dev, d.dev_split, d.max_dev_examples)
+    )
+    records, _ = D.load_records(source, split, max_examples=n)
+    return D.tokenize_dataset(
+        records, tokenizer, template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len
+    )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -73,6 +86,8 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._setup_models()
         self._setup_data()
+        if self.cache is not None:
+            self._check_cache()
         self._setup_optim()
         resumed = resume and bool(ckpt.checkpoints(self.out))
         if resumed:
@@ -101,6 +116,12 @@ class Trainer:
 
     def _calibrate(self) -> None:
         obj = self.cfg.objective
+        if self.cache is not None:
+            self.knots = self.cache.knots.to(self.acc.device)  # exact: over every cached token
+            if obj.cdf_mode == "ema_hist":
+                self.hist = EmaEntropyHistogram()
+                self.hist.update(self.cache.knots)
+            return
         if not (self.teacher and obj.needs_knots):
             return
         n = min(self.cfg.train.calib_examples, len(self.train_set))
@@ -140,8 +161,12 @@ class Trainer:
             trust_remote_code=m.trust_remote_code,
             seed=self.cfg.train.seed,
         )
-        teacher = None
-        if self.cfg.objective.uses_teacher:
+        teacher, self.cache = None, None
+        if self.cfg.objective.uses_teacher and m.teacher_cache:
+            from egad.teacher.cache import TeacherCache
+
+            self.cache = TeacherCache(m.teacher_cache)  # identity checked against the data in _check_cache
+        elif self.cfg.objective.uses_teacher:
             if not (m.teacher or m.teacher_config):
                 raise ValueError(f"objective preset {self.cfg.method!r} distils from a teacher: set model.teacher")
             teacher = build_model(
@@ -163,21 +188,52 @@ class Trainer:
         self.pairs: list[tuple[int, int]] = []
         projector = None
         if obj.uses_features:
-            (ls, ds), (lt, dt) = model_dims(student), model_dims(teacher)
+            ls, ds = model_dims(student)
+            lt, dt = model_dims(teacher) if teacher is not None else self._cached_teacher_dims()
             self.pairs = layer_map(obj.layer_map, ls, lt, min(obj.feat_layers, ls))
+            if self.cache is not None and [p[1] for p in self.pairs] != list(self.cache.layers):
+                raise ValueError(
+                    f"{m.teacher_cache} stores teacher layers {list(self.cache.layers)} but this "
+                    f"objective maps to {[p[1] for p in self.pairs]}: re-run `egad cache` with the "
+                    "same objective.layer_map / feat_layers and student"
+                )
             projector = FeatureProjector(ds, dt, len(self.pairs)).to(dev)
         self.teacher = OnlineTeacher(teacher, [p[1] for p in self.pairs]) if teacher is not None else None
         self.module = DistillationModule(student, projector, [p[0] for p in self.pairs], self.cfg.train.fused_lm_head)
 
+    def _cached_teacher_dims(self) -> tuple[int, int]:
+        man = self.cache.manifest
+        if not man.get("layers") or "teacher_num_layers" not in man:
+            raise ValueError(
+                f"{self.cfg.model.teacher_cache} holds no teacher hidden states, but the objective's "
+                "feature branch needs them: re-run `egad cache` with --hidden-quantile, or set beta_f=0"
+            )
+        return int(man["teacher_num_layers"]), int(man["teacher_hidden_size"])
+
+    def _check_cache(self) -> None:
+        """Refuse a cache made for other data, tokenizer or template, naming the field that differs."""
+        from egad.teacher.cache import CacheError, fingerprint_examples, tokenizer_sha256
+
+        d = self.cfg.data
+        expect = {
+            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
+            "template": d.template,
+            "data_fingerprint": fingerprint_examples(self.train_set, d.template, d.max_prompt_len, d.max_len),
+            "vocab_size": self.vocab,
+        }
+        for key, want in expect.items():
+            got = self.cache.manifest.get(key)
+            if got != want:
+                raise CacheError(
+                    f"{self.cfg.model.teacher_cache}: manifest field {key!r} is {got!r} but this run "
+                    f"has {want!r}; the cache was made for other data, tokenizer or template. Re-run "
+                    "`egad cache` with this config"
+                )
+
     def _setup_data(self) -> None:
         d, t = self.cfg.data, self.cfg.train
-        kw = dict(template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len)
-        train_recs = D.load_records(d.train, d.train_split, max_examples=d.max_train_examples)[0]
-        self.train_set, self.train_stats = D.tokenize_dataset(train_recs, self.tokenizer, **kw)
-        self.dev_set = []
-        if d.dev:
-            dev_recs = D.load_records(d.dev, d.dev_split, max_examples=d.max_dev_examples)[0]
-            self.dev_set, _ = D.tokenize_dataset(dev_recs, self.tokenizer, **kw)
+        self.train_set, self.train_stats = tokenized_split(d, self.tokenizer, "train")
+        self.dev_set = tokenized_split(d, self.tokenizer, "dev")[0] if d.dev else []
         self.world = self.acc.num_processes
         self.global_micro = t.per_device_batch_size * self.world
         self.steps_per_epoch = len(self.train_set) // (self.global_micro * t.grad_accum)
@@ -218,9 +274,12 @@ class Trainer:
         batches = D.global_batches(len(self.train_set), self.global_micro, seed=t.seed, epoch=epoch)
         window = batches[offset * t.grad_accum : (offset + 1) * t.grad_accum]
         local = [D.shard(b, self.acc.process_index, self.world, t.per_device_batch_size) for b in window]
-        return [
-            self._to_device(D.collate([self.train_set[i] for i in ix], self.tokenizer.pad_token_id)) for ix in local
-        ]
+        batches = []
+        for ix in local:
+            batch = self._to_device(D.collate([self.train_set[i] for i in ix], self.tokenizer.pad_token_id))
+            batch["train_index"] = torch.tensor(ix)  # positions in train_set: the cache is keyed by them
+            batches.append(batch)
+        return batches
 
     # ------------------------------------------------------------------ train
     def train(self, stop_at: int | None = None) -> dict[str, float]:
@@ -280,7 +339,11 @@ class Trainer:
             sync = i == len(window) - 1
             with nullcontext() if sync else self.acc.no_sync(self.module):
                 teacher = None
-                if self.teacher is not None:
+                if self.cache is not None:
+                    teacher = self.cache.signal(
+                        batch["train_index"].tolist(), shift_labels(batch["labels"]), device=self.acc.device
+                    )
+                elif self.teacher is not None:
                     with self.acc.autocast():
                         teacher = self.teacher(batch["input_ids"], batch["attention_mask"])
                 # DDP averages gradients over processes; the loss is already a global mean, so scale N down by the

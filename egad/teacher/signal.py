@@ -49,8 +49,10 @@ class TopKSignal:
     logprobs: (B, L, k) any float dtype, log p at those ids (descending).
     tail_logmass: (B, L), log(1 - sum of the top-k probabilities); -inf when k = V (nothing is left out).
     entropy: (B, L) fp32, the exact teacher entropy over the full vocabulary (the top-k cannot give it back).
-    features: mapped-layer hidden states (B, L, d_T) at ALL positions, or None.
+    features: mapped-layer hidden states (B, L, d_T), or None; valid where `feature_mask` says so.
     vocab_rows: the teacher's logit row count (for the shared-vocabulary check), or None when unknown.
+    feature_mask: (B, L) bool, True where `features` hold a stored hidden state, or None when stored everywhere. The
+        offline cache keeps hidden states only for high-entropy tokens and leaves zeros elsewhere.
     """
 
     ids: Tensor
@@ -59,6 +61,7 @@ class TopKSignal:
     entropy: Tensor
     features: list[Tensor] | None = None
     vocab_rows: int | None = None
+    feature_mask: Tensor | None = None
 
     @property
     def k(self) -> int:

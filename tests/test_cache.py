@@ -1,0 +1,149 @@
+"""Offline teacher cache: round trip against a live teacher, hidden states, integrity checks and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from egad import data as D
+from egad.entropy import token_entropy
+from egad.objective import shift_labels
+from egad.teacher.cache import CacheError, TeacherCache, fingerprint_examples, tokenizer_sha256, write_cache
+from egad.teacher.online import OnlineTeacher
+
+ARGS = {"template": "alpaca", "max_prompt_len": 48, "max_len": 96, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def setup(dolly_path, tiny_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    records, _ = D.load_records(dolly_path, "train", max_examples=24)
+    items, _ = D.tokenize_dataset(records, tok, template="alpaca", max_prompt_len=48, max_len=96)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        # A wide init gives peaked, varied teacher distributions, so top-k, tail and entropy are not all ~uniform.
+        initializer_range=0.5,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    return tok, items, model
+
+
+def live(model, tok, items, layers=()):
+    batch = D.collate(items, tok.pad_token_id)
+    sig = OnlineTeacher(model, list(layers))(batch["input_ids"], batch["attention_mask"])
+    return shift_labels(batch["labels"]), sig
+
+
+def test_round_trip_matches_live_teacher(setup, tmp_path):
+    tok, items, model = setup
+    m = write_cache(model, tok, items, tmp_path, k=16, examples_per_shard=10, batch_size=4, **ARGS, extra={"x": 2})
+    assert m["complete"] and len(m["shards"]) == 3 and len(m["knots"]) == 1001 and m["x"] == 2
+    cache = TeacherCache(tmp_path, expect={"tokenizer_sha256": tokenizer_sha256(tok), "k": 16})
+    # A different batch composition from the one the cache was written with (padding differs).
+    idx = [3, 11, 0, 23, 17]
+    targets, sig = live(model, tok, [items[i] for i in idx])
+    got = cache.signal(idx, targets)
+    resp = targets != -100
+    v = len(tok)
+    logp = torch.log_softmax(sig.logits[..., :v].float(), -1)[resp]
+    top = logp.topk(16, -1)
+    assert torch.equal(got.ids[resp], top.indices)
+    torch.testing.assert_close(got.logprobs[resp], top.values, rtol=1e-3, atol=1e-4)  # fp16 rounding is relative
+    expected_tail = torch.log1p(-top.values.exp().sum(-1))
+    torch.testing.assert_close(got.tail_logmass[resp], expected_tail, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.entropy[resp], token_entropy(sig.logits[resp][:, :v]), rtol=0, atol=1e-5)
+    assert (got.ids[~resp] == 0).all() and torch.isneginf(got.tail_logmass[~resp]).all()
+    assert got.features is None and got.feature_mask is None and got.vocab_rows == v
+    assert 16 * 6 + 8 <= cache.bytes_per_token < 16 * 6 + 8 + 16 and cache.hidden_bytes == 0
+    assert cache.knots[0] <= cache.knots[500] <= cache.knots[-1]
+
+
+def test_k_equals_vocab_has_empty_tail(setup, tmp_path):
+    tok, items, model = setup
+    v = len(tok)
+    write_cache(model, tok, items[:4], tmp_path, k=v, **ARGS)
+    targets, sig = live(model, tok, items[:4])
+    got = TeacherCache(tmp_path).signal(list(range(4)), targets)
+    resp = targets != -100
+    assert torch.isneginf(got.tail_logmass[resp]).all()
+    assert torch.equal(got.ids[resp].sort(-1).values, torch.arange(v).expand(int(resp.sum()), v))
+    torch.testing.assert_close(got.logprobs[resp].logsumexp(-1), torch.zeros(int(resp.sum())), atol=1e-3, rtol=0)
+
+
+def test_hidden_states_of_high_entropy_tokens(setup, tmp_path):
+    tok, items, model = setup
+    m = write_cache(model, tok, items, tmp_path, k=8, layers=[1, 2], hidden_quantile=0.5, calib_examples=24, **ARGS)
+    cache = TeacherCache(tmp_path, expect={"layers": [1, 2], "hidden_quantile": 0.5})
+    idx = list(range(0, 24, 3))
+    targets, sig = live(model, tok, [items[i] for i in idx], layers=[1, 2])
+    got = cache.signal(idx, targets)
+    resp = targets != -100
+    hard = resp & (got.entropy >= m["hidden_threshold"])
+    assert torch.equal(got.feature_mask, hard) and 0.3 < hard.sum() / resp.sum() < 0.7
+    for cached, ref in zip(got.features, sig.features, strict=True):
+        torch.testing.assert_close(cached[hard], ref[hard], rtol=1e-3, atol=1e-3)
+        assert (cached[~hard] == 0).all()
+    assert cache.hidden_bytes > 0
+
+
+def test_corrupted_shard_is_named(setup, tmp_path):
+    tok, items, model = setup
+    m = write_cache(model, tok, items, tmp_path, k=4, examples_per_shard=12, **ARGS)
+    shard = tmp_path / m["shards"][1]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    cache = TeacherCache(tmp_path)
+    targets, _ = live(model, tok, items[:2])
+    cache.signal([0, 1], targets)  # shard 0 is intact
+    with pytest.raises(CacheError, match=r"shard-00001\.safetensors: sha256 mismatch"):
+        cache.signal([12, 13], targets)
+
+
+def test_identity_mismatch_and_wrong_rows(setup, tmp_path):
+    tok, items, model = setup
+    write_cache(model, tok, items[:6], tmp_path, k=4, **ARGS)
+    with pytest.raises(CacheError, match="'template'"):
+        TeacherCache(tmp_path, expect={"template": "chat"})
+    with pytest.raises(CacheError, match="'data_fingerprint'"):
+        TeacherCache(tmp_path, expect={"data_fingerprint": fingerprint_examples(items[:6], "alpaca", 48, 128)})
+    targets, _ = live(model, tok, items[:2])
+    with pytest.raises(CacheError, match="cache rows do not match the tokenized data"):
+        TeacherCache(tmp_path).signal([1, 0], targets)
+    with pytest.raises(CacheError, match="'k' is 4 in the existing cache but 8 now"):
+        write_cache(model, tok, items[:6], tmp_path, k=8, **ARGS)
+
+
+def test_interrupted_run_resumes_to_identical_files(setup, tmp_path):
+    tok, items, model = setup
+    args = dict(k=8, layers=[2], hidden_quantile=0.7, calib_examples=8, examples_per_shard=8, batch_size=3, **ARGS)
+    clean = write_cache(model, tok, items, tmp_path / "clean", **args)
+    part = write_cache(model, tok, items, tmp_path / "run", **args, stop_after_shards=1)
+    assert not part["complete"] and len(part["shards"]) == 1
+    assert not json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
+    with pytest.raises(CacheError, match="incomplete .*run `egad cache`"):
+        TeacherCache(tmp_path / "run")
+    part = write_cache(model, tok, items, tmp_path / "run", **args, stop_after_shards=1)
+    assert len(part["shards"]) == 2
+    # A listed shard corrupted between runs is rewritten, with everything after it.
+    (tmp_path / "run" / "shard-00001.safetensors").write_bytes(b"garbage")
+    done = write_cache(model, tok, items, tmp_path / "run", **args)
+    assert done["complete"]
+    assert [s["sha256"] for s in done["shards"]] == [s["sha256"] for s in clean["shards"]]
+    assert done["knots"] == clean["knots"] and done["hidden_threshold"] == clean["hidden_threshold"]
+    assert not math.isnan(done["bytes_per_token"])
+    assert write_cache(model, tok, items, tmp_path / "run", **args) == done  # complete: no work
+    with pytest.raises(CacheError, match="'k'"):
+        write_cache(model, tok, items, tmp_path / "run", **{**args, "k": 4})

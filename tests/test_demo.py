@@ -1,0 +1,56 @@
+"""`egad demo --quick` end to end, and the report built from run files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from egad.cli import app
+from egad.eval.report import load_run, results_table
+
+PLOTS = ("training_curves.png", "entropy_hist.png", "curriculum.png", "routing_temperature.png",
+         "rouge_by_method.png")
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory, dolly_path):
+    out = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EGAD_CACHE_DIR", str(out / "cache"))
+    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out / "run"), "--data",
+                                      str(dolly_path.parent.parent)])
+    mp.undo()
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out / "run", result.output
+
+
+def test_quick_demo_writes_table_and_every_plot(quick_demo):
+    out, output = quick_demo
+    for label in ("teacher", "sft", "kd", "egad"):
+        assert f"| {label} |" in output
+        summary = json.loads((out / label / "eval" / "summary.json").read_text())
+        assert 0 <= summary["sets"]["dolly_test"]["rouge_l_mean"] <= 100
+        assert (out / label / "eval" / "dolly_test" / "generations-seed10.jsonl").is_file()
+    for name in PLOTS:
+        assert (out / "report" / name).stat().st_size > 5000, name
+    assert "dolly_test ROUGE-L" in (out / "report" / "report.md").read_text()
+    students = json.loads((out / "egad" / "eval" / "summary.json").read_text())["sets"]["dolly_test"]
+    assert "kl" in students and "top1_agree" in students
+
+
+def test_report_table_is_built_from_the_files(quick_demo, tmp_path):
+    import shutil
+
+    out, _ = quick_demo
+    run = tmp_path / "kd"
+    shutil.copytree(out / "kd", run)
+    path = run / "eval" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["sets"]["dolly_test"].update(rouge_l_mean=12.3456, rouge_l_std=0.789)
+    path.write_text(json.dumps(summary))
+    table = results_table([load_run(run)])
+    assert "12.35 ± 0.79" in table
+    best = min(r["dev_nll"] for r in load_run(run).metrics if "dev_nll" in r)
+    assert f"{best:.3f}" in table
