@@ -61,8 +61,11 @@ def cache(
     config: str = typer.Option(..., "--config", "-c", help="The run config whose teacher and training data to cache."),
     out: str = typer.Option(..., help="Cache folder (resumed if it holds a partial cache of the same identity)."),
     k: int = typer.Option(64, help="Top-k teacher log-probs stored per response token."),
-    hidden_quantile: float = typer.Option(None, help="Also store teacher hidden states of the mapped layers for "
-                                          "tokens whose entropy is above this quantile (e.g. 0.8 = top 20%)."),
+    hidden_quantile: float = typer.Option(
+        None,
+        help="Also store teacher hidden states of the mapped layers for "
+        "tokens whose entropy is above this quantile (e.g. 0.8 = top 20%).",
+    ),
     examples_per_shard: int = typer.Option(512, help="Examples per safetensors shard."),
 ) -> None:
     """Run the teacher once over the training split and write top-k log-probs, tail mass, exact entropy (and hidden
@@ -72,8 +75,10 @@ def cache(
 
     cfg = load_config(config, parse_overrides(list(ctx.args)))
     man = run_cache_job(cfg, out, k=k, hidden_quantile=hidden_quantile, examples_per_shard=examples_per_shard)
-    typer.echo(f"cache {out}: {man['examples']} examples, {man['tokens']} tokens, {len(man['shards'])} shards, "
-               f"{man['bytes_per_token']:.0f} bytes/token, complete={man['complete']}")
+    typer.echo(
+        f"cache {out}: {man['examples']} examples, {man['tokens']} tokens, {len(man['shards'])} shards, "
+        f"{man['bytes_per_token']:.0f} bytes/token, complete={man['complete']}"
+    )
 
 
 @app.command()

@@ -119,7 +119,7 @@ def _cache_root() -> Path:
     return Path(os.environ.get("EGAD_CACHE_DIR", Path.home() / ".cache" / "egad")) / "demo"
 
 
-def _base(size: DemoSize, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
+def base_run(size: DemoSize, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
     return {
         "model": {"tokenizer": str(tok_dir)},
         "data": {
@@ -143,7 +143,7 @@ def _base(size: DemoSize, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
     }
 
 
-def _train(raw: dict) -> Path:
+def train_run(raw: dict) -> Path:
     trainer = Trainer(build_config(raw)).setup()
     try:
         trainer.train()
@@ -152,7 +152,7 @@ def _train(raw: dict) -> Path:
     return trainer.out
 
 
-def _tokenizer(size: DemoSize, dolly: Path) -> Path:
+def demo_tokenizer(size: DemoSize, dolly: Path) -> Path:
     from egad.tokenizer import cached_bpe_tokenizer
 
     records, _ = D.load_records(dolly, "train")
@@ -161,7 +161,7 @@ def _tokenizer(size: DemoSize, dolly: Path) -> Path:
     return Path(tok.name_or_path)
 
 
-def _teacher(size: DemoSize, dolly: Path, tok_dir: Path) -> Path:
+def demo_teacher(size: DemoSize, dolly: Path, tok_dir: Path) -> Path:
     """SFT from scratch, cached by a fingerprint of everything that shapes it."""
     fp = D.fingerprint(
         [
@@ -178,11 +178,11 @@ def _teacher(size: DemoSize, dolly: Path, tok_dir: Path) -> Path:
     if (run_dir / "final" / "model.safetensors").is_file():
         print(f"[demo] reusing the cached teacher {run_dir}")
         return run_dir
-    raw = _base(size, dolly, run_dir, tok_dir)
+    raw = base_run(size, dolly, run_dir, tok_dir)
     raw["model"]["student_config"] = size.teacher
     raw["objective"] = {"preset": "sft"}
     raw["train"].update(max_steps=size.teacher_steps, eval_every=max(size.teacher_steps // 4, 10))
-    return _train(raw)
+    return train_run(raw)
 
 
 def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: bool = False) -> str:
@@ -192,17 +192,17 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     t0 = time.perf_counter()
     dolly, data_dir = resolve_dolly(data, out)
     print(f"[demo] data {dolly}; output {out}; {'quick' if quick else 'full'} size")
-    tok_dir = _tokenizer(size, dolly)
-    teacher_run = _teacher(size, dolly, tok_dir)
+    tok_dir = demo_tokenizer(size, dolly)
+    teacher_run = demo_teacher(size, dolly, tok_dir)
     shutil.copytree(teacher_run, out / "teacher", dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint-*"))
     runs = [out / "teacher"]
     for method in ("sft", "kd", "egad"):
-        raw = _base(size, dolly, out / method, tok_dir)
+        raw = base_run(size, dolly, out / method, tok_dir)
         raw["model"].update(student_config=size.student, teacher=str(teacher_run / "final"))
         raw["objective"] = {"preset": method, "feat_layers": 2}
         raw["train"]["max_steps"] = size.student_steps
         print(f"[demo] distilling the student with {method}")
-        runs.append(_train(raw))
+        runs.append(train_run(raw))
     settings = EvalSettings(
         seeds=size.seeds,
         max_prompt_len=size.max_prompt_len,

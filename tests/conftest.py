@@ -19,6 +19,12 @@ def dolly_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def egad_cache_dir(tmp_path_factory) -> Path:
+    """A session-wide EGAD_CACHE_DIR, so the quick demo and the quick study share one tokenizer and teacher."""
+    return tmp_path_factory.mktemp("egad-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory, dolly_path) -> Path:
     """A 512-entry byte-level BPE trained on 1,500 Dolly train records, saved as a HF tokenizer folder."""
     from egad import data as D

@@ -12,9 +12,10 @@ from egad.config import ObjectiveConfig
 from egad.entropy import fit_quantile_knots, token_entropy
 from egad.losses.divergences import DIVERGENCES
 from egad.losses.features import FEATURE_LOSSES, FeatureProjector
-from egad.objective import StudentOutputs, distillation_loss, shift_labels, token_plan
+from egad.objective import StudentOutputs, distillation_loss, shift_labels
 from egad.presets import PRESETS, preset
 from egad.teacher.signal import DenseSignal
+from egad.token_plan import token_plan
 
 B, L, V, DS, DT, K = 3, 47, 123, 24, 40, 2
 ATOL, RTOL = 1e-5, 1e-4  # fp32 chunked vs fp32 dense: only summation order differs

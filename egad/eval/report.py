@@ -71,12 +71,21 @@ def results_table(runs: list[Run]) -> str:
         cells = [r.label, r.method, dev]
         for s in sets:
             e = r.evals.get(s)
-            cells.append(f"{e['rouge_l_mean']:.2f} ± {e['rouge_l_std']:.2f}" if e else "—")
+            cells.append(_rouge_cell(e))
         for s in sets[:1]:
             e = r.evals.get(s)
             cells.append(f"{e['nll']:.3f}" if e else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _rouge_cell(e: dict | None) -> str:
+    """mean ± std over sampling seeds; a single seed has no spread to show."""
+    if not e:
+        return "—"
+    if len(e.get("rouge_l_per_seed", {})) == 1:
+        return f"{e['rouge_l_mean']:.2f} (1 seed)"
+    return f"{e['rouge_l_mean']:.2f} ± {e['rouge_l_std']:.2f}"
 
 
 def plot_training_curves(runs: list[Run], out: Path) -> Path:
