@@ -23,7 +23,12 @@ from egad.config import ObjectiveConfig
 from egad.entropy import token_entropy
 from egad.losses.divergences import DIVERGENCES
 from egad.losses.features import FeatureProjector, feature_loss
-from egad.losses.sparse import SPARSE_DIVERGENCES, student_bucket_logprobs, teacher_bucket_logprobs
+from egad.losses.sparse import (
+    SPARSE_DIVERGENCES,
+    entropy_matched_tail,
+    student_bucket_logprobs,
+    teacher_bucket_logprobs,
+)
 from egad.teacher.signal import DenseSignal, TopKSignal
 from egad.token_plan import token_plan
 
@@ -233,6 +238,8 @@ class _Run:
         tau = plan["tau"][sl]  # type: ignore[index]
         if isinstance(self.teacher, TopKSignal):
             ids, lp, tail = self.teacher.rows_topk(idx)
+            exponent = (cfg.ttm_gamma if cfg.divergence in ("ttm", "wttm") else 1.0) / tau
+            tail = entropy_matched_tail(lp, tail, self.teacher.entropy_at(idx), exponent, vocab_size=self.vocab)
             div = SPARSE_DIVERGENCES[cfg.divergence](zs, ids, lp, tail, temperature=tau, **_div_kwargs(cfg))
         else:
             zt = self.teacher.rows(idx, self.vocab)  # type: ignore[union-attr]

@@ -342,3 +342,26 @@ def test_topk_signal_flat_access() -> None:
     torch.testing.assert_close(signal.features_at(flat)[0], dense.features_at(flat)[0], atol=0, rtol=0)
     with pytest.raises(ValueError, match="hidden states"):
         TopKSignal(ids=ids, logprobs=lp, tail_logmass=tail, entropy=entropy).features_at(flat)
+
+
+def test_entropy_matched_tail_is_exact_for_a_uniform_tail():
+    from egad.losses.sparse import entropy_matched_tail, teacher_bucket_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    n, v, k = 9, 301, 17
+    z = torch.zeros(n, v, dtype=torch.float64)
+    z[:, :k] = torch.randn(n, k, generator=g, dtype=torch.float64) * 2 + 4  # a distinct head, then a flat tail
+    logp = z.log_softmax(-1)
+    lp, ids = logp.sort(-1, descending=True)
+    lp, ids = lp[:, :k], ids[:, :k]
+    tail = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), -1)
+    h = -(logp.exp() * logp).sum(-1)  # float64: fp32 inputs add ~1e-7 H / m to log n_eff (see the docstring)
+    for tau in (1.0, 1.5, 2.0, 3.0):
+        exact = (z / tau).log_softmax(-1)  # the true tempered teacher
+        want = torch.cat([exact.gather(-1, ids), torch.logsumexp(exact.scatter(-1, ids, float("-inf")), -1)[:, None]],
+                         -1)
+        got = teacher_bucket_logprobs(lp, entropy_matched_tail(lp, tail, h, 1.0 / tau, vocab_size=v), temperature=tau)
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)  # fp32 bucket softmax of values ~10
+        if tau > 1:  # the single pseudo-token would be far off
+            naive = teacher_bucket_logprobs(lp, tail, temperature=tau)
+            assert (naive[:, -1] - want[:, -1]).abs().max() > 0.5

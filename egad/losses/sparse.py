@@ -89,6 +89,32 @@ def teacher_bucket_logprobs(logprobs: Tensor, tail: Tensor, *, temperature: floa
     return torch.log_softmax(_temper(buckets, temperature), dim=-1)
 
 
+def entropy_matched_tail(
+    logprobs: Tensor, tail: Tensor, entropy: Tensor, exponent: float | Tensor, *, vocab_size: int
+) -> Tensor:
+    """A tail value for `teacher_bucket_logprobs` that tempers the tail as n_eff equal tokens instead of one.
+
+    Tempering raises each probability to a = 1/tau (TTM: gamma/tau), so the tail's tempered weight is
+    sum_tail p^a, which a single pseudo-token (m^a) underestimates badly for a flat tail. The cache's exact entropy
+    H fixes the tail's own entropy T = H - (-sum_topk p log p); a tail uniform over n_eff tokens with mass m has
+    T = m log(n_eff / m), so n_eff = m exp(T / m), clamped to [1, V - k]. Then sum_tail p^a ~= m^a n_eff^(1-a),
+    which `teacher_bucket_logprobs` reproduces from the returned value log m + (1/a - 1) log n_eff.
+    Exact for a uniform tail, for a = 1 (unchanged) and for k = V. (N, k), (N,), (N,) -> (N,).
+    """
+    # float64: T / m amplifies the cancellation in H - H_top when the tail mass is small. The stored fp32 entropy
+    # still bounds the precision: the error of log n_eff is about 1e-7 H / m.
+    lp = logprobs.double()
+    m_log = tail.double()
+    h_top = -(lp.exp() * lp).sum(-1)
+    t = (entropy.double() - h_top).clamp_min(0)
+    m = m_log.exp()
+    log_n = torch.where(m > 1e-6, m_log + t / m.clamp_min(1e-6), torch.zeros_like(m))
+    log_n = log_n.clamp(0.0, math.log(max(vocab_size - lp.shape[-1], 1)))
+    a = torch.as_tensor(exponent, dtype=torch.float64, device=lp.device)
+    out = m_log + (1.0 / a - 1.0) * log_n
+    return torch.where(torch.isfinite(m_log), out, m_log).float()
+
+
 def student_bucket_logprobs(student_logits: Tensor, ids: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
     """Exact student log-probs over (ids, everything else) at ``temperature``. (N, V), (N, k) -> (N, k+1).
 
