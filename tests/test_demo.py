@@ -10,8 +10,7 @@ from typer.testing import CliRunner
 from egad.cli import app
 from egad.eval.report import load_run, results_table
 
-PLOTS = ("training_curves.png", "entropy_hist.png", "curriculum.png", "routing_temperature.png",
-         "rouge_by_method.png")
+PLOTS = ("training_curves.png", "entropy_hist.png", "curriculum.png", "routing_temperature.png", "rouge_by_method.png")
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +18,9 @@ def quick_demo(tmp_path_factory, dolly_path, egad_cache_dir):
     out = tmp_path_factory.mktemp("demo")
     mp = pytest.MonkeyPatch()
     mp.setenv("EGAD_CACHE_DIR", str(egad_cache_dir))
-    result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out / "run"), "--data",
-                                      str(dolly_path.parent.parent)])
+    result = CliRunner().invoke(
+        app, ["demo", "--quick", "--out", str(out / "run"), "--data", str(dolly_path.parent.parent)]
+    )
     mp.undo()
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out / "run", result.output
@@ -48,8 +48,9 @@ def test_report_table_is_built_from_the_files(quick_demo, tmp_path):
     shutil.copytree(out / "kd", run)
     path = run / "eval" / "summary.json"
     summary = json.loads(path.read_text())
-    summary["sets"]["dolly_test"].update(rouge_l_mean=12.3456, rouge_l_std=0.789,
-                                         rouge_l_per_seed={"seed10": 11.79, "seed20": 12.90})
+    summary["sets"]["dolly_test"].update(
+        rouge_l_mean=12.3456, rouge_l_std=0.789, rouge_l_per_seed={"seed10": 11.79, "seed20": 12.90}
+    )
     path.write_text(json.dumps(summary))
     table = results_table([load_run(run)])
     assert "12.35 ± 0.79" in table

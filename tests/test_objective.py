@@ -350,8 +350,13 @@ def _exact_topk_signal(zt: torch.Tensor, features=None):
     logp = zt.float().log_softmax(-1)
     lp, ids = logp.sort(-1, descending=True)
     tail = torch.full(zt.shape[:-1], float("-inf"))
-    return TopKSignal(ids=ids, logprobs=lp, tail_logmass=tail, entropy=token_entropy(zt.reshape(-1, V)).reshape(
-        zt.shape[:-1]), features=features)
+    return TopKSignal(
+        ids=ids,
+        logprobs=lp,
+        tail_logmass=tail,
+        entropy=token_entropy(zt.reshape(-1, V)).reshape(zt.shape[:-1]),
+        features=features,
+    )
 
 
 @pytest.mark.parametrize("name", ["egad", "kd", "egad_no_c3", "akl", "adakd_idts", "se_kd_student", "srkl"])
@@ -360,10 +365,24 @@ def test_cached_signal_with_k_equal_v_matches_dense(name):
     cfg = preset(name, chunk_size=19, feat_layers=K)
     proj = FeatureProjector(DS, DT, K)
     knots = knots_for(zt, targets)
-    dense = distillation_loss(StudentOutputs(logits=zs, features=fs), DenseSignal(zt, ft), targets, cfg,
-                              progress=0.4, knots=knots, projector=proj)
-    cached = distillation_loss(StudentOutputs(logits=zs, features=fs), _exact_topk_signal(zt, ft), targets, cfg,
-                               progress=0.4, knots=knots, projector=proj)
+    dense = distillation_loss(
+        StudentOutputs(logits=zs, features=fs),
+        DenseSignal(zt, ft),
+        targets,
+        cfg,
+        progress=0.4,
+        knots=knots,
+        projector=proj,
+    )
+    cached = distillation_loss(
+        StudentOutputs(logits=zs, features=fs),
+        _exact_topk_signal(zt, ft),
+        targets,
+        cfg,
+        progress=0.4,
+        knots=knots,
+        projector=proj,
+    )
     torch.testing.assert_close(cached.loss, dense.loss, atol=ATOL, rtol=RTOL)
     for a, b in zip(grads(cached.loss, [zs]), grads(dense.loss, [zs]), strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)

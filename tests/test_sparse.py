@@ -358,8 +358,9 @@ def test_entropy_matched_tail_is_exact_for_a_uniform_tail():
     h = -(logp.exp() * logp).sum(-1)  # float64: fp32 inputs add ~1e-7 H / m to log n_eff (see the docstring)
     for tau in (1.0, 1.5, 2.0, 3.0):
         exact = (z / tau).log_softmax(-1)  # the true tempered teacher
-        want = torch.cat([exact.gather(-1, ids), torch.logsumexp(exact.scatter(-1, ids, float("-inf")), -1)[:, None]],
-                         -1)
+        want = torch.cat(
+            [exact.gather(-1, ids), torch.logsumexp(exact.scatter(-1, ids, float("-inf")), -1)[:, None]], -1
+        )
         got = teacher_bucket_logprobs(lp, entropy_matched_tail(lp, tail, h, 1.0 / tau, vocab_size=v), temperature=tau)
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)  # fp32 bucket softmax of values ~10
         if tau > 1:  # the single pseudo-token would be far off

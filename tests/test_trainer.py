@@ -168,8 +168,11 @@ def test_train_from_teacher_cache_needs_no_teacher_and_refuses_a_foreign_cache(t
     from egad.teacher.cache import CacheError
     from egad.teacher.cache_job import run_cache_job
 
-    over = tiny_run_overrides(tiny_tokenizer_dir, tmp_path / "r", **{"train.max_steps": 6, "train.eval_every": 0,
-                                                                   "train.eval_at_start": False})
+    over = tiny_run_overrides(
+        tiny_tokenizer_dir,
+        tmp_path / "r",
+        **{"train.max_steps": 6, "train.eval_every": 0, "train.eval_at_start": False},
+    )
     cfg = load_config(TINY, over)
     man = run_cache_job(cfg, tmp_path / "cache", k=16, hidden_quantile=0.8, examples_per_shard=128)
     assert man["complete"] and man["layers"] and man["bytes_per_token"] > 0
@@ -181,5 +184,6 @@ def test_train_from_teacher_cache_needs_no_teacher_and_refuses_a_foreign_cache(t
     last = [r for r in rows if "kd" in r][-1]
     assert last["kd"] > 0 and last["feat"] > 0 and 0 < last["routed_frac"] <= 0.25
     with pytest.raises(CacheError, match="data_fingerprint"):
-        Trainer(load_config(TINY, {**over, "model.teacher_cache": str(tmp_path / "cache"),
-                                   "data.max_len": 120})).setup()
+        Trainer(
+            load_config(TINY, {**over, "model.teacher_cache": str(tmp_path / "cache"), "data.max_len": 120})
+        ).setup()
