@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import torch
@@ -222,5 +223,6 @@ def _train_tokenizer(spec: dict, data_cfg):
     n, vocab = int(spec.get("examples", 20000)), int(spec.get("vocab_size", 4096))
     records, _ = D.load_records(data_cfg.train, data_cfg.train_split, max_examples=n)
     fp = D.fingerprint([data_cfg.train, data_cfg.train_split, n, vocab])
-    cache = Path(spec.get("cache_dir", Path.home() / ".cache" / "egad" / "tokenizers"))
+    root = Path(os.environ.get("EGAD_CACHE_DIR", Path.home() / ".cache" / "egad"))
+    cache = Path(spec.get("cache_dir", root / "tokenizers"))
     return cached_bpe_tokenizer(lambda: D.texts_for_tokenizer(records), vocab, cache, fp)

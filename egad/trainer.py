@@ -444,7 +444,9 @@ class Trainer:
         if self.main:
             ckpt.staging_dir(final)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp / "state"))  # every process writes its RNG state
+        # Every process writes its RNG state. Pickled weights here: the tied lm_head makes safetensors drop (and
+        # warn about) the shared tensor, and the loadable HF copy is written beside it anyway.
+        self.acc.save_state(str(tmp / "state"), safe_serialization=False)
         self.acc.wait_for_everyone()
         if self.main:
             unwrapped = self.acc.unwrap_model(self.module)
