@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--cells", default=None, help="comma-separated subset of the grid (default: all)")
     ap.add_argument("--data", default=None)
+    ap.add_argument("--teacher", default=None, help="teacher run folder (default: the demo's cached teacher)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     size = QUICK if args.quick else FULL
@@ -195,9 +196,17 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dolly, data_dir = resolve_dolly(args.data, out)
-    tok_dir = demo_tokenizer(size, dolly)
-    teacher_run = demo_teacher(size, dolly, tok_dir)
-    teacher = teacher_run / "final"
+    if args.teacher:
+        # A teacher trained once, for longer, with the project's own command (configs/study_teacher.yaml).
+        teacher_run = Path(args.teacher)
+        teacher = teacher_run / "final"
+        if not (teacher / "config.json").is_file():
+            raise SystemExit(f"--teacher {teacher_run}: expected an `egad train` run folder with final/")
+        tok_dir = teacher  # students share the teacher's tokenizer
+    else:
+        tok_dir = demo_tokenizer(size, dolly)
+        teacher_run = demo_teacher(size, dolly, tok_dir)
+        teacher = teacher_run / "final"
     cache_cfg = base_run(size, dolly, out / "cache-run", tok_dir)
     cache_cfg["model"]["teacher"] = str(teacher)
     cache_cfg["model"]["student_config"] = size.student
