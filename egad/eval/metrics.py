@@ -1,6 +1,7 @@
 """Teacher-forced metrics on reference responses: response NLL, teacher-student KL and top-1 agreement.
 
-Returned as sums plus a token count so that batches and processes add up before the division.
+`token_metrics` gives per-token values (for entropy-decile breakdowns); `response_sums` adds them up with a token
+count, so that batches and processes add up before the division.
 """
 
 from __future__ import annotations
@@ -22,31 +23,13 @@ def response_sums(
     teacher_logits: Tensor | None = None,
     chunk_size: int = 0,
 ) -> dict[str, Tensor]:
-    """Sums over response tokens (targets != -100): student NLL, and with a teacher its NLL, KL(teacher || student)
-    at tau = 1 and top-1 agreement. Vocabulary-sized work runs in chunks (default 2^24 / V tokens)."""
-    flat_t = targets.reshape(-1)
-    rows = (flat_t != -100).nonzero().squeeze(-1)
-    zs_all = student_logits.reshape(-1, student_logits.shape[-1])
-    zt_all = teacher_logits.reshape(-1, teacher_logits.shape[-1]) if teacher_logits is not None else None
-    step = chunk_size or max(16, 2**24 // vocab_size)
-    sums = {
-        k: torch.zeros((), dtype=torch.float64, device=student_logits.device)
-        for k in ("nll", "teacher_nll", "kl", "agree")
-    }
-    for start in range(0, rows.numel(), step):
-        idx = rows[start : start + step]
-        y = flat_t.index_select(0, idx)
-        zs = zs_all.index_select(0, idx)[:, :vocab_size].float()
-        sums["nll"] += F.cross_entropy(zs, y, reduction="sum").double()
-        if zt_all is not None:
-            zt = zt_all.index_select(0, idx)[:, :vocab_size].float()
-            sums["teacher_nll"] += F.cross_entropy(zt, y, reduction="sum").double()
-            sums["kl"] += forward_kl(zs, zt).sum().double()
-            sums["agree"] += (zs.argmax(-1) == zt.argmax(-1)).sum().double()
-    sums["tokens"] = torch.tensor(float(rows.numel()), dtype=torch.float64, device=student_logits.device)
-    if zt_all is None:
-        for k in ("teacher_nll", "kl", "agree"):
-            del sums[k]
+    """Sums over response tokens (targets != -100) of `token_metrics` (float64), plus the token count: student
+    NLL, and with a teacher its NLL, KL(teacher || student) at tau = 1 and top-1 agreement."""
+    tok = token_metrics(
+        student_logits, targets, vocab_size=vocab_size, teacher_logits=teacher_logits, chunk_size=chunk_size
+    )
+    sums = {k: v.double().sum() for k, v in tok.items() if k != "teacher_entropy"}
+    sums["tokens"] = torch.tensor(float(tok["nll"].numel()), dtype=torch.float64, device=tok["nll"].device)
     return sums
 
 
@@ -60,7 +43,8 @@ def token_metrics(
     chunk_size: int = 0,
 ) -> dict[str, Tensor]:
     """Per response token (targets != -100), fp32 on the CPU: student `nll`; with a teacher also `teacher_entropy`,
-    `teacher_nll`, `kl` = KL(teacher || student) at tau = 1 and `agree` (top-1 match). For entropy-bucket breakdowns."""
+    `teacher_nll`, `kl` = KL(teacher || student) at tau = 1 and `agree` (top-1 match). For entropy-bucket breakdowns.
+    On the logits' device; vocabulary-sized work runs in chunks (default 2^24 / V tokens)."""
     flat_t = targets.reshape(-1)
     rows = (flat_t != -100).nonzero().squeeze(-1)
     zs_all = student_logits.reshape(-1, student_logits.shape[-1])
@@ -78,7 +62,8 @@ def token_metrics(
             out["teacher_nll"].append(F.cross_entropy(zt, y, reduction="none"))
             out["kl"].append(forward_kl(zs, zt))
             out["agree"].append((zs.argmax(-1) == zt.argmax(-1)).float())
-    return {k: torch.cat(v).cpu() if v else torch.zeros(0) for k, v in out.items() if v or k == "nll"}
+    empty = student_logits.new_zeros(0, dtype=torch.float32)
+    return {k: torch.cat(v) if v else empty for k, v in out.items() if v or k == "nll"}
 
 
 def entropy_buckets(tokens: dict[str, Tensor], n_buckets: int = 10) -> list[dict[str, float]]:
