@@ -146,123 +146,41 @@ def _buckets(
 
 
 # ------------------------------------------------------------------------------------------------------ divergences
-def forward_kl(
-    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor, *, temperature: float | Tensor = 1.0
-) -> Tensor:
-    """KL(p || q) over the k+1 buckets; see `divergences.forward_kl`."""
-    return dense.forward_kl(*_buckets(student_logits, ids, teacher_logprobs, tail, temperature), temperature=1.0)
+def _on_buckets(dense_fn: Callable[..., Tensor], doc: str, *, temper_student: bool = True) -> Callable[..., Tensor]:
+    """The sparse twin of a dense divergence: both sides mapped to the k+1 buckets, then the dense formula at tau=1.
+    Hyper-parameters (beta, lam, mu, gamma) and their defaults and checks are the dense function's."""
+
+    def fn(
+        student_logits: Tensor,
+        ids: Tensor,
+        teacher_logprobs: Tensor,
+        tail: Tensor,
+        *,
+        temperature: float | Tensor = 1.0,
+        **hyper: float,
+    ) -> Tensor:
+        logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature, temper_student=temper_student)
+        return dense_fn(logq, logp, temperature=1.0, **hyper)
+
+    fn.__name__ = fn.__qualname__ = dense_fn.__name__
+    fn.__doc__ = f"{doc} See `divergences.{dense_fn.__name__}` for the formula, direction and defaults."
+    return fn
 
 
-def reverse_kl(
-    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor, *, temperature: float | Tensor = 1.0
-) -> Tensor:
-    """KL(q || p) over the k+1 buckets; see `divergences.reverse_kl`."""
-    return dense.reverse_kl(*_buckets(student_logits, ids, teacher_logprobs, tail, temperature), temperature=1.0)
-
-
-def jsd(
-    student_logits: Tensor,
-    ids: Tensor,
-    teacher_logprobs: Tensor,
-    tail: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    beta: float = 0.5,
-) -> Tensor:
-    """Generalised JSD, beta weighting the teacher, over the k+1 buckets; see `divergences.jsd`."""
-    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
-    return dense.jsd(logq, logp, temperature=1.0, beta=beta)
-
-
-def skew_forward_kl(
-    student_logits: Tensor,
-    ids: Tensor,
-    teacher_logprobs: Tensor,
-    tail: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    lam: float = 0.1,
-) -> Tensor:
-    """KL(p || lam p + (1 - lam) q) over the k+1 buckets; see `divergences.skew_forward_kl`."""
-    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
-    return dense.skew_forward_kl(logq, logp, temperature=1.0, lam=lam)
-
-
-def skew_reverse_kl(
-    student_logits: Tensor,
-    ids: Tensor,
-    teacher_logprobs: Tensor,
-    tail: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    lam: float = 0.1,
-) -> Tensor:
-    """KL(q || (1 - lam) p + lam q) over the k+1 buckets; see `divergences.skew_reverse_kl`."""
-    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
-    return dense.skew_reverse_kl(logq, logp, temperature=1.0, lam=lam)
-
-
-def tvd(
-    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor, *, temperature: float | Tensor = 1.0
-) -> Tensor:
-    """0.5 sum |p - q| over the k+1 buckets; see `divergences.tvd`."""
-    return dense.tvd(*_buckets(student_logits, ids, teacher_logprobs, tail, temperature), temperature=1.0)
-
-
-def akl(
-    student_logits: Tensor,
-    ids: Tensor,
-    teacher_logprobs: Tensor,
-    tail: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    mu: float = 0.5,
-) -> Tensor:
-    """Adaptive KL over the k+1 buckets, the tail ranked as one entry; see `divergences.akl`."""
-    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
-    return dense.akl(logq, logp, temperature=1.0, mu=mu)
-
-
-def todi(
-    student_logits: Tensor,
-    ids: Tensor,
-    teacher_logprobs: Tensor,
-    tail: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    beta: float = 1.0,
-) -> Tensor:
-    """ToDi over the k+1 buckets, the tail with one mixing weight; see `divergences.todi`."""
-    logq, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature)
-    return dense.todi(logq, logp, temperature=1.0, beta=beta)
-
-
-def ttm(
-    student_logits: Tensor,
-    ids: Tensor,
-    teacher_logprobs: Tensor,
-    tail: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    gamma: float = 0.5,
-) -> Tensor:
-    """KL(p~ || q_1) over the k+1 buckets, p~ from the tau-tempered teacher, q_1 untempered; see `divergences.ttm`."""
-    logq1, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature, temper_student=False)
-    return dense.ttm(logq1, logp, temperature=1.0, gamma=gamma)
-
-
-def wttm(
-    student_logits: Tensor,
-    ids: Tensor,
-    teacher_logprobs: Tensor,
-    tail: Tensor,
-    *,
-    temperature: float | Tensor = 1.0,
-    gamma: float = 0.5,
-) -> Tensor:
-    """sg(sum p^gamma) * TTM over the k+1 buckets (weight underestimated for k < V); see `divergences.wttm`."""
-    logq1, logp = _buckets(student_logits, ids, teacher_logprobs, tail, temperature, temper_student=False)
-    return dense.wttm(logq1, logp, temperature=1.0, gamma=gamma)
+forward_kl = _on_buckets(dense.forward_kl, "KL(p || q) over the k+1 buckets.")
+reverse_kl = _on_buckets(dense.reverse_kl, "KL(q || p) over the k+1 buckets.")
+jsd = _on_buckets(dense.jsd, "Generalised JSD, beta weighting the teacher, over the k+1 buckets.")
+skew_forward_kl = _on_buckets(dense.skew_forward_kl, "KL(p || lam p + (1 - lam) q) over the k+1 buckets.")
+skew_reverse_kl = _on_buckets(dense.skew_reverse_kl, "KL(q || (1 - lam) p + lam q) over the k+1 buckets.")
+tvd = _on_buckets(dense.tvd, "0.5 sum |p - q| over the k+1 buckets.")
+akl = _on_buckets(dense.akl, "Adaptive KL over the k+1 buckets, the tail ranked as one entry.")
+todi = _on_buckets(dense.todi, "ToDi over the k+1 buckets, the tail with one mixing weight.")
+ttm = _on_buckets(
+    dense.ttm, "KL(p~ || q_1) over the k+1 buckets, p~ from the tempered teacher, q_1 untempered.", temper_student=False
+)
+wttm = _on_buckets(
+    dense.wttm, "sg(sum p^gamma) * TTM over the k+1 buckets (weight underestimated for k < V).", temper_student=False
+)
 
 
 def bild(
