@@ -189,3 +189,20 @@ def test_edge_cases(model, tok):
         generate_responses(model, tok, ["hello"], seed=1, batch_size=0)
     with pytest.raises(ValueError, match="temperature"):
         generate_responses(model, tok, ["hello"], seed=1, temperature=0.0)
+
+
+def test_teacher_forced_per_example_sums_align_with_examples(model, tok, dolly_path):
+    """Per-example NLL sums (the unit of the study's paired test) add up to the token mean and belong to the right
+    example: each equals the NLL of that example scored alone."""
+    from egad.eval.suite import EvalSettings, teacher_forced
+
+    examples, _ = load_records(dolly_path, "test", max_examples=5)
+    settings = EvalSettings(batch_size=2, max_prompt_len=64, max_len=128)
+    both = teacher_forced(model, tok, examples, settings)
+    per = both["per_example"]
+    assert len(per["nll_sum"]) == len(per["tokens"]) == 5 and min(per["tokens"]) > 0
+    assert sum(per["nll_sum"]) / sum(per["tokens"]) == pytest.approx(both["nll"], rel=1e-9)
+    for i, ex in enumerate(examples):
+        alone = teacher_forced(model, tok, [ex], settings)["per_example"]
+        assert alone["tokens"] == [per["tokens"][i]]
+        assert alone["nll_sum"][0] == pytest.approx(per["nll_sum"][i], rel=1e-6)

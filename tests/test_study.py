@@ -1,10 +1,16 @@
-"""The study machinery in --quick mode: grid cells from one teacher cache, aggregation, paired test, results.md."""
+"""The study machinery: paired tests, factorial effects, the results page, and --quick end to end (in 2 processes)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 
+import pytest
 from conftest import REPO
+
+from egad.study import grid as G
+from egad.study import results as R
+from egad.study.stats import FACTORIAL, compare, main_effects, paired_bootstrap
 
 
 def _study():
@@ -15,26 +21,68 @@ def _study():
 
 
 def test_paired_bootstrap_detects_a_shift_and_not_noise():
-    study = _study()
     a = [float(i % 7) for i in range(200)]
-    diff, p = study.paired_bootstrap([x + 1.0 for x in a], a, n=2000)
+    diff, p = paired_bootstrap([x + 1.0 for x in a], a, n=2000)
     assert diff == 1.0 and p < 0.01
-    _, p_same = study.paired_bootstrap(a, list(reversed(a)), n=2000)
+    _, p_same = paired_bootstrap(a, list(reversed(a)), n=2000)
     assert p_same > 0.05
 
 
-def test_quick_study_runs_and_writes_results(tmp_path, monkeypatch, dolly_path, egad_cache_dir):
+def test_main_effects_recover_an_additive_model():
+    effect = {0: -0.3, 1: 0.05, 2: 0.0}
+    values = {p: 5.0 + sum(effect[i] for i in range(3) if k[i]) for k, p in FACTORIAL.items()}
+    got = main_effects(values)
+    assert list(got.values()) == pytest.approx(list(effect.values()), abs=1e-12)
+    assert main_effects({k: v for k, v in values.items() if k != "egad"}) is None
+
+
+def _fake_cell(root, cell, seed, rouge, sums, tokens):
+    d = root / cell / f"seed{seed}" / "eval" / "dolly_test"
+    d.mkdir(parents=True)
+    (d / "generations-seed10.jsonl").write_text("".join(json.dumps({"rouge_l": x}) + "\n" for x in rouge))
+    (d / "nll-per-example.json").write_text(json.dumps({"nll_sum": sums, "tokens": tokens}))
+
+
+def test_compare_gives_token_mean_nll_difference(tmp_path):
+    tokens = [3, 5, 2, 10]
+    _fake_cell(tmp_path, "a", 0, [10, 20, 30, 40], [3.0, 5.0, 2.0, 10.0], tokens)
+    _fake_cell(tmp_path, "b", 0, [9, 18, 27, 36], [6.0, 10.0, 4.0, 20.0], tokens)
+    res = compare(tmp_path, "a", "b", [0], n=500)
+    assert res["test_nll"][0] == pytest.approx(1.0 - 2.0)  # token means 1.0 and 2.0
+    assert res["rouge_l"][0] == pytest.approx(2.5)
+    _fake_cell(tmp_path, "c", 0, [1, 1, 1, 1], [1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="different test tokens"):
+        compare(tmp_path, "a", "c", [0], n=10)
+
+
+def test_paper_index_and_discussion_survive_regeneration(tmp_path):
+    index = R.paper_index(REPO / "README.md", ["kd", "egad"])
+    assert index[0] == "| method | preset | citation |" and any("`egad`" in ln for ln in index)
+    assert not any("`todi`" in ln for ln in index)
+    page = tmp_path / "results.md"
+    page.write_text(f"# x\n\n{R.DISCUSSION}\n\nEGAD loses on NLL.\n\n## Paired tests\n\nold\n")
+    assert R.kept_discussion(page) == [f"{R.DISCUSSION}\n\nEGAD loses on NLL."]
+    assert "Not written yet" in R.kept_discussion(tmp_path / "missing.md")[-1]
+
+
+def test_quick_study_runs_in_two_processes_and_resumes(tmp_path, monkeypatch, dolly_path, egad_cache_dir):
     study = _study()
     monkeypatch.setenv("EGAD_CACHE_DIR", str(egad_cache_dir))
     out = tmp_path / "study"
-    study.main(["--quick", "--out", str(out), "--data", str(dolly_path.parent.parent)])
+    argv = ["--quick", "--jobs", "2", "--out", str(out), "--data", str(dolly_path.parent.parent)]
+    study.main(argv)
     text = (out / "results.md").read_text()
-    for cell in study.QUICK_CELLS:
-        assert f"| {cell} |" in text
+    for cell in G.QUICK_CELLS:
+        assert f"| `{cell}` |" in text
         assert (out / cell / "seed0" / "eval" / "summary.json").is_file()
-    assert "EGAD - kd:" in text and "p = " in text
-    assert (out / "results_rouge.png").stat().st_size > 5000
-    # Resumable: a second run skips finished cells (no new training, same table).
+        assert (out / cell / "seed0.log").stat().st_size > 0  # the worker's output went to the cell's log
+    assert "| `egad` - `kd` |" in text and "**teacher**" in text
+    assert "Dev sweep of EGAD's knobs" in text and "(chosen)" in text
+    for knob in list(G.TUNE)[:2]:
+        assert (out / "tune" / knob / "seed0" / "final" / "config.json").is_file()
+    assert (out / "results.png").stat().st_size > 5000
+    # Resumable: a second run skips finished cells (no new training, same table) and logs both invocations.
     mtime = (out / "egad" / "seed0" / "eval" / "summary.json").stat().st_mtime
-    study.main(["--quick", "--out", str(out), "--data", str(dolly_path.parent.parent)])
+    study.main(argv)
     assert (out / "egad" / "seed0" / "eval" / "summary.json").stat().st_mtime == mtime
+    assert len((out / "invocations.jsonl").read_text().splitlines()) == 2

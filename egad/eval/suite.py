@@ -127,7 +127,9 @@ def evaluate_set(
         "rouge_l_per_seed": per_seed,
         "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
     }
-    summary.update(teacher_forced(model, tokenizer, examples, settings, teacher=teacher))
+    forced = teacher_forced(model, tokenizer, examples, settings, teacher=teacher)
+    (set_dir / "nll-per-example.json").write_text(json.dumps(forced.pop("per_example")))
+    summary.update(forced)
     (set_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -146,12 +148,14 @@ def teacher_forced(model, tokenizer, examples, settings: EvalSettings, *, teache
     vocab = shared_vocab(tokenizer, *models)
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = {}
+    counts: list[int] = []  # response tokens per example, in order: token_metrics keeps row order
     for start in tqdm(range(0, len(items), settings.batch_size), desc="teacher-forced", leave=False):
         batch = {
             k: v.to(device)
             for k, v in D.collate(items[start : start + settings.batch_size], tokenizer.pad_token_id).items()
         }
         kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        counts += (shift_labels(batch["labels"]) != -100).sum(-1).tolist()
         t_logits = teacher(**kw).logits if teacher is not None else None
         tok = token_metrics(
             model(**kw).logits, shift_labels(batch["labels"]), vocab_size=vocab, teacher_logits=t_logits
@@ -161,6 +165,9 @@ def teacher_forced(model, tokenizer, examples, settings: EvalSettings, *, teache
     tokens = {k: torch.cat(v) for k, v in parts.items()}
     out = {"tokens": int(tokens["nll"].numel()), "nll": float(tokens["nll"].double().mean())}
     out["ppl"] = math.exp(min(out["nll"], 50))
+    # Per-example sums make paired tests between models possible (same examples, same tokens).
+    sums = [float(t.sum()) for t in torch.split(tokens["nll"].double(), counts)]
+    out["per_example"] = {"nll_sum": sums, "tokens": counts}
     if teacher is not None:
         out.update(
             teacher_nll=float(tokens["teacher_nll"].double().mean()),

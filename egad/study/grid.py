@@ -1,0 +1,171 @@
+"""The study grid and how one cell is run: same student, teacher cache, steps, data and evaluation for every cell."""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from egad.demo import DemoSize, base_run, train_run
+from egad.eval.suite import MINILLM_SEEDS, EvalSettings, run_eval
+
+BASELINES = [
+    "sft",
+    "kd",
+    "rkl",
+    "skl",
+    "akl",
+    "todi",
+    "ttm",
+    "ea_kd",
+    "adakd_idts",
+    "se_kd_teacher",
+    "se_kd_student",
+    "feat_kd_all",
+]
+COMPONENTS = ["egad_c1", "egad_c2", "egad_c3", "egad_no_c3", "egad_no_c2", "egad_no_c1", "egad"]  # + kd = 2^3
+CONTROLS = [
+    "egad_reverse_curriculum",
+    "egad_direct_temp",
+    "kd_tau1.5",
+    "kd_tau2",
+    "egad_random_route",
+    "egad_feat_only",
+]
+GRID = list(dict.fromkeys(BASELINES + COMPONENTS + CONTROLS))
+QUICK_CELLS = ["sft", "kd", "egad_c1", "egad"]
+OTHER_SETS = ["self_inst", "vicuna", "sinst", "uinst"]
+# Spec section 8 sweeps, one knob at a time from the EGAD defaults, judged on dev NLL only (seed 0, no test eval).
+TUNE = {
+    "w_min=0": {"w_min": 0.0},
+    "w_min=0.5": {"w_min": 0.5},
+    "tau_max=1.5": {"tau_max": 1.5},
+    "tau_max=3": {"tau_max": 3.0},
+    "rho=0.1": {"rho": 0.1},
+    "rho=0.5": {"rho": 0.5},
+    "beta_f=0.5": {"beta_f": 0.5},
+    "beta_f=2": {"beta_f": 2.0},
+}
+TUNED = "egad_dev_tuned"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a preset plus overrides, under a folder name."""
+
+    name: str
+    preset: str
+    overrides: dict = field(default_factory=dict)
+    test_eval: bool = True
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every cell shares."""
+
+    size: DemoSize
+    dolly: Path
+    data_dir: Path | None
+    tok_dir: Path
+    cache: Path
+    teacher: Path
+    out: Path
+
+
+def sampling_seed(train_seed: int) -> int:
+    """The MiniLLM generation seed that scores training seed s (10, 20, 30, ...)."""
+    return MINILLM_SEEDS[train_seed % len(MINILLM_SEEDS)]
+
+
+def run_dir(setup: Setup, cell: Cell, seed: int) -> Path:
+    return setup.out / cell.name / f"seed{seed}"
+
+
+def is_done(setup: Setup, cell: Cell, seed: int) -> bool:
+    d = run_dir(setup, cell, seed)
+    return (d / "eval" / "summary.json").is_file() if cell.test_eval else (d / "final" / "config.json").is_file()
+
+
+def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
+    """Train and evaluate one (cell, seed); a finished one is skipped, so the study resumes where it stopped."""
+    size, out = setup.size, run_dir(setup, cell, seed)
+    if is_done(setup, cell, seed):
+        return out
+    raw = base_run(size, setup.dolly, out, setup.tok_dir)
+    raw["model"].update(student_config=size.student, teacher_cache=str(setup.cache))
+    raw["objective"] = {"preset": cell.preset, "feat_layers": 2, **cell.overrides}
+    raw["train"].update(max_steps=size.student_steps, seed=seed, eval_every=size.student_steps, eval_at_start=False)
+    if not (out / "final" / "config.json").is_file():
+        train_run(raw)
+    if not cell.test_eval:
+        return out
+    settings = EvalSettings(
+        seeds=(sampling_seed(seed),),
+        max_prompt_len=size.max_prompt_len,
+        max_len=size.max_len,
+        max_new_tokens=size.max_new_tokens,
+        batch_size=32,
+        max_examples=size.test_examples,
+    )
+    ev = out / "eval"
+    if setup.data_dir is not None and size.other_examples:
+        run_eval(
+            out / "final",
+            OTHER_SETS,
+            replace(settings, max_examples=size.other_examples),
+            out_dir=ev,
+            data_dir=setup.data_dir,
+        )
+    # Dolly last: its summary.json marks the cell finished.
+    run_eval(out / "final", ["dolly_test"], settings, out_dir=ev, data_dir=setup.data_dir, teacher_path=setup.teacher)
+    return out
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_logged(setup: Setup, cell: Cell, seed: int) -> Path:
+    """run_cell with this process's stdout and stderr (progress bars, warnings) sent to the cell's log file."""
+    log = run_dir(setup, cell, seed).parent / f"seed{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with log.open("a") as f:
+        os.dup2(f.fileno(), 1), os.dup2(f.fileno(), 2)
+        try:
+            return run_cell(setup, cell, seed)
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+
+
+def run_cells(setup: Setup, jobs: list[tuple[Cell, int]], workers: int = 1) -> None:
+    """Run (cell, seed) jobs. With workers > 1, each runs in its own process on cores // workers threads: the study's
+    models are small, so separate processes use the cores better than one process's intra-op threads."""
+    todo = [(c, s) for c, s in jobs if not is_done(setup, c, s)]
+    if workers <= 1 or len(todo) <= 1:
+        for cell, seed in todo:
+            print(f"[study] {cell.name} seed {seed}", flush=True)
+            run_cell(setup, cell, seed)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_logged, setup, c, s): (c, s) for c, s in todo}
+        bar = tqdm(as_completed(futures), total=len(futures), desc=f"study ({workers} processes)")
+        for fut in bar:
+            cell, seed = futures[fut]
+            try:
+                fut.result()
+            except Exception as exc:
+                log = run_dir(setup, cell, seed).parent / f"seed{seed}.log"
+                raise RuntimeError(f"study cell {cell.name} seed {seed} failed; see {log}") from exc
+            bar.set_postfix_str(f"{cell.name} seed {seed}")

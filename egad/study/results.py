@@ -1,0 +1,249 @@
+"""Aggregate the study's run files into docs/results.md and results.png. Nothing here is typed in by hand except the
+discussion, which is kept from the existing page when the study is regenerated."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from egad.eval.report import load_run  # noqa: E402
+from egad.study.grid import OTHER_SETS, sampling_seed  # noqa: E402
+
+DISCUSSION = "## What the numbers show"
+
+
+@dataclass
+class Row:
+    cell: str
+    group: str
+    dev_nll: list[float]
+    test_nll: list[float]
+    rouge: dict[str, list[float]]  # eval set -> per training seed
+
+    def mean(self, metric: str) -> float:
+        vals = self.rouge["dolly_test"] if metric == "rouge" else getattr(self, metric)
+        return statistics.fmean(vals)
+
+
+def aggregate(out: Path, groups: dict[str, list[str]], seeds: list[int]) -> list[Row]:
+    rows = []
+    for group, cells in groups.items():
+        for cell in cells:
+            runs = [load_run(out / cell / f"seed{s}") for s in seeds]
+            rouge = {
+                name: [r.evals[name]["rouge_l_mean"] for r in runs]
+                for name in ["dolly_test"] + OTHER_SETS
+                if all(name in r.evals for r in runs)
+            }
+            rows.append(
+                Row(
+                    cell=cell,
+                    group=group,
+                    dev_nll=[r.best_dev_nll for r in runs],
+                    test_nll=[r.evals["dolly_test"]["nll"] for r in runs],
+                    rouge=rouge,
+                )
+            )
+    return rows
+
+
+def ms(vals: list[float], digits: int = 2) -> str:
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.fmean(vals):.{digits}f} ± {sd:.{digits}f}"
+
+
+def table(rows: list[Row], teacher: dict | None = None) -> list[str]:
+    sets = [s for s in ["dolly_test"] + OTHER_SETS if all(s in r.rouge for r in rows)]
+    head = ["group", "cell", "dev NLL", "test NLL"] + [f"{s} ROUGE-L" for s in sets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if teacher:
+        vals = [f"{teacher['dev_nll']:.3f}", f"{teacher['test_nll']:.3f}"]
+        vals += [ms(teacher["rouge"][s]) if s in teacher["rouge"] else "—" for s in sets]
+        lines.append("| | **teacher** | " + " | ".join(vals) + " |")
+    best = {
+        "dev_nll": min(r.mean("dev_nll") for r in rows),
+        "test_nll": min(r.mean("test_nll") for r in rows),
+    }
+    for r in rows:
+        dev, test = ms(r.dev_nll, 3), ms(r.test_nll, 3)
+        dev = f"**{dev}**" if r.mean("dev_nll") == best["dev_nll"] else dev
+        test = f"**{test}**" if r.mean("test_nll") == best["test_nll"] else test
+        lines.append("| " + " | ".join([r.group, f"`{r.cell}`", dev, test] + [ms(r.rouge[s]) for s in sets]) + " |")
+    return lines
+
+
+def paper_index(readme: Path, cells: list[str]) -> list[str]:
+    """The README's paper-index rows that name a preset in the study (one source of truth for citations)."""
+    if not readme.is_file():
+        return []
+    text = readme.read_text().split("## Paper index", 1)[-1]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "`" in ln]
+    keep = [ln for ln in rows if set(re.findall(r"`([^`]+)`", ln)) & set(cells)]
+    return ["| method | preset | citation |", "|---|---|---|", *keep] if keep else []
+
+
+def kept_discussion(path: Path) -> list[str]:
+    """The hand-written discussion of an earlier results page, so regenerating the tables does not erase it."""
+    if not path.is_file() or DISCUSSION not in path.read_text():
+        return [DISCUSSION, "", "_Not written yet: read the tables above._"]
+    tail = path.read_text().split(DISCUSSION, 1)[1]
+    return [DISCUSSION + tail.split("\n## ", 1)[0].rstrip()]
+
+
+GROUP_COLOURS = {"baseline": "tab:gray", "component": "tab:blue", "control": "tab:orange", "dev-tuned": "tab:green"}
+
+
+def plot(rows: list[Row], teacher: dict | None, path: Path) -> Path:
+    """Dev NLL and Dolly test ROUGE-L per cell (mean and std over training seeds), sorted by dev NLL."""
+    rows = sorted(rows, key=lambda r: r.mean("dev_nll"), reverse=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * len(rows) + 1.5), sharey=True)
+    ys = range(len(rows))
+    colours = [GROUP_COLOURS.get(r.group, "tab:purple") for r in rows]
+    panels = [(axes[0], "dev_nll", "dev NLL (lower is better)"), (axes[1], "rouge", "Dolly test ROUGE-L")]
+    for ax, metric, label in panels:
+        vals = [r.dev_nll if metric == "dev_nll" else r.rouge["dolly_test"] for r in rows]
+        means = [statistics.fmean(v) for v in vals]
+        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        ax.barh(list(ys), means, xerr=sds, color=colours, capsize=2)
+        lo = min(m - s for m, s in zip(means, sds, strict=True))
+        hi = max(m + s for m, s in zip(means, sds, strict=True))
+        if teacher and metric == "dev_nll":
+            ax.axvline(teacher["dev_nll"], color="k", ls="--", lw=1, label="teacher")
+            lo = min(lo, teacher["dev_nll"])
+            ax.legend(loc="lower right", fontsize=8)
+        pad = 0.1 * (hi - lo) or 0.1
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(list(ys), [r.cell for r in rows], fontsize=8)
+    for group, colour in GROUP_COLOURS.items():
+        axes[1].barh([0], [0], color=colour, label=group)
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle("EGAD study: mean ± std over training seeds (bars coloured by group)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _comparisons(rows: list[Row], compare_fn) -> list[str]:
+    by = {r.cell: r for r in rows}
+    baselines = [r for r in rows if r.group == "baseline"]
+    best = min(baselines, key=lambda r: r.mean("dev_nll")).cell if baselines else None
+    pairs = [(a, b) for a in ("egad", "egad_dev_tuned") for b in dict.fromkeys(("kd", best)) if a in by and b in by]
+    if not pairs:
+        return []
+    lines = [
+        f"Best baseline by mean dev NLL (chosen on dev, not test): `{best}`. Differences are a - b; for NLL negative "
+        "favours a, for ROUGE-L positive does. Test p-values: two-sided paired bootstrap over the Dolly test "
+        "examples (10,000 resamples), each example's value averaged over training seeds. Dev NLL: per-seed "
+        "differences (paired by seed).",
+        "",
+        "| a - b | dev NLL per seed | test NLL | p | Dolly ROUGE-L | p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b in pairs:
+        res = compare_fn(a, b)
+        dev = ", ".join(f"{x - y:+.3f}" for x, y in zip(by[a].dev_nll, by[b].dev_nll, strict=True))
+        (dn, pn), (dr, pr) = res["test_nll"], res["rouge_l"]
+        lines.append(f"| `{a}` - `{b}` | {dev} | {dn:+.4f} | {pn:.3f} | {dr:+.2f} | {pr:.3f} |")
+    return lines
+
+
+def _effects(rows: list[Row], effects_fn) -> list[str]:
+    per_metric = {m: effects_fn({r.cell: r.mean(m) for r in rows}) for m in ("dev_nll", "test_nll", "rouge")}
+    if any(v is None for v in per_metric.values()):
+        return []
+    lines = [
+        "Mean over the four factorial cells with the component minus the four without it (KD is the all-off cell).",
+        "",
+        "| component | dev NLL | test NLL | Dolly ROUGE-L |",
+        "|---|---|---|---|",
+    ]
+    for comp in per_metric["dev_nll"]:
+        d, t, r = (per_metric[m][comp] for m in ("dev_nll", "test_nll", "rouge"))
+        lines.append(f"| {comp} | {d:+.4f} | {t:+.4f} | {r:+.2f} |")
+    return lines
+
+
+def page(
+    rows,
+    teacher,
+    setup,
+    seeds,
+    tuning,
+    chosen,
+    command,
+    minutes,
+    *,
+    compare_fn,
+    effects_fn,
+    index,
+    discussion,
+    invocations: list[dict] | None = None,
+) -> str:
+    size = setup.size
+    st = size.student
+    other = f"the first {size.other_examples} records of {', '.join(OTHER_SETS)}" if size.other_examples else "none"
+    runs = invocations or [{"command": command, "minutes": minutes}]
+    wall = sum(r["minutes"] for r in runs)
+    dolly_n = "all 500" if size.test_examples is None else f"the first {size.test_examples}"
+    text = [
+        "# Results: EGAD vs baselines on Dolly",
+        "",
+        f"Generated by `bench/study.py` from the run files in `{setup.out}`; only the discussion is written by hand.",
+        "",
+        "## Protocol",
+        "",
+        f"- **Command:** `{command}`. Wall time **{wall:.0f} min** on this 2-core CPU, over {len(runs)} "
+        "invocation(s) (finished cells are skipped, so the study runs in parts):",
+        *[f"  - `{r['command']}`: {r['minutes']:.1f} min" for r in runs],
+        f"- **Teacher:** `{setup.teacher}`, dev NLL **{teacher['dev_nll']:.3f}**, Dolly test NLL "
+        f"{teacher['test_nll']:.3f}. {teacher['origin']}",
+        f"- **Student:** Llama-style, {st['hidden_size']} wide, {st['num_hidden_layers']} layers, from scratch; "
+        f"{size.student_steps} steps of batch {size.batch}, lr 2e-3, the teacher's tokenizer. Every cell reads the "
+        "same offline teacher cache (k = 64, hidden states of every token, so each routing rule picks its own).",
+        f"- **Seeds:** training seeds {seeds}; training seed s samples with generation seed "
+        f"{', '.join(str(sampling_seed(s)) for s in seeds)}. Every figure is mean ± std over training seeds.",
+        f"- **Evaluation:** dev NLL on {size.dev_examples} Dolly dev examples (also the checkpoint choice); Dolly test "
+        f"({dolly_n} examples) ROUGE-L under MiniLLM sampling (temperature 1, top-p 1, top-k 0) and response NLL; "
+        f"ROUGE-L on {other} (a fixed subset, for time).",
+        "- **No tuning on test:** every preset uses its defaults (docs/method.md), fixed before the study; EGAD's "
+        "knobs were swept on dev only (below)" + (f" and `egad_dev_tuned` uses {chosen}." if chosen else "."),
+        "",
+        "## Table",
+        "",
+        "Bold: best mean over all cells.",
+        "",
+        *table(rows, teacher),
+        "",
+        "![dev NLL and ROUGE-L per cell](results.png)",
+        "",
+        *discussion,
+        "",
+    ]
+    comp = _comparisons(rows, compare_fn)
+    if comp:
+        text += ["## Paired tests", "", *comp, ""]
+    eff = _effects(rows, effects_fn)
+    if eff:
+        text += ["## Component main effects (the 2^3 factorial)", "", *eff, ""]
+    if tuning:
+        text += ["## Dev sweep of EGAD's knobs (spec section 8, one at a time)", "", *tuning, ""]
+    if index:
+        text += [
+            "## Paper index",
+            "",
+            *index,
+            "| EGAD controls | `egad_reverse_curriculum`, `egad_direct_temp`, "
+            "`egad_random_route`, `egad_feat_only` | spec section 9 |",
+            "",
+        ]
+    return "\n".join(text)

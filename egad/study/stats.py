@@ -1,0 +1,81 @@
+"""Paired comparisons between cells, on the same test examples, and the 2^3 component main effects."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+# The 2^3 factorial of spec section 9: (C1 curriculum, C2 adaptive tau, C3 dual branch) -> preset.
+FACTORIAL = {
+    (0, 0, 0): "kd",
+    (1, 0, 0): "egad_c1",
+    (0, 1, 0): "egad_c2",
+    (0, 0, 1): "egad_c3",
+    (1, 1, 0): "egad_no_c3",
+    (1, 0, 1): "egad_no_c2",
+    (0, 1, 1): "egad_no_c1",
+    (1, 1, 1): "egad",
+}
+
+
+def paired_bootstrap(a: list[float], b: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Mean difference a - b over paired examples, and the two-sided bootstrap p-value of 'no difference'."""
+    rng = random.Random(seed)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(diffs)
+    m = len(diffs)
+    below = sum(statistics.fmean(diffs[rng.randrange(m)] for _ in range(m)) <= 0 for _ in range(n))
+    p_one = below / n if mean > 0 else 1 - below / n
+    return mean, min(1.0, 2 * p_one)
+
+
+def _seed_dirs(cell_dir: Path, seeds: list[int]) -> list[Path]:
+    return [cell_dir / f"seed{s}" / "eval" / "dolly_test" for s in seeds]
+
+
+def per_example_rouge(cell_dir: Path, seeds: list[int]) -> list[float]:
+    """Per test example ROUGE-L, averaged over the cell's training seeds (the unit of the paired test)."""
+    runs = []
+    for d in _seed_dirs(cell_dir, seeds):
+        gen = next(d.glob("generations-*.jsonl"))
+        runs.append([json.loads(x)["rouge_l"] for x in gen.read_text().splitlines()])
+    return [statistics.fmean(col) for col in zip(*runs, strict=True)]
+
+
+def per_example_nll(cell_dir: Path, seeds: list[int]) -> tuple[list[float], list[int]]:
+    """Per test example response-NLL sums averaged over training seeds, and the token counts (the same for every
+    cell: same tokenizer and references). Sum differences over mean tokens give the token-mean NLL difference."""
+    sums, tokens = [], None
+    for d in _seed_dirs(cell_dir, seeds):
+        per = json.loads((d / "nll-per-example.json").read_text())
+        sums.append(per["nll_sum"])
+        if tokens is not None and per["tokens"] != tokens:
+            raise ValueError(f"{d}: token counts differ between seeds; the cells were not scored on the same tokens")
+        tokens = per["tokens"]
+    return [statistics.fmean(col) for col in zip(*sums, strict=True)], tokens or []
+
+
+def compare(out: Path, a: str, b: str, seeds: list[int], n: int = 10000) -> dict[str, tuple[float, float]]:
+    """a - b on Dolly test: ROUGE-L (higher is better) and token-mean response NLL (lower is better), each with the
+    paired-bootstrap p-value over test examples."""
+    rouge = paired_bootstrap(per_example_rouge(out / a, seeds), per_example_rouge(out / b, seeds), n=n)
+    (sa, tokens), (sb, tokens_b) = per_example_nll(out / a, seeds), per_example_nll(out / b, seeds)
+    if tokens != tokens_b:
+        raise ValueError(f"{a} and {b} were scored on different test tokens; compare cells of one study only")
+    diff, p = paired_bootstrap(sa, sb, n=n)
+    per_token = diff * len(tokens) / max(sum(tokens), 1)  # mean over examples of sums -> mean over tokens
+    return {"rouge_l": rouge, "test_nll": (per_token, p)}
+
+
+def main_effects(values: dict[str, float]) -> dict[str, float] | None:
+    """Mean metric with a component minus mean without it, over the 8 factorial cells (None if any is missing)."""
+    if not all(p in values for p in FACTORIAL.values()):
+        return None
+    effects = {}
+    for i, name in enumerate(["C1 curriculum", "C2 adaptive tau", "C3 dual branch"]):
+        on = [values[p] for k, p in FACTORIAL.items() if k[i]]
+        off = [values[p] for k, p in FACTORIAL.items() if not k[i]]
+        effects[name] = statistics.fmean(on) - statistics.fmean(off)
+    return effects
