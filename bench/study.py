@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -43,30 +44,37 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cells", default=None, help="comma-separated subset of the grid (default: all)")
     ap.add_argument("--no-tune", action="store_true", help="skip the dev sweep of EGAD's knobs")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
+    ap.add_argument("--size", default=None, help="YAML: `size:` fields replacing the built-in sizes, `run:` overrides")
     ap.add_argument("--data", default=None)
     ap.add_argument("--teacher", default=None, help="teacher run folder (default: the demo's cached teacher)")
     return ap.parse_args(argv)
 
 
 def setup_study(args: argparse.Namespace) -> tuple[G.Setup, Path]:
-    size = QUICK if args.quick else FULL
+    size, run = QUICK if args.quick else FULL, {}
+    if args.size:
+        size, run = G.load_size(args.size, size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dolly, data_dir = resolve_dolly(args.data, out)
     if args.teacher:
         teacher_run = Path(args.teacher)
-        if not (teacher_run / "final" / "config.json").is_file():
-            raise SystemExit(f"--teacher {teacher_run}: expected an `egad train` run folder with final/")
-        tok_dir = teacher_run / "final"  # students share the teacher's tokenizer
+        teacher = teacher_run / "final" if (teacher_run / "final").is_dir() else teacher_run
+        if not (teacher / "config.json").is_file():
+            raise SystemExit(
+                f"--teacher {teacher_run}: expected an `egad train` run folder (with final/) or a model "
+                "folder (with config.json)"
+            )
+        tok_dir = teacher  # students share the teacher's tokenizer
     else:
         tok_dir = demo_tokenizer(size, dolly)
         teacher_run = demo_teacher(size, dolly, tok_dir)
-    teacher = teacher_run / "final"
+        teacher = teacher_run / "final"
     cache_cfg = base_run(size, dolly, out / "cache-run", tok_dir)
-    cache_cfg["model"].update(teacher=str(teacher), student_config=size.student)
+    cache_cfg["model"].update(G.model_fields(size), teacher=str(teacher))
     cache_cfg["objective"] = {"preset": "egad", "feat_layers": 2}
-    run_cache_job(build_config(cache_cfg), out / "cache", k=64, hidden_quantile=0.0)
-    return G.Setup(size, dolly, data_dir, tok_dir, out / "cache", teacher, out), teacher_run
+    run_cache_job(build_config(G.with_overrides(cache_cfg, run)), out / "cache", k=64, hidden_quantile=0.0)
+    return G.Setup(size, dolly, data_dir, tok_dir, out / "cache", teacher, out, run), teacher_run
 
 
 def eval_teacher(setup: G.Setup, teacher_run: Path, seeds: list[int]) -> dict:
@@ -87,7 +95,7 @@ def eval_teacher(setup: G.Setup, teacher_run: Path, seeds: list[int]) -> dict:
             run_eval(setup.teacher, [name], replace(settings, max_examples=n), out_dir=ev, data_dir=setup.data_dir)
     evals = load_run(setup.out / "teacher").evals
     return {
-        "dev_nll": min(r["dev_nll"] for r in load_run(teacher_run).metrics if "dev_nll" in r),
+        "dev_nll": min((r["dev_nll"] for r in load_run(teacher_run).metrics if "dev_nll" in r), default=math.nan),
         "test_nll": evals["dolly_test"]["nll"],
         "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in evals.items()},
         "origin": f"Run folder `{teacher_run}`; its `config.yaml` holds the exact training settings.",

@@ -86,3 +86,23 @@ def test_quick_study_runs_in_two_processes_and_resumes(tmp_path, monkeypatch, do
     study.main(argv)
     assert (out / "egad" / "seed0" / "eval" / "summary.json").stat().st_mtime == mtime
     assert len((out / "invocations.jsonl").read_text().splitlines()) == 2
+
+
+def test_size_file_replaces_fields_and_names_bad_keys(tmp_path):
+    from egad.demo import FULL
+
+    size, run = G.load_size(REPO / "configs" / "study_gpu.yaml", FULL)
+    assert size.student == "Qwen/Qwen2.5-0.5B" and size.max_len == 512 and size.vocab == FULL.vocab
+    assert G.model_fields(size) == {"student": "Qwen/Qwen2.5-0.5B"} and run["train.lr"] == 2e-5
+    assert G.model_fields(FULL) == {"student_config": FULL.student}
+    from egad.demo import base_run
+    from egad.run_config import build_config
+
+    raw = base_run(size, tmp_path / "dolly.jsonl", tmp_path / "run", tmp_path)
+    raw["model"].update(G.model_fields(size), teacher="Qwen/Qwen2.5-1.5B-Instruct")
+    cfg = build_config(G.with_overrides(raw, run))  # every `run:` key is a real run-config field
+    assert cfg.train.mixed_precision == "bf16" and cfg.data.max_len == 512
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("size: {student_stepz: 3}\n")
+    with pytest.raises(ValueError, match=r"size\.student_stepz"):
+        G.load_size(bad, FULL)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from egad.demo import DemoSize, base_run, train_run
@@ -76,6 +77,34 @@ class Setup:
     cache: Path
     teacher: Path
     out: Path
+    run: dict = field(default_factory=dict)  # dotted run-config overrides for every cell, e.g. train.lr
+
+
+def load_size(path: str | Path, base: DemoSize) -> tuple[DemoSize, dict]:
+    """A study size file: `size:` replaces fields of the built-in size (a `student` string is a model dir or hub id,
+    a mapping a from-scratch config) and `run:` holds dotted run-config overrides for every cell."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    bad = set(raw) - {"size", "run"}
+    known = {f.name for f in fields(DemoSize)}
+    bad |= {f"size.{k}" for k in set(raw.get("size") or {}) - known}
+    if bad:
+        raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; expected size.<{'|'.join(sorted(known))}> and run")
+    size = dict(raw.get("size") or {})
+    if "seeds" in size:
+        size["seeds"] = tuple(size["seeds"])
+    return replace(base, **size), dict(raw.get("run") or {})
+
+
+def model_fields(size: DemoSize) -> dict:
+    """The student as run-config model fields: a model dir / hub id, or a from-scratch config."""
+    return {"student": size.student} if isinstance(size.student, str) else {"student_config": size.student}
+
+
+def with_overrides(raw: dict, dotted: dict) -> dict:
+    for key, value in dotted.items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    return raw
 
 
 def sampling_seed(train_seed: int) -> int:
@@ -98,11 +127,11 @@ def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
     if is_done(setup, cell, seed):
         return out
     raw = base_run(size, setup.dolly, out, setup.tok_dir)
-    raw["model"].update(student_config=size.student, teacher_cache=str(setup.cache))
+    raw["model"].update(model_fields(size), teacher_cache=str(setup.cache))
     raw["objective"] = {"preset": cell.preset, "feat_layers": 2, **cell.overrides}
     raw["train"].update(max_steps=size.student_steps, seed=seed, eval_every=size.student_steps, eval_at_start=False)
     if not (out / "final" / "config.json").is_file():
-        train_run(raw)
+        train_run(with_overrides(raw, setup.run))
     if not cell.test_eval:
         return out
     settings = EvalSettings(

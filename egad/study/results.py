@@ -3,6 +3,7 @@ discussion, which is kept from the existing page when the study is regenerated."
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from dataclasses import dataclass
@@ -59,12 +60,16 @@ def ms(vals: list[float], digits: int = 2) -> str:
     return f"{statistics.fmean(vals):.{digits}f} ± {sd:.{digits}f}"
 
 
+def _num(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.3f}"  # nan: a teacher given as a model folder has no dev log
+
+
 def table(rows: list[Row], teacher: dict | None = None) -> list[str]:
     sets = [s for s in ["dolly_test"] + OTHER_SETS if all(s in r.rouge for r in rows)]
     head = ["group", "cell", "dev NLL", "test NLL"] + [f"{s} ROUGE-L" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if teacher:
-        vals = [f"{teacher['dev_nll']:.3f}", f"{teacher['test_nll']:.3f}"]
+        vals = [_num(teacher["dev_nll"]), _num(teacher["test_nll"])]
         vals += [ms(teacher["rouge"][s]) if s in teacher["rouge"] else "—" for s in sets]
         lines.append("| | **teacher** | " + " | ".join(vals) + " |")
     best = {
@@ -191,6 +196,11 @@ def page(
 ) -> str:
     size = setup.size
     st = size.student
+    student = (
+        f"`{st}`"
+        if isinstance(st, str)
+        else (f"{st.get('model_type', '')} {st['hidden_size']} wide, {st['num_hidden_layers']} layers, from scratch")
+    )
     other = f"the first {size.other_examples} records of {', '.join(OTHER_SETS)}" if size.other_examples else "none"
     runs = invocations or [{"command": command, "minutes": minutes}]
     wall = sum(r["minutes"] for r in runs)
@@ -205,9 +215,9 @@ def page(
         f"- **Command:** `{command}`. Wall time **{wall:.0f} min** on this 2-core CPU, over {len(runs)} "
         "invocation(s) (finished cells are skipped, so the study runs in parts):",
         *[f"  - `{r['command']}`: {r['minutes']:.1f} min" for r in runs],
-        f"- **Teacher:** `{setup.teacher}`, dev NLL **{teacher['dev_nll']:.3f}**, Dolly test NLL "
+        f"- **Teacher:** `{setup.teacher}`, dev NLL **{_num(teacher['dev_nll'])}**, Dolly test NLL "
         f"{teacher['test_nll']:.3f}. {teacher['origin']}",
-        f"- **Student:** Llama-style, {st['hidden_size']} wide, {st['num_hidden_layers']} layers, from scratch; "
+        f"- **Student:** {student}; "
         f"{size.student_steps} steps of batch {size.batch}, lr 2e-3, the teacher's tokenizer. Every cell reads the "
         "same offline teacher cache (k = 64, hidden states of every token, so each routing rule picks its own).",
         f"- **Seeds:** training seeds {seeds}; training seed s samples with generation seed "
