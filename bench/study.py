@@ -119,8 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(1 if args.quick else args.seeds))
     cells = args.cells.split(",") if args.cells else (G.QUICK_CELLS if args.quick else G.GRID)
     knobs = {} if args.no_tune or "egad" not in cells else dict(list(G.TUNE.items())[:2] if args.quick else G.TUNE)
-    jobs = [(G.Cell(c, c), s) for c in cells for s in seeds]
+    # The main comparison and the dev sweep first, so that a study stopped early has them.
+    order = sorted(cells, key=lambda c: c not in ("kd", "egad"))
+    jobs = [(G.Cell(c, c), s) for c in order[:2] for s in seeds]
     jobs += [(G.Cell(f"tune/{k}", "egad", v, test_eval=False), 0) for k, v in knobs.items()]
+    jobs += [(G.Cell(c, c), s) for c in order[2:] for s in seeds]
     G.run_cells(setup, jobs, args.jobs)
     groups = {
         "baseline": [c for c in cells if c in G.BASELINES],
@@ -149,13 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         seeds,
         tuning,
         chosen,
-        command,
-        invocations[-1]["minutes"],
+        invocations,
         compare_fn=lambda a, b: compare(setup.out, a, b, seeds),
         effects_fn=main_effects,
         index=R.paper_index(REPO / "README.md", cells),
         discussion=R.kept_discussion(results),
-        invocations=invocations,
     )
     results.write_text(page)
     print(page)

@@ -185,14 +185,12 @@ def page(
     seeds,
     tuning,
     chosen,
-    command,
-    minutes,
+    invocations: list[dict],
     *,
     compare_fn,
     effects_fn,
     index,
     discussion,
-    invocations: list[dict] | None = None,
 ) -> str:
     size = setup.size
     st = size.student
@@ -202,7 +200,7 @@ def page(
         else (f"{st.get('model_type', '')} {st['hidden_size']} wide, {st['num_hidden_layers']} layers, from scratch")
     )
     other = f"the first {size.other_examples} records of {', '.join(OTHER_SETS)}" if size.other_examples else "none"
-    runs = invocations or [{"command": command, "minutes": minutes}]
+    runs, command = invocations, invocations[-1]["command"]
     wall = sum(r["minutes"] for r in runs)
     dolly_n = "all 500" if size.test_examples is None else f"the first {size.test_examples}"
     text = [
