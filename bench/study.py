@@ -23,6 +23,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from egad.demo import FULL, QUICK, base_run, demo_teacher, demo_tokenizer, resolve_dolly
 from egad.eval.report import load_run
 from egad.eval.suite import EvalSettings, run_eval
@@ -89,8 +91,8 @@ def eval_teacher(setup: G.Setup, teacher_run: Path, seeds: list[int]) -> dict:
         max_examples=size.test_examples,
     )
     sets = ["dolly_test"] + (G.OTHER_SETS if setup.data_dir is not None and size.other_examples else [])
-    if not (ev / "summary.json").is_file():
-        for name in sets:
+    for name in sets:
+        if not (ev / name / "summary.json").is_file():  # each set once: an interrupted study resumes here too
             n = size.test_examples if name == "dolly_test" else size.other_examples
             run_eval(setup.teacher, [name], replace(settings, max_examples=n), out_dir=ev, data_dir=setup.data_dir)
     evals = load_run(setup.out / "teacher").evals
@@ -110,6 +112,16 @@ def tune(setup: G.Setup, knobs: dict[str, dict]) -> tuple[list[str], dict]:
     lines = ["| EGAD setting (seed 0) | dev NLL |", "|---|---|"]
     lines += [f"| {k}{' (chosen)' if k == best else ''} | {v:.4f} |" for k, v in dev.items()]
     return lines, ({} if best == "defaults" else knobs[best])
+
+
+def retire_stale_choice(cell_dir: Path, chosen: dict) -> None:
+    """The dev-tuned cell is trained for one choice; if a longer sweep chose otherwise, set its old runs aside (never
+    delete them) so that the cell is trained again rather than skipped as finished."""
+    for cfg in cell_dir.glob("seed*/config.yaml"):
+        objective = yaml.safe_load(cfg.read_text()).get("objective", {})
+        if any(objective.get(k) != v for k, v in chosen.items()):
+            cell_dir.rename(cell_dir.with_name(f"{cell_dir.name}.stale-{int(time.time())}"))
+            return
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     tuning, chosen = tune(setup, knobs) if knobs else ([], {})
     if chosen:
+        retire_stale_choice(setup.out / G.TUNED, chosen)
         G.run_cells(setup, [(G.Cell(G.TUNED, "egad", chosen), s) for s in seeds], args.jobs)
         groups["dev-tuned"] = [G.TUNED]
     teacher = eval_teacher(setup, teacher_run, seeds)

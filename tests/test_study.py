@@ -106,3 +106,14 @@ def test_size_file_replaces_fields_and_names_bad_keys(tmp_path):
     bad.write_text("size: {student_stepz: 3}\n")
     with pytest.raises(ValueError, match=r"size\.student_stepz"):
         G.load_size(bad, FULL)
+
+
+def test_dev_tuned_cell_is_retrained_when_the_choice_changes(tmp_path):
+    study = _study()
+    cell = tmp_path / G.TUNED
+    (cell / "seed0").mkdir(parents=True)
+    (cell / "seed0" / "config.yaml").write_text("objective: {preset: egad, beta_f: 2.0}\n")
+    study.retire_stale_choice(cell, {"beta_f": 2.0})
+    assert cell.is_dir()  # same choice: the finished runs stand
+    study.retire_stale_choice(cell, {"curriculum_mode": "static_hard"})
+    assert not cell.exists() and len(list(tmp_path.glob(f"{G.TUNED}.stale-*/seed0/config.yaml"))) == 1

@@ -52,6 +52,9 @@ TUNE = {
     "rho=0.5": {"rho": 0.5},
     "beta_f=0.5": {"beta_f": 0.5},
     "beta_f=2": {"beta_f": 2.0},
+    "pacing=sqrt": {"pacing": "sqrt"},
+    "curriculum=tilt": {"curriculum_mode": "tilt"},
+    "curriculum=static_hard": {"curriculum_mode": "static_hard"},  # spec 9: the EA-KD-like control of C1
 }
 TUNED = "egad_dev_tuned"
 
