@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     knobs = {} if args.no_tune or "egad" not in cells else dict(list(G.TUNE.items())[:2] if args.quick else G.TUNE)
     # The main comparison and the dev sweep first, so that a study stopped early has them.
     order = sorted(cells, key=lambda c: c not in ("kd", "egad"))
-    jobs = [(G.Cell(c, c), s) for c in order[:2] for s in seeds]
+    jobs = [(G.cell(c), s) for c in order[:2] for s in seeds]
     jobs += [(G.Cell(f"tune/{k}", "egad", v, test_eval=False), 0) for k, v in knobs.items()]
-    jobs += [(G.Cell(c, c), s) for c in order[2:] for s in seeds]
+    jobs += [(G.cell(c), s) for c in order[2:] for s in seeds]
     G.run_cells(setup, jobs, args.jobs)
     groups = {
         "baseline": [c for c in cells if c in G.BASELINES],

@@ -38,7 +38,11 @@ CONTROLS = [
     "kd_tau2",
     "egad_random_route",
     "egad_feat_only",
+    "kd_alpha0.8",
 ]
+# Cells that are a preset plus overrides. kd_alpha0.8 gives KD the KD:CE ratio that EA-KD's unnormalised weights
+# (mean about 4 on this data) give it, so that EA-KD's gain can be told apart from a heavier KD term.
+DERIVED = {"kd_alpha0.8": ("kd", {"alpha": 0.8})}
 GRID = list(dict.fromkeys(BASELINES + COMPONENTS + CONTROLS))
 QUICK_CELLS = ["sft", "kd", "egad_c1", "egad"]
 OTHER_SETS = ["self_inst", "vicuna", "sinst", "uinst"]
@@ -55,6 +59,7 @@ TUNE = {
     "pacing=sqrt": {"pacing": "sqrt"},
     "curriculum=tilt": {"curriculum_mode": "tilt"},
     "curriculum=static_hard": {"curriculum_mode": "static_hard"},  # spec 9: the EA-KD-like control of C1
+    "alpha=0.8": {"alpha": 0.8},
 }
 TUNED = "egad_dev_tuned"
 
@@ -108,6 +113,11 @@ def with_overrides(raw: dict, dotted: dict) -> dict:
         section, _, name = key.partition(".")
         raw.setdefault(section, {})[name] = value
     return raw
+
+
+def cell(name: str) -> Cell:
+    preset, overrides = DERIVED.get(name, (name, {}))
+    return Cell(name, preset, overrides)
 
 
 def sampling_seed(train_seed: int) -> int:

@@ -138,6 +138,12 @@ def plot(rows: list[Row], teacher: dict | None, path: Path) -> Path:
     return path
 
 
+def _p(p: float, resamples: int = 10000) -> str:
+    if p == 0:
+        return f"< {1 / resamples:g}"  # no resample crossed zero
+    return f"{p:.4f}" if p < 0.001 else f"{p:.3f}"
+
+
 def _comparisons(rows: list[Row], compare_fn) -> list[str]:
     by = {r.cell: r for r in rows}
     baselines = [r for r in rows if r.group == "baseline"]
@@ -158,7 +164,7 @@ def _comparisons(rows: list[Row], compare_fn) -> list[str]:
         res = compare_fn(a, b)
         dev = ", ".join(f"{x - y:+.3f}" for x, y in zip(by[a].dev_nll, by[b].dev_nll, strict=True))
         (dn, pn), (dr, pr) = res["test_nll"], res["rouge_l"]
-        lines.append(f"| `{a}` - `{b}` | {dev} | {dn:+.4f} | {pn:.3f} | {dr:+.2f} | {pr:.3f} |")
+        lines.append(f"| `{a}` - `{b}` | {dev} | {dn:+.4f} | {_p(pn)} | {dr:+.2f} | {_p(pr)} |")
     return lines
 
 
@@ -250,8 +256,8 @@ def page(
             "## Paper index",
             "",
             *index,
-            "| EGAD controls | `egad_reverse_curriculum`, `egad_direct_temp`, "
-            "`egad_random_route`, `egad_feat_only` | spec section 9 |",
+            "| Controls | `egad_reverse_curriculum`, `egad_direct_temp`, "
+            "`egad_random_route`, `egad_feat_only`; `kd_alpha0.8` (KD at alpha = 0.8) | spec section 9; this study |",
             "",
         ]
     return "\n".join(text)
