@@ -91,7 +91,7 @@ def test_quick_study_runs_in_two_processes_and_resumes(tmp_path, monkeypatch, do
 def test_size_file_replaces_fields_and_names_bad_keys(tmp_path):
     from egad.demo import FULL
 
-    size, run = G.load_size(REPO / "configs" / "study_gpu.yaml", FULL)
+    size, run = G.load_size(REPO / "configs" / "study" / "gpu.yaml", FULL)
     assert size.student == "Qwen/Qwen2.5-0.5B" and size.max_len == 512 and size.vocab == FULL.vocab
     assert G.model_fields(size) == {"student": "Qwen/Qwen2.5-0.5B"} and run["train.lr"] == 2e-5
     assert G.model_fields(FULL) == {"student_config": FULL.student}
