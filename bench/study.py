@@ -27,11 +27,10 @@ import yaml
 
 from egad.demo import FULL, QUICK, base_run, demo_teacher, demo_tokenizer, resolve_dolly
 from egad.eval.report import load_run
-from egad.eval.suite import EvalSettings, run_eval
+from egad.eval.suite import run_eval
 from egad.run_config import build_config
 from egad.study import grid as G
 from egad.study import results as R
-from egad.study.stats import compare, main_effects
 from egad.teacher.cache_job import run_cache_job
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,21 +74,14 @@ def setup_study(args: argparse.Namespace) -> tuple[G.Setup, Path]:
     cache_cfg = base_run(size, dolly, out / "cache-run", tok_dir)
     cache_cfg["model"].update(G.model_fields(size), teacher=str(teacher))
     cache_cfg["objective"] = {"preset": "egad", "feat_layers": 2}
-    run_cache_job(build_config(G.with_overrides(cache_cfg, run)), out / "cache", k=64, hidden_quantile=0.0)
+    run_cache_job(build_config(cache_cfg, run), out / "cache", k=64, hidden_quantile=0.0)
     return G.Setup(size, dolly, data_dir, tok_dir, out / "cache", teacher, out, run), teacher_run
 
 
 def eval_teacher(setup: G.Setup, teacher_run: Path, seeds: list[int]) -> dict:
     """The teacher under the students' protocol: one sampling seed per training seed."""
     size, ev = setup.size, setup.out / "teacher" / "eval"
-    settings = EvalSettings(
-        seeds=tuple(G.sampling_seed(s) for s in seeds),
-        max_prompt_len=size.max_prompt_len,
-        max_len=size.max_len,
-        max_new_tokens=size.max_new_tokens,
-        batch_size=32,
-        max_examples=size.test_examples,
-    )
+    settings = G.eval_settings(size, seeds)
     sets = ["dolly_test"] + (G.OTHER_SETS if setup.data_dir is not None and size.other_examples else [])
     for name in sets:
         if not (ev / name / "summary.json").is_file():  # each set once: an interrupted study resumes here too
@@ -158,19 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     with log.open("a") as f:
         f.write(json.dumps({"command": command, "minutes": (time.perf_counter() - t0) / 60}) + "\n")
     invocations = [json.loads(x) for x in log.read_text().splitlines()]
-    page = R.page(
-        rows,
-        teacher,
-        setup,
-        seeds,
-        tuning,
-        chosen,
-        invocations,
-        compare_fn=lambda a, b: compare(setup.out, a, b, seeds),
-        effects_fn=main_effects,
-        index=R.paper_index(REPO / "README.md", cells),
-        discussion=R.kept_discussion(results),
-    )
+    page = R.page(rows, teacher, setup, seeds, tuning, chosen, invocations, readme=REPO / "README.md", previous=results)
     results.write_text(page)
     print(page)
 

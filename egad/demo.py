@@ -143,8 +143,8 @@ def base_run(size: DemoSize, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
     }
 
 
-def train_run(raw: dict) -> Path:
-    trainer = Trainer(build_config(raw)).setup()
+def train_run(raw: dict, overrides: dict | None = None) -> Path:
+    trainer = Trainer(build_config(raw, overrides)).setup()
     try:
         trainer.train()
     finally:

@@ -100,7 +100,7 @@ def test_size_file_replaces_fields_and_names_bad_keys(tmp_path):
 
     raw = base_run(size, tmp_path / "dolly.jsonl", tmp_path / "run", tmp_path)
     raw["model"].update(G.model_fields(size), teacher="Qwen/Qwen2.5-1.5B-Instruct")
-    cfg = build_config(G.with_overrides(raw, run))  # every `run:` key is a real run-config field
+    cfg = build_config(raw, run)  # every `run:` key is a real run-config field
     assert cfg.train.mixed_precision == "bf16" and cfg.data.max_len == 512
     bad = tmp_path / "bad.yaml"
     bad.write_text("size: {student_stepz: 3}\n")

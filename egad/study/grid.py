@@ -108,13 +108,6 @@ def model_fields(size: DemoSize) -> dict:
     return {"student": size.student} if isinstance(size.student, str) else {"student_config": size.student}
 
 
-def with_overrides(raw: dict, dotted: dict) -> dict:
-    for key, value in dotted.items():
-        section, _, name = key.partition(".")
-        raw.setdefault(section, {})[name] = value
-    return raw
-
-
 def cell(name: str) -> Cell:
     preset, overrides = DERIVED.get(name, (name, {}))
     return Cell(name, preset, overrides)
@@ -123,6 +116,22 @@ def cell(name: str) -> Cell:
 def sampling_seed(train_seed: int) -> int:
     """The MiniLLM generation seed that scores training seed s (10, 20, 30, ...)."""
     return MINILLM_SEEDS[train_seed % len(MINILLM_SEEDS)]
+
+
+def eval_settings(size: DemoSize, train_seeds: list[int]) -> EvalSettings:
+    """Dolly test under the MiniLLM protocol, one sampling seed per training seed; students and teacher alike."""
+    return EvalSettings(
+        seeds=tuple(sampling_seed(s) for s in train_seeds),
+        max_prompt_len=size.max_prompt_len,
+        max_len=size.max_len,
+        max_new_tokens=size.max_new_tokens,
+        batch_size=32,
+        max_examples=size.test_examples,
+    )
+
+
+def log_path(setup: Setup, cell: Cell, seed: int) -> Path:
+    return setup.out / cell.name / f"seed{seed}.log"
 
 
 def run_dir(setup: Setup, cell: Cell, seed: int) -> Path:
@@ -144,17 +153,10 @@ def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
     raw["objective"] = {"preset": cell.preset, "feat_layers": 2, **cell.overrides}
     raw["train"].update(max_steps=size.student_steps, seed=seed, eval_every=size.student_steps, eval_at_start=False)
     if not (out / "final" / "config.json").is_file():
-        train_run(with_overrides(raw, setup.run))
+        train_run(raw, setup.run)
     if not cell.test_eval:
         return out
-    settings = EvalSettings(
-        seeds=(sampling_seed(seed),),
-        max_prompt_len=size.max_prompt_len,
-        max_len=size.max_len,
-        max_new_tokens=size.max_new_tokens,
-        batch_size=32,
-        max_examples=size.test_examples,
-    )
+    settings = eval_settings(size, [seed])
     ev = out / "eval"
     if setup.data_dir is not None and size.other_examples:
         run_eval(
@@ -175,7 +177,7 @@ def _init_worker(threads: int) -> None:
 
 def _run_logged(setup: Setup, cell: Cell, seed: int) -> Path:
     """run_cell with this process's stdout and stderr (progress bars, warnings) sent to the cell's log file."""
-    log = run_dir(setup, cell, seed).parent / f"seed{seed}.log"
+    log = log_path(setup, cell, seed)
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush(), sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -208,6 +210,7 @@ def run_cells(setup: Setup, jobs: list[tuple[Cell, int]], workers: int = 1) -> N
             try:
                 fut.result()
             except Exception as exc:
-                log = run_dir(setup, cell, seed).parent / f"seed{seed}.log"
-                raise RuntimeError(f"study cell {cell.name} seed {seed} failed; see {log}") from exc
+                raise RuntimeError(
+                    f"study cell {cell.name} seed {seed} failed; see {log_path(setup, cell, seed)}"
+                ) from exc
             bar.set_postfix_str(f"{cell.name} seed {seed}")

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from egad.eval.report import load_run  # noqa: E402
 from egad.study.grid import OTHER_SETS, sampling_seed  # noqa: E402
+from egad.study.stats import compare, main_effects  # noqa: E402
 
 DISCUSSION = "## What the numbers show"
 
@@ -168,8 +169,8 @@ def _comparisons(rows: list[Row], compare_fn) -> list[str]:
     return lines
 
 
-def _effects(rows: list[Row], effects_fn) -> list[str]:
-    per_metric = {m: effects_fn({r.cell: r.mean(m) for r in rows}) for m in ("dev_nll", "test_nll", "rouge")}
+def _effects(rows: list[Row]) -> list[str]:
+    per_metric = {m: main_effects({r.cell: r.mean(m) for r in rows}) for m in ("dev_nll", "test_nll", "rouge")}
     if any(v is None for v in per_metric.values()):
         return []
     lines = [
@@ -184,20 +185,10 @@ def _effects(rows: list[Row], effects_fn) -> list[str]:
     return lines
 
 
-def page(
-    rows,
-    teacher,
-    setup,
-    seeds,
-    tuning,
-    chosen,
-    invocations: list[dict],
-    *,
-    compare_fn,
-    effects_fn,
-    index,
-    discussion,
-) -> str:
+def page(rows, teacher, setup, seeds, tuning, chosen, invocations: list[dict], *, readme: Path, previous: Path) -> str:
+    """The results page; `previous` is the page being replaced, whose discussion is kept."""
+    index = paper_index(readme, [r.cell for r in rows])
+    discussion = kept_discussion(previous)
     size = setup.size
     st = size.student
     student = (
@@ -243,10 +234,10 @@ def page(
         *discussion,
         "",
     ]
-    comp = _comparisons(rows, compare_fn)
+    comp = _comparisons(rows, lambda a, b: compare(setup.out, a, b, seeds))
     if comp:
         text += ["## Paired tests", "", *comp, ""]
-    eff = _effects(rows, effects_fn)
+    eff = _effects(rows)
     if eff:
         text += ["## Component main effects (the 2^3 factorial)", "", *eff, ""]
     if tuning:
