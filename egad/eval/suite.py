@@ -155,11 +155,10 @@ def teacher_forced(model, tokenizer, examples, settings: EvalSettings, *, teache
             for k, v in D.collate(items[start : start + settings.batch_size], tokenizer.pad_token_id).items()
         }
         kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        counts += (shift_labels(batch["labels"]) != -100).sum(-1).tolist()
+        targets = shift_labels(batch["labels"])
+        counts += (targets != -100).sum(-1).tolist()
         t_logits = teacher(**kw).logits if teacher is not None else None
-        tok = token_metrics(
-            model(**kw).logits, shift_labels(batch["labels"]), vocab_size=vocab, teacher_logits=t_logits
-        )
+        tok = token_metrics(model(**kw).logits, targets, vocab_size=vocab, teacher_logits=t_logits)
         for k, v in tok.items():
             parts.setdefault(k, []).append(v)
     tokens = {k: torch.cat(v) for k, v in parts.items()}
