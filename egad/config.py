@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from egad.curriculum import CURRICULUM_MODES, PACING_KINDS
+from egad.errors import EgadError
 from egad.losses.divergences import DIVERGENCES
 from egad.losses.features import FEATURE_LOSSES
 from egad.routing import ROUTE_MODES
@@ -40,7 +41,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(EgadError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
@@ -107,6 +108,10 @@ class ObjectiveConfig:
     """Base temperature of 'const' and 'idts'."""
     kappa: float = 0.3
     """IDTS strength: tau in [tau0 e^-kappa, tau0 e^kappa]."""
+    edt_t0: float = 2.0
+    """EDT temperature scale T0 in tau = clip(T0 * 0.8^(theta / H), tau_min, tau_max)."""
+    edt_theta: float = 1.0
+    """EDT exponent numerator theta (larger: colder on low-entropy tokens)."""
     tau2: str = "per_token"
     """tau^2 convention: per_token, none, normalized (tau^2 / batch mean)."""
 
@@ -153,7 +158,7 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.tau_min={self.tau_min}, tau_max={self.tau_max}: need 0 < tau_min <= tau_max")
         if self.chunk_size < 0:
             raise ConfigError(f"objective.chunk_size={self.chunk_size} must be >= 0 (0 picks it from the vocabulary)")
-        for name in ("tau0", "ea_temperature", "h_ref", "feat_layers"):
+        for name in ("tau0", "ea_temperature", "h_ref", "feat_layers", "edt_t0"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"objective.{name}={getattr(self, name)} must be > 0")
         if self.beta_f < 0:

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from egad.errors import EgadError
+
 logger = logging.getLogger("egad.data")
 
 IGNORE_INDEX = -100
@@ -44,7 +46,7 @@ ALPACA_WITH_INPUT = (
 )
 
 
-class DataError(ValueError):
+class DataError(EgadError):
     """A problem in the data, located as `file:line: field 'name' ...` (hub rows: `id[split]:row`)."""
 
     def __init__(self, file: str, line: int | None, message: str, field: str | None = None):

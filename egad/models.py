@@ -16,12 +16,14 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from egad.errors import EgadError
+
 log = logging.getLogger("egad.models")
 
 _PROBE = 'Distillation probe: héllo wörld 12345 <tag> {"k": [1, 2]}\n\tdone.'
 
 
-class ModelError(ValueError):
+class ModelError(EgadError):
     """Models or tokenizers that cannot be used together; the message says why and what to do."""
 
 

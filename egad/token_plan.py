@@ -10,7 +10,7 @@ from torch import Tensor
 
 from egad.config import ObjectiveConfig
 from egad.curriculum import curriculum_weights, pacing
-from egad.entropy import batch_mid_rank, quantile_cdf
+from egad.entropy import batch_mid_rank, normalized_entropy, quantile_cdf
 from egad.losses.divergences import NO_TAU2
 from egad.routing import route_tokens, topk_mask
 from egad.temperature import tau_squared_factor, token_temperature
@@ -31,7 +31,7 @@ def token_plan(
     if not cfg.needs_difficulty:
         d = torch.zeros_like(h)  # no component reads it (e.g. plain KD): no calibration needed
     elif cfg.difficulty == "normalized":
-        d = (h / math.log(vocab) / cfg.h_ref).clamp(0, 1)
+        d = (normalized_entropy(h, vocab) / cfg.h_ref).clamp(0, 1)
     elif cfg.cdf_mode == "batch":
         d = batch_mid_rank(h)
     else:
@@ -80,7 +80,15 @@ def _weights(sig: dict[str, Tensor], d: Tensor, lam: float, cfg: ObjectiveConfig
 
 def _temperature(sig: dict[str, Tensor], d: Tensor, w: Tensor, cfg: ObjectiveConfig) -> Tensor:
     score = sig["hellinger"] if cfg.temp_signal == "hellinger" else sig["entropy"]
-    kw = dict(mode=cfg.temp_mode, tau_min=cfg.tau_min, tau_max=cfg.tau_max, tau0=cfg.tau0, kappa=cfg.kappa)
+    kw = dict(
+        mode=cfg.temp_mode,
+        tau_min=cfg.tau_min,
+        tau_max=cfg.tau_max,
+        tau0=cfg.tau0,
+        kappa=cfg.kappa,
+        edt_t0=cfg.edt_t0,
+        edt_theta=cfg.edt_theta,
+    )
     if cfg.weighting.startswith("select_") and cfg.temp_mode == "idts":
         # AdaKD computes IDTS (and its median) over the selected tokens only.
         tau = torch.full_like(d, cfg.tau0)

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from egad import data as D
 from egad.entropy import EntropyQuantileCalibrator, token_entropy
+from egad.errors import EgadError
 from egad.objective import shift_labels
 from egad.teacher.online import OnlineTeacher
 from egad.teacher.signal import TopKSignal
@@ -67,7 +68,7 @@ IDENTITY = ("teacher_id", "revision", "weights_sha256", "tokenizer_sha256", "dat
 _FP16_MAX = 65504.0
 
 
-class CacheError(ValueError):
+class CacheError(EgadError):
     """A cache that cannot be used or resumed; the message names the file or field and the fix."""
 
 
