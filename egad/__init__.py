@@ -1,10 +1,12 @@
 """egad: Entropy-Guided Adaptive Distillation for LLMs. The public API."""
 
 from egad.config import ConfigError, ObjectiveConfig
-from egad.entropy import EmaEntropyHistogram, EntropyQuantileCalibrator, fit_quantile_knots, token_entropy
+from egad.data import shift_labels
+from egad.entropy import fit_quantile_knots, token_entropy
+from egad.entropy_stream import EmaEntropyHistogram, EntropyQuantileCalibrator
 from egad.losses.divergences import DIVERGENCES
 from egad.losses.features import FeatureProjector, layer_map
-from egad.objective import ObjectiveOutput, StudentOutputs, distillation_loss, shift_labels
+from egad.objective import ObjectiveOutput, StudentOutputs, distillation_loss
 from egad.presets import PRESETS, preset
 from egad.teacher.signal import DenseSignal
 

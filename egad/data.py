@@ -369,6 +369,29 @@ def tokenize_dataset(
     return out, stats
 
 
+def tokenized_split(data_cfg: Any, tokenizer: Any, which: str = "train") -> tuple[list[dict], TruncationStats]:
+    """The tokenized train or dev split of a run's `data` section (egad.run_config.DataConfig). Training, the
+    teacher cache and its validation all call this one function, so cache rows and training batches line up."""
+    d = data_cfg
+    if which not in ("train", "dev"):
+        raise ValueError(f"which={which!r} must be 'train' or 'dev'")
+    if which == "train":
+        source, split, n = d.train, d.train_split, d.max_train_examples
+    else:
+        source, split, n = d.dev, d.dev_split, d.max_dev_examples
+    records, _ = load_records(source, split, max_examples=n)
+    return tokenize_dataset(
+        records, tokenizer, template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len
+    )
+
+
+def shift_labels(labels: Tensor) -> Tensor:
+    """HF causal-LM labels (B, L) -> targets aligned with the logits: targets[:, t] = labels[:, t + 1]."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
 def collate(batch: list[dict], pad_id: int) -> dict[str, Tensor]:
     """Right-pad a list of tokenised items into long tensors (B, L_max): input_ids (pad_id), labels (-100),
     attention_mask (1 on tokens, 0 on padding), and `index` (B,) when the items carry one."""

@@ -20,19 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from egad.config import ObjectiveConfig
+from egad.data import shift_labels  # noqa: F401  (re-exported: the objective's targets come from it)
 from egad.entropy import token_entropy
-from egad.losses.divergences import DIVERGENCES
 from egad.losses.features import FeatureProjector, feature_loss
-from egad.losses.sparse import (
-    SPARSE_DIVERGENCES,
-    entropy_matched_tail,
-    student_bucket_logprobs,
-    teacher_bucket_logprobs,
-)
-from egad.teacher.signal import DenseSignal, TopKSignal
+from egad.teacher.signal import TeacherSignal
 from egad.token_plan import token_plan
-
-TeacherSignal = DenseSignal | TopKSignal
 
 
 @dataclass
@@ -64,13 +56,6 @@ class ObjectiveOutput:
     tokens: dict[str, Tensor] = field(default_factory=dict)
 
 
-def shift_labels(labels: Tensor) -> Tensor:
-    """HF causal-LM labels (B, L) -> targets aligned with the logits: targets[:, t] = labels[:, t + 1]."""
-    targets = torch.full_like(labels, -100)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
-
-
 def resolve_vocab(student_rows: int, teacher_rows: int | None, vocab_size: int | None) -> int:
     """The shared real vocabulary V. Padded embedding rows (Qwen2.5: 151,936 vs 152,064 for 151,665 tokens) are
     sliced away, so V must be given when the row counts differ."""
@@ -97,48 +82,27 @@ def _student_chunk(x: Tensor, w: Tensor | None, vocab: int) -> Tensor:
     return (x @ w[:vocab].t()).float().detach()
 
 
-def _hellinger_lp(logq: Tensor, logp: Tensor) -> Tensor:
-    p, q = logp.exp(), logq.exp()
-    return ((p.sqrt() - q.sqrt()).pow(2).sum(-1) * 0.5).clamp_min(0).sqrt()
-
-
-def _hellinger(zs: Tensor, teacher: TeacherSignal, idx: Tensor, vocab: int) -> Tensor:
-    """Hellinger distance teacher-student at tau=1; over the (top-k + tail) buckets for a cached teacher."""
-    if isinstance(teacher, TopKSignal):
-        ids, lp, tail = teacher.rows_topk(idx)
-        return _hellinger_lp(student_bucket_logprobs(zs, ids), teacher_bucket_logprobs(lp, tail))
-    return _hellinger_lp(zs.log_softmax(-1), teacher.rows(idx, vocab).log_softmax(-1))
-
-
-def _teacher_entropy(teacher: TeacherSignal, idx: Tensor, vocab: int, temperature: float = 1.0) -> Tensor:
-    """Exact teacher entropy: from the logits, or as stored in the cache (which holds it at tau = 1 only)."""
-    if isinstance(teacher, TopKSignal):
-        if temperature != 1.0:
-            raise ValueError("a cached teacher stores its entropy at tau=1 only; set ea_temperature=1.0")
-        return teacher.entropy_at(idx)
-    return token_entropy(teacher.rows(idx, vocab), temperature=temperature)
-
-
 @torch.no_grad()
 def _token_signals(student: StudentOutputs, teacher: TeacherSignal, rows: Tensor, cfg: ObjectiveConfig, vocab: int):
     """Pass 1 (no grad): teacher entropy at tau=1 and, when a rule needs them, student entropy and Hellinger."""
     need_hs = cfg.weighting in ("ea_kd", "select_student_entropy")
     need_hel = cfg.weighting == "select_hellinger" or cfg.temp_signal == "hellinger"
+    ea_tau = cfg.ea_temperature if cfg.weighting == "ea_kd" else 1.0
     x_all, w = _student_source(student)
     out: dict[str, list[Tensor]] = {"entropy": [], "entropy_ea": [], "student_entropy": [], "hellinger": []}
     step = cfg.chunk_tokens(vocab)
     for start in range(0, rows.numel(), step):
         idx = rows[start : start + step]
-        out["entropy"].append(_teacher_entropy(teacher, idx, vocab))
+        t = teacher.chunk(idx, vocab)
+        out["entropy"].append(t.entropy())
+        if ea_tau != 1.0:
+            out["entropy_ea"].append(t.entropy(ea_tau))
         if need_hs or need_hel:
             zs = _student_chunk(x_all.index_select(0, idx), w, vocab)
             if need_hs:
-                t = cfg.ea_temperature if cfg.weighting == "ea_kd" else 1.0
-                out["student_entropy"].append(token_entropy(zs, temperature=t))
+                out["student_entropy"].append(token_entropy(zs, temperature=ea_tau))
             if need_hel:
-                out["hellinger"].append(_hellinger(zs, teacher, idx, vocab))
-        if cfg.weighting == "ea_kd" and cfg.ea_temperature != 1.0:
-            out["entropy_ea"].append(_teacher_entropy(teacher, idx, vocab, cfg.ea_temperature))
+                out["hellinger"].append(t.hellinger(zs))
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -236,14 +200,7 @@ class _Run:
             return ce_sum, zero
         plan, cfg = self.plan, self.cfg
         tau = plan["tau"][sl]  # type: ignore[index]
-        if isinstance(self.teacher, TopKSignal):
-            ids, lp, tail = self.teacher.rows_topk(idx)
-            exponent = (cfg.ttm_gamma if cfg.divergence in ("ttm", "wttm") else 1.0) / tau
-            tail = entropy_matched_tail(lp, tail, self.teacher.entropy_at(idx), exponent, vocab_size=self.vocab)
-            div = SPARSE_DIVERGENCES[cfg.divergence](zs, ids, lp, tail, temperature=tau, **_div_kwargs(cfg))
-        else:
-            zt = self.teacher.rows(idx, self.vocab)  # type: ignore[union-attr]
-            div = DIVERGENCES[cfg.divergence](zs, zt, temperature=tau, **_div_kwargs(cfg))  # (C,)
+        div = self.teacher.chunk(idx, self.vocab).divergence(cfg.divergence, zs, tau, **_div_kwargs(cfg))  # (C,)
         coef = plan["weight"][sl] * plan["tau2"][sl]  # type: ignore[index]
         if cfg.hard_branch == "feat_only":
             coef = coef * (~plan["route"][sl]).float()  # type: ignore[index]
@@ -303,10 +260,10 @@ def distillation_loss(
     if teacher is not None and n_local:
         sig = _token_signals(student, teacher, rows, cfg, vocab)
         plan = token_plan(sig, cfg, progress=progress, vocab=vocab, knots=knots, generator=generator)
-        mask = getattr(teacher, "feature_mask", None)
-        if mask is not None and cfg.uses_features:
+        mask = teacher.feature_mask_at(rows) if cfg.uses_features else None
+        if mask is not None:
             # A cache stores hidden states for its hard tokens only: route among those.
-            plan["route"] = plan["route"] & mask.reshape(-1).index_select(0, rows).to(plan["route"].device)
+            plan["route"] = plan["route"] & mask.to(plan["route"].device)
 
     need_grad = torch.is_grad_enabled() and (x_flat.requires_grad or (lm_w is not None and lm_w.requires_grad))
     kd_alpha = cfg.alpha if teacher is not None else 0.0

@@ -11,7 +11,7 @@ from torch import nn
 from egad.losses.features import FeatureProjector
 from egad.models import capture_hidden
 from egad.objective import StudentOutputs, distillation_loss
-from egad.teacher.signal import DenseSignal
+from egad.teacher.signal import TeacherSignal
 
 
 class DistillationModule(nn.Module):
@@ -23,7 +23,7 @@ class DistillationModule(nn.Module):
         self.student, self.projector = student, projector
         self.student_layers, self.fused = student_layers, fused
 
-    def forward(self, input_ids, attention_mask, targets, teacher: DenseSignal | None, cfg, **kw):
+    def forward(self, input_ids, attention_mask, targets, teacher: TeacherSignal | None, cfg, **kw):
         hooks = capture_hidden(self.student, self.student_layers) if self.student_layers else nullcontext([])
         with hooks as feats:
             if self.fused:

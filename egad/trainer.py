@@ -31,7 +31,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from egad import checkpoint as ckpt
 from egad import data as D
-from egad.entropy import EmaEntropyHistogram, fit_quantile_knots
+from egad.config import ConfigError
+from egad.entropy import fit_quantile_knots
+from egad.entropy_stream import EmaEntropyHistogram
 from egad.eval.metrics import response_sums
 from egad.losses.features import FeatureProjector, layer_map
 from egad.models import (
@@ -43,27 +45,15 @@ from egad.models import (
     resolve_tokenizer,
     shared_vocab,
 )
-from egad.objective import shift_labels
 from egad.run_config import RunConfig
 from egad.run_log import RunLog
 from egad.student import DistillationModule
+from egad.teacher.cache import TeacherCache, run_identity
 from egad.teacher.calibrate import calibrate_entropy
 from egad.teacher.online import OnlineTeacher
+from egad.teacher.signal import TeacherSource
 
 log = logging.getLogger("egad.trainer")
-
-
-def tokenized_split(data_cfg, tokenizer, which: str = "train") -> tuple[list[dict], D.TruncationStats]:
-    """The tokenized train or dev set of a run config; `egad cache` uses the same function, so cache rows and
-    training batches line up."""
-    d = data_cfg
-    source, split, n = (
-        (d.train, d.train_split, d.max_train_examples) if which == "train" else (d.dev, d.dev_split, d.max_dev_examples)
-    )
-    records, _ = D.load_records(source, split, max_examples=n)
-    return D.tokenize_dataset(
-        records, tokenizer, template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len
-    )
 
 
 class Trainer:
@@ -84,10 +74,10 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self._setup_models()
+        with self.acc.main_process_first():
+            self.tokenizer = resolve_tokenizer(self.cfg.model, self.cfg.data)
         self._setup_data()
-        if self.cache is not None:
-            self._check_cache()
+        self._setup_models()
         self._setup_optim()
         resumed = resume and bool(ckpt.checkpoints(self.out))
         if resumed:
@@ -122,11 +112,11 @@ class Trainer:
                 self.hist = EmaEntropyHistogram()
                 self.hist.update(self.cache.knots)
             return
-        if not (self.teacher and obj.needs_knots):
+        if not (self.source is not None and obj.needs_knots):
             return
         n = min(self.cfg.train.calib_examples, len(self.train_set))
         samples = calibrate_entropy(
-            self.teacher,
+            self.source,
             self.train_set[:n],
             self.acc,
             pad_id=self.tokenizer.pad_token_id,
@@ -148,27 +138,23 @@ class Trainer:
             )
 
     def _setup_models(self) -> None:
-        m, dev = self.cfg.model, self.acc.device
-        with self.acc.main_process_first():
-            self.tokenizer = resolve_tokenizer(self.cfg.model, self.cfg.data)
-        s_dtype = resolve_dtype(m.student_dtype, dev)
+        m, dev, obj = self.cfg.model, self.acc.device, self.cfg.objective
         student = build_model(
             m.student,
             m.student_config,
-            dtype=s_dtype,
+            dtype=resolve_dtype(m.student_dtype, dev),
             tokenizer=self.tokenizer,
             revision=m.revision,
             trust_remote_code=m.trust_remote_code,
             seed=self.cfg.train.seed,
         )
         teacher, self.cache = None, None
-        if self.cfg.objective.uses_teacher and m.teacher_cache:
-            from egad.teacher.cache import TeacherCache
-
-            self.cache = TeacherCache(m.teacher_cache)  # identity checked against the data in _check_cache
-        elif self.cfg.objective.uses_teacher:
+        if obj.uses_teacher and not m.teacher_cache:
             if not (m.teacher or m.teacher_config):
-                raise ValueError(f"objective preset {self.cfg.method!r} distils from a teacher: set model.teacher")
+                raise ConfigError(
+                    f"objective preset {self.cfg.method!r} distils from a teacher: set model.teacher (a folder or hub "
+                    "id), model.teacher_config or model.teacher_cache, or use objective.preset sft"
+                )
             teacher = build_model(
                 m.teacher,
                 m.teacher_config,
@@ -182,65 +168,39 @@ class Trainer:
         if m.student is None:  # built from a config: its saved tokenizer must reload identically
             check_tokenizer_roundtrip(self.tokenizer, student)
         self.vocab = shared_vocab(self.tokenizer, student, *([teacher] if teacher is not None else []))
+        if obj.uses_teacher and m.teacher_cache:
+            # Checked once, by the cache, against this run's tokenizer, tokenized data, template and vocabulary.
+            expect = run_identity(self.tokenizer, self.train_set, self.cfg.data, self.vocab)
+            self.cache = TeacherCache(m.teacher_cache, expect=expect)
         if self.cfg.train.gradient_checkpointing:
             student.gradient_checkpointing_enable()
-        obj = self.cfg.objective
         self.pairs: list[tuple[int, int]] = []
         projector = None
         if obj.uses_features:
             ls, ds = model_dims(student)
-            lt, dt = model_dims(teacher) if teacher is not None else self._cached_teacher_dims()
+            lt, dt = model_dims(teacher) if teacher is not None else self.cache.teacher_dims()
             self.pairs = layer_map(obj.layer_map, ls, lt, min(obj.feat_layers, ls))
-            if self.cache is not None and [p[1] for p in self.pairs] != list(self.cache.layers):
-                raise ValueError(
-                    f"{m.teacher_cache} stores teacher layers {list(self.cache.layers)} but this "
-                    f"objective maps to {[p[1] for p in self.pairs]}: re-run `egad cache` with the "
-                    "same objective.layer_map / feat_layers and student"
-                )
+            if self.cache is not None:
+                self.cache.require_layers([p[1] for p in self.pairs])
             projector = FeatureProjector(ds, dt, len(self.pairs)).to(dev)
-        self.teacher = OnlineTeacher(teacher, [p[1] for p in self.pairs]) if teacher is not None else None
+        self.teacher_model = teacher
+        self.source: TeacherSource | None = self.cache
+        if teacher is not None:
+            self.source = OnlineTeacher(teacher, [p[1] for p in self.pairs])
         self.module = DistillationModule(student, projector, [p[0] for p in self.pairs], self.cfg.train.fused_lm_head)
-
-    def _cached_teacher_dims(self) -> tuple[int, int]:
-        man = self.cache.manifest
-        if not man.get("layers") or "teacher_num_layers" not in man:
-            raise ValueError(
-                f"{self.cfg.model.teacher_cache} holds no teacher hidden states, but the objective's "
-                "feature branch needs them: re-run `egad cache` with --hidden-quantile, or set beta_f=0"
-            )
-        return int(man["teacher_num_layers"]), int(man["teacher_hidden_size"])
-
-    def _check_cache(self) -> None:
-        """Refuse a cache made for other data, tokenizer or template, naming the field that differs."""
-        from egad.teacher.cache import CacheError, fingerprint_examples, tokenizer_sha256
-
-        d = self.cfg.data
-        expect = {
-            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
-            "template": d.template,
-            "data_fingerprint": fingerprint_examples(self.train_set, d.template, d.max_prompt_len, d.max_len),
-            "vocab_size": self.vocab,
-        }
-        for key, want in expect.items():
-            got = self.cache.manifest.get(key)
-            if got != want:
-                raise CacheError(
-                    f"{self.cfg.model.teacher_cache}: manifest field {key!r} is {got!r} but this run "
-                    f"has {want!r}; the cache was made for other data, tokenizer or template. Re-run "
-                    "`egad cache` with this config"
-                )
 
     def _setup_data(self) -> None:
         d, t = self.cfg.data, self.cfg.train
-        self.train_set, self.train_stats = tokenized_split(d, self.tokenizer, "train")
-        self.dev_set = tokenized_split(d, self.tokenizer, "dev")[0] if d.dev else []
+        self.train_set, self.train_stats = D.tokenized_split(d, self.tokenizer, "train")
+        self.dev_set = D.tokenized_split(d, self.tokenizer, "dev")[0] if d.dev else []
         self.world = self.acc.num_processes
         self.global_micro = t.per_device_batch_size * self.world
         self.steps_per_epoch = len(self.train_set) // (self.global_micro * t.grad_accum)
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.train_set)} training examples cannot fill one step of "
-                f"{self.global_micro * t.grad_accum} (batch x accumulation x processes)"
+                f"{self.global_micro * t.grad_accum} (batch x accumulation x processes): lower "
+                "train.per_device_batch_size or train.grad_accum, or use more data"
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
 
@@ -339,19 +299,15 @@ class Trainer:
             sync = i == len(window) - 1
             with nullcontext() if sync else self.acc.no_sync(self.module):
                 teacher = None
-                if self.cache is not None:
-                    teacher = self.cache.signal(
-                        batch["train_index"].tolist(), shift_labels(batch["labels"]), device=self.acc.device
-                    )
-                elif self.teacher is not None:
+                if self.source is not None:
                     with self.acc.autocast():
-                        teacher = self.teacher(batch["input_ids"], batch["attention_mask"])
+                        teacher = self.source.signal(batch)
                 # DDP averages gradients over processes; the loss is already a global mean, so scale N down by the
                 # world size instead (keeps the upstream gradient at 1, which the chunked loss relies on).
                 loss, metrics, tokens = self.module(
                     batch["input_ids"],
                     batch["attention_mask"],
-                    shift_labels(batch["labels"]),
+                    D.shift_labels(batch["labels"]),
                     teacher,
                     obj,
                     progress=progress,
@@ -392,12 +348,12 @@ class Trainer:
             batch = self._to_device(
                 D.collate([self.dev_set[i] for i in idx[start : start + bs]], self.tokenizer.pad_token_id)
             )
-            targets = shift_labels(batch["labels"])
+            targets = D.shift_labels(batch["labels"])
             with self.acc.autocast():
                 logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 t_logits = None
-                if self.teacher is not None:
-                    t_logits = self.teacher.model(
+                if self.teacher_model is not None:
+                    t_logits = self.teacher_model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                     ).logits
             for k, v in response_sums(logits, targets, vocab_size=self.vocab, teacher_logits=t_logits).items():
@@ -483,7 +439,7 @@ class Trainer:
         step, path = ckpt.checkpoints(self.out)[-1]
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("total_steps") != self.total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was written by a run of {state.get('total_steps')} steps; this config gives "
                 f"{self.total_steps}. Resume with the same train.max_steps / epochs / batch sizes"
             )

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from egad import data as D
+from egad.data import shift_labels
 from egad.entropy import token_entropy
-from egad.objective import shift_labels
 from egad.teacher.cache import CacheError, TeacherCache, fingerprint_examples, tokenizer_sha256, write_cache
 from egad.teacher.online import OnlineTeacher
 
@@ -54,7 +54,7 @@ def test_round_trip_matches_live_teacher(setup, tmp_path):
     # A different batch composition from the one the cache was written with (padding differs).
     idx = [3, 11, 0, 23, 17]
     targets, sig = live(model, tok, [items[i] for i in idx])
-    got = cache.signal(idx, targets)
+    got = cache.lookup(idx, targets)
     resp = targets != -100
     v = len(tok)
     logp = torch.log_softmax(sig.logits[..., :v].float(), -1)[resp]
@@ -75,7 +75,7 @@ def test_k_equals_vocab_has_empty_tail(setup, tmp_path):
     v = len(tok)
     write_cache(model, tok, items[:4], tmp_path, k=v, **ARGS)
     targets, sig = live(model, tok, items[:4])
-    got = TeacherCache(tmp_path).signal(list(range(4)), targets)
+    got = TeacherCache(tmp_path).lookup(list(range(4)), targets)
     resp = targets != -100
     assert torch.isneginf(got.tail_logmass[resp]).all()
     assert torch.equal(got.ids[resp].sort(-1).values, torch.arange(v).expand(int(resp.sum()), v))
@@ -88,7 +88,7 @@ def test_hidden_states_of_high_entropy_tokens(setup, tmp_path):
     cache = TeacherCache(tmp_path, expect={"layers": [1, 2], "hidden_quantile": 0.5})
     idx = list(range(0, 24, 3))
     targets, sig = live(model, tok, [items[i] for i in idx], layers=[1, 2])
-    got = cache.signal(idx, targets)
+    got = cache.lookup(idx, targets)
     resp = targets != -100
     hard = resp & (got.entropy >= m["hidden_threshold"])
     assert torch.equal(got.feature_mask, hard) and 0.3 < hard.sum() / resp.sum() < 0.7
@@ -107,9 +107,9 @@ def test_corrupted_shard_is_named(setup, tmp_path):
     shard.write_bytes(bytes(raw))
     cache = TeacherCache(tmp_path)
     targets, _ = live(model, tok, items[:2])
-    cache.signal([0, 1], targets)  # shard 0 is intact
+    cache.lookup([0, 1], targets)  # shard 0 is intact
     with pytest.raises(CacheError, match=r"shard-00001\.safetensors: sha256 mismatch"):
-        cache.signal([12, 13], targets)
+        cache.lookup([12, 13], targets)
 
 
 def test_identity_mismatch_and_wrong_rows(setup, tmp_path):
@@ -121,7 +121,7 @@ def test_identity_mismatch_and_wrong_rows(setup, tmp_path):
         TeacherCache(tmp_path, expect={"data_fingerprint": fingerprint_examples(items[:6], "alpaca", 48, 128)})
     targets, _ = live(model, tok, items[:2])
     with pytest.raises(CacheError, match="cache rows do not match the tokenized data"):
-        TeacherCache(tmp_path).signal([1, 0], targets)
+        TeacherCache(tmp_path).lookup([1, 0], targets)
     with pytest.raises(CacheError, match="'k' is 4 in the existing cache but 8 now"):
         write_cache(model, tok, items[:6], tmp_path, k=8, **ARGS)
 

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from egad.config import ObjectiveConfig
+from egad.data import shift_labels
 from egad.entropy import fit_quantile_knots, token_entropy
 from egad.losses.divergences import DIVERGENCES
 from egad.losses.features import FEATURE_LOSSES, FeatureProjector
-from egad.objective import StudentOutputs, distillation_loss, shift_labels
+from egad.objective import StudentOutputs, distillation_loss
 from egad.presets import PRESETS, preset
 from egad.teacher.signal import DenseSignal
 from egad.token_plan import token_plan

@@ -7,9 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from egad.config import ConfigError, ObjectiveConfig
+from egad.data import shift_labels
 from egad.entropy import fit_quantile_knots, token_entropy
 from egad.losses.features import FeatureProjector, layer_map
-from egad.objective import StudentOutputs, distillation_loss, shift_labels
+from egad.objective import StudentOutputs, distillation_loss
 from egad.presets import PRESETS, preset
 from egad.teacher.signal import DenseSignal
 

@@ -177,7 +177,7 @@ def test_train_from_teacher_cache_needs_no_teacher_and_refuses_a_foreign_cache(t
     man = run_cache_job(cfg, tmp_path / "cache", k=16, hidden_quantile=0.8, examples_per_shard=128)
     assert man["complete"] and man["layers"] and man["bytes_per_token"] > 0
     trainer = Trainer(load_config(TINY, {**over, "model.teacher_cache": str(tmp_path / "cache")})).setup()
-    assert trainer.teacher is None and trainer.cache is not None
+    assert trainer.teacher_model is None and trainer.source is trainer.cache is not None
     trainer.train()
     trainer.cleanup()
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

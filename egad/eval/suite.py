@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from egad import data as D
+from egad.data import shift_labels
 from egad.eval.generate import generate_responses
 from egad.eval.metrics import entropy_buckets, token_metrics
 from egad.eval.rouge import rouge_l
 from egad.models import check_tokenizers, shared_vocab
-from egad.objective import shift_labels
 
 # name -> (file under the data dir, split filter)
 EVAL_SETS: dict[str, tuple[str, str | None]] = {

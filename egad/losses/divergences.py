@@ -27,6 +27,7 @@ __all__ = [
     "akl",
     "bild",
     "forward_kl",
+    "hellinger_from_logprobs",
     "jsd",
     "reverse_kl",
     "skew_forward_kl",
@@ -285,6 +286,14 @@ def bild(
     if not 2 <= top_k <= zs.shape[-1]:
         raise ValueError(f"top_k must be in [2, V={zs.shape[-1]}], got {top_k}")
     return _bild_side(zs, zt, zt, top_k, temperature) + _bild_side(zs, zt, zs, top_k, temperature)
+
+
+def hellinger_from_logprobs(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Hellinger distance sqrt(1/2 sum_v (sqrt p_v - sqrt q_v)^2) between rows of log-probabilities (N, V) -> (N,).
+
+    A difficulty score, not a KD term (AdaKD selects and tempers tokens by it) [SRC: AdaKD code]."""
+    p, q = teacher_logprobs.float().exp(), student_logprobs.float().exp()
+    return ((p.sqrt() - q.sqrt()).pow(2).sum(-1) * 0.5).clamp_min(0).sqrt()
 
 
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {

@@ -1,6 +1,6 @@
 """`egad cache`: run the teacher of a run config over its training split once and write the cache.
 
-The tokenized examples come from the same function the trainer uses (egad.trainer.tokenized_split), so the cache's
+The tokenized examples come from the same function the trainer uses (egad.data.tokenized_split), so the cache's
 rows line up with the training batches; the trainer also checks the manifest's data fingerprint.
 """
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from egad.data import tokenized_split
 from egad.losses.features import layer_map
 from egad.models import build_model, freeze, model_dims, resolve_dtype, resolve_tokenizer, shared_vocab
 from egad.run_config import RunConfig
+from egad.teacher.cache import write_cache
 
 
 def _student_layers(cfg: RunConfig) -> int:
@@ -34,9 +36,6 @@ def run_cache_job(
     hash_weights: bool | None = None,
 ):
     """Write (or resume) the teacher cache of `cfg`'s training split into out_dir; returns the manifest."""
-    from egad.teacher.cache import write_cache
-    from egad.trainer import tokenized_split
-
     m = cfg.model
     if not (m.teacher or m.teacher_config):
         raise ValueError("egad cache needs a teacher: set model.teacher (a folder or hub id) or model.teacher_config")

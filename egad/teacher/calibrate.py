@@ -7,23 +7,22 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from egad import data as D
-from egad.entropy import EntropyQuantileCalibrator, token_entropy
-from egad.objective import shift_labels
-from egad.teacher.online import OnlineTeacher
+from egad.entropy_stream import EntropyQuantileCalibrator
+from egad.teacher.signal import TeacherSource
 
 
 @torch.no_grad()
-def response_entropies(teacher: OnlineTeacher, batch: dict[str, Tensor], vocab: int) -> Tensor:
+def response_entropies(teacher: TeacherSource, batch: dict[str, Tensor], vocab: int) -> Tensor:
     """Teacher entropy (tau = 1, nats) at every response token of a collated batch. -> (N,)"""
-    rows = (shift_labels(batch["labels"]).reshape(-1) != -100).nonzero().squeeze(-1)
-    sig = teacher(batch["input_ids"], batch["attention_mask"])
+    rows = (D.shift_labels(batch["labels"]).reshape(-1) != D.IGNORE_INDEX).nonzero().squeeze(-1)
+    sig = teacher.signal(batch)
     step = max(16, 2**24 // vocab)
-    parts = [token_entropy(sig.rows(rows[i : i + step], vocab)) for i in range(0, rows.numel(), step)]
+    parts = [sig.chunk(rows[i : i + step], vocab).entropy() for i in range(0, rows.numel(), step)]
     return torch.cat(parts) if parts else torch.zeros(0, device=rows.device)
 
 
 def calibrate_entropy(
-    teacher: OnlineTeacher,
+    teacher: TeacherSource,
     examples: list[dict],
     accelerator,
     *,

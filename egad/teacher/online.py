@@ -11,8 +11,8 @@ from egad.teacher.signal import DenseSignal
 
 
 class OnlineTeacher:
-    """Runs the frozen teacher on a batch. `layers` are the teacher layers whose hidden states the feature branch
-    needs (empty: none are captured)."""
+    """Runs the frozen teacher on a batch (a `TeacherSource`). `layers` are the teacher layers whose hidden states the
+    feature branch needs (empty: none are captured)."""
 
     def __init__(self, model: PreTrainedModel, layers: list[int] | None = None) -> None:
         self.model = model
@@ -25,3 +25,6 @@ class OnlineTeacher:
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
             return DenseSignal(logits, feats)
         return DenseSignal(self.model(input_ids=input_ids, attention_mask=attention_mask).logits)
+
+    def signal(self, batch: dict[str, Tensor]) -> DenseSignal:
+        return self(batch["input_ids"], batch["attention_mask"])

@@ -1,18 +1,109 @@
-"""What the objective receives from the teacher. The objective never knows where the teacher ran.
+"""What the objective receives from the teacher, whatever ran it: the one teacher-source interface.
 
-`DenseSignal` wraps a live teacher forward: full logits (B, L, V_T) and, optionally, the hidden states of the mapped
-layers. A cached top-k signal (issue: offline teacher cache) will implement the same `rows` / `features_at` methods.
+A *source* (`TeacherSource`: the live `OnlineTeacher`, the offline `TeacherCache`) turns a collated batch into a
+*signal* (`TeacherSignal`). The objective asks a signal only for chunks of response positions (`chunk`), the
+hidden states of the mapped layers (`features_at`) and where those are valid (`feature_mask_at`); a chunk
+(`TeacherChunk`) answers the exact entropy, the Hellinger distance to the student and any per-token divergence. So
+the objective never branches on where the teacher came from, and a new source (a fused teacher head, a sharded
+teacher) is one more implementation of these three small protocols.
 
-`TopKSignal` is that cached signal: per token the teacher's top-k ids and log-probs at tau=1, the log of the mass
-left outside them, and the exact entropy. It serves `rows_topk` / `entropy_at` in place of `rows`; the sparse losses
-in `egad.losses.sparse` consume what `rows_topk` returns.
+Implementations here:
+
+* `DenseSignal`: full teacher logits (B, L, V_T), from a live forward.
+* `TopKSignal`: the cached top-k ids and log-probs at tau = 1, the tail log-mass and the exact entropy; its chunks
+  run the sparse losses of `egad.losses.sparse`, the tail as one bucket.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import Tensor
+
+from egad.entropy import token_entropy
+from egad.losses.divergences import DIVERGENCES, hellinger_from_logprobs
+from egad.losses.sparse import (
+    SPARSE_DIVERGENCES,
+    entropy_matched_tail,
+    student_bucket_logprobs,
+    teacher_bucket_logprobs,
+)
+
+
+class TeacherChunk(Protocol):
+    """The teacher at one chunk of C response positions."""
+
+    def entropy(self, temperature: float = 1.0) -> Tensor:
+        """Exact teacher entropy (nats, fp32) of softmax(z_T / temperature). -> (C,)"""
+        ...
+
+    def hellinger(self, student_logits: Tensor) -> Tensor:
+        """Hellinger distance between the teacher and the student (C, V) at tau = 1. -> (C,)"""
+        ...
+
+    def divergence(self, name: str, student_logits: Tensor, temperature: Tensor, **hyper: float) -> Tensor:
+        """Per-token divergence `name` of egad.losses.divergences between teacher and student at the per-token
+        temperatures (C,), without the tau^2 factor. -> (C,), differentiable in student_logits."""
+        ...
+
+
+class TeacherSignal(Protocol):
+    """The teacher over one micro-batch (B, L), read at flattened (B*L) positions."""
+
+    @property
+    def vocab_rows(self) -> int | None:
+        """The teacher's logit row count (for the shared-vocabulary check), or None when unknown."""
+        ...
+
+    def chunk(self, flat_index: Tensor, vocab_size: int) -> TeacherChunk:
+        """The teacher at these positions, over the first `vocab_size` (shared) vocabulary entries."""
+        ...
+
+    def features_at(self, flat_index: Tensor) -> list[Tensor]:
+        """Mapped-layer hidden states at these positions: K tensors (C, d_T)."""
+        ...
+
+    def feature_mask_at(self, flat_index: Tensor) -> Tensor | None:
+        """(C,) bool: where `features_at` holds a real hidden state; None when it does everywhere."""
+        ...
+
+
+class TeacherSource(Protocol):
+    """Where signals come from: `signal(batch)` for a collated training batch (input_ids, attention_mask, labels,
+    and `train_index`, the items' positions in the tokenized training split)."""
+
+    def signal(self, batch: dict[str, Tensor]) -> TeacherSignal: ...
+
+
+def _no_features() -> ValueError:
+    return ValueError(
+        "the objective routes tokens to the feature branch but the teacher signal has no hidden states; run the "
+        "teacher with the mapped layers captured (or cache them with --hidden-quantile), or set beta_f=0"
+    )
+
+
+def _gather_features(features: list[Tensor] | None, flat_index: Tensor) -> list[Tensor]:
+    if not features:
+        raise _no_features()
+    return [h.reshape(-1, h.shape[-1]).index_select(0, flat_index) for h in features]
+
+
+# --------------------------------------------------------------------------------------------------------------- dense
+@dataclass
+class DenseChunk:
+    """Teacher logits of a chunk, fp32, shared vocabulary. (C, V)"""
+
+    logits: Tensor
+
+    def entropy(self, temperature: float = 1.0) -> Tensor:
+        return token_entropy(self.logits, temperature=temperature)
+
+    def hellinger(self, student_logits: Tensor) -> Tensor:
+        return hellinger_from_logprobs(student_logits.log_softmax(-1), self.logits.log_softmax(-1))
+
+    def divergence(self, name: str, student_logits: Tensor, temperature: Tensor, **hyper: float) -> Tensor:
+        return DIVERGENCES[name](student_logits, self.logits, temperature=temperature, **hyper)
 
 
 @dataclass
@@ -31,14 +122,44 @@ class DenseSignal:
         flat = self.logits.reshape(-1, self.logits.shape[-1])
         return flat.index_select(0, flat_index)[:, :vocab_size].float()
 
+    def chunk(self, flat_index: Tensor, vocab_size: int) -> DenseChunk:
+        return DenseChunk(self.rows(flat_index, vocab_size))
+
     def features_at(self, flat_index: Tensor) -> list[Tensor]:
-        """Mapped-layer hidden states at flattened positions. -> K tensors of (C, d_T)."""
-        if not self.features:
+        return _gather_features(self.features, flat_index)
+
+    def feature_mask_at(self, flat_index: Tensor) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------- top-k
+@dataclass
+class TopKChunk:
+    """Cached teacher at a chunk: top-k ids (C, k), log-probs (C, k) and tail log-mass (C,) at tau = 1, the exact
+    entropy (C,), all fp32 but the ids."""
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: Tensor
+    exact_entropy: Tensor
+    vocab_size: int
+
+    def entropy(self, temperature: float = 1.0) -> Tensor:
+        if temperature != 1.0:
             raise ValueError(
-                "the objective routes tokens to the feature branch but the teacher signal has no "
-                "hidden states; run the teacher with the mapped layers captured, or set beta_f=0"
+                f"a cached teacher stores its entropy at tau=1 only, not at {temperature}; set ea_temperature=1.0"
             )
-        return [h.reshape(-1, h.shape[-1]).index_select(0, flat_index) for h in self.features]
+        return self.exact_entropy
+
+    def hellinger(self, student_logits: Tensor) -> Tensor:
+        logq = student_bucket_logprobs(student_logits, self.ids)
+        return hellinger_from_logprobs(logq, teacher_bucket_logprobs(self.logprobs, self.tail))
+
+    def divergence(self, name: str, student_logits: Tensor, temperature: Tensor, **hyper: float) -> Tensor:
+        # TTM / WTTM power the teacher by gamma after tempering: the tail is matched at the total exponent gamma/tau.
+        exponent = hyper.get("gamma", 1.0) / temperature if name in ("ttm", "wttm") else 1.0 / temperature
+        tail = entropy_matched_tail(self.logprobs, self.tail, self.exact_entropy, exponent, vocab_size=self.vocab_size)
+        return SPARSE_DIVERGENCES[name](student_logits, self.ids, self.logprobs, tail, temperature=temperature, **hyper)
 
 
 @dataclass
@@ -79,5 +200,13 @@ class TopKSignal:
         """Exact teacher entropy at tau=1 at flattened positions, fp32. -> (C,)."""
         return self.entropy.reshape(-1).index_select(0, flat_index).float()
 
-    # The hidden states are stored exactly as in the dense signal, so the dense accessor applies unchanged.
-    features_at = DenseSignal.features_at
+    def chunk(self, flat_index: Tensor, vocab_size: int) -> TopKChunk:
+        return TopKChunk(*self.rows_topk(flat_index), self.entropy_at(flat_index), vocab_size)
+
+    def features_at(self, flat_index: Tensor) -> list[Tensor]:
+        return _gather_features(self.features, flat_index)
+
+    def feature_mask_at(self, flat_index: Tensor) -> Tensor | None:
+        if self.feature_mask is None:
+            return None
+        return self.feature_mask.reshape(-1).index_select(0, flat_index.to(self.feature_mask.device))

@@ -1,0 +1,58 @@
+"""The offline teacher cache: the teacher's top-k distribution per response token, computed once, read by training.
+
+A cache directory holds `manifest.json` and shards `shard-00000.safetensors`, ... Shard s covers the tokenized
+examples [start, end) of the list given to `write_cache` (positions in that list, not `item["index"]`). Per shard:
+
+    example_index  int64 (n_ex,)      the examples' positions in the list
+    token_offsets  int64 (n_ex + 1,)  rows of example j are [off[j], off[j+1]): its response positions (targets != -100
+                                      after `shift_labels`) in position order
+    topk_ids       int32 (n_tok, k)   teacher top-k ids at tau = 1 over the first `vocab_size` logits, most likely first
+    topk_logprobs  fp16  (n_tok, k)   their log-probs
+    tail_logmass   fp32  (n_tok,)     log(1 - sum_topk p), -inf when k = vocab_size
+    entropy        fp32  (n_tok,)     exact teacher entropy (nats, tau = 1) of the fp32 logits
+    hidden_rows    int64 (n_hard,)    optional: rows whose entropy >= `hidden_threshold`
+    hidden_{t}     fp16  (n_hard, d)  optional: hidden state of teacher layer t (`egad.models.capture_hidden`) there
+
+The manifest records the identity (teacher id/revision/weights hash, tokenizer hash, data fingerprint, template, k,
+vocab_size, layers, hidden_quantile), the shard list with sha256s, and at completion the 1001 global entropy quantile
+knots over all cached tokens (`complete: true`). It is replaced atomically after each shard, and a shard is written
+under a temporary name and renamed, so a killed run never lists a half-written shard; rerunning `write_cache` with the
+same arguments verifies the listed shards and resumes after them (byte-identical to an uninterrupted run given the
+same batch_size, which is not part of the identity: padding can move the last bits of the teacher's forward). Shard
+entries also carry `bytes` and `hidden_bytes`; the knots use every token up to KNOT_SAMPLES, a uniform sample beyond.
+
+The hidden-state threshold must be known before the first shard is written, so it is the `hidden_quantile` quantile of
+the response-token entropies of the first `calib_examples` examples (one extra teacher pass over them), not of the
+whole data set: the fraction of tokens kept overall is only approximately 1 - hidden_quantile.
+
+Approximations: log-probs are stored in fp16 (relative rounding error <= 2^-11, i.e. <= 5e-3 absolute at log p = -10),
+hidden states in fp16 (clamped to +-65504). The tail log-mass is computed in fp32 as a logsumexp over the log-probs
+outside the top-k, which equals log(1 - sum_topk p) but stays exact when the top-k holds almost all the mass. The
+entropy and tail come from fp32 logits, so they are as exact as the teacher's forward.
+"""
+
+from egad.teacher.cache.format import (
+    FORMAT_VERSION,
+    IDENTITY,
+    MANIFEST,
+    CacheError,
+    fingerprint_examples,
+    run_identity,
+    tokenizer_sha256,
+    weights_sha256,
+)
+from egad.teacher.cache.reader import TeacherCache
+from egad.teacher.cache.writer import write_cache
+
+__all__ = [
+    "FORMAT_VERSION",
+    "IDENTITY",
+    "MANIFEST",
+    "CacheError",
+    "TeacherCache",
+    "fingerprint_examples",
+    "run_identity",
+    "tokenizer_sha256",
+    "weights_sha256",
+    "write_cache",
+]
