@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Entropy-Guided Adaptive Distillation for LLMs.")
+from egad.errors import EgadError
+
+
+class _EgadGroup(TyperGroup):
+    """The app's group: wraps the run of every command (also ones added later), so a user-fixable EgadError ends
+    it with `error: MESSAGE` on stderr and status 2 instead of a traceback; any other exception keeps its own."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EgadError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+
+# rich_markup_mode=None: help texts are shown as written; rich markup would eat `[w_min, 2 - w_min]` as a tag.
+app = typer.Typer(
+    cls=_EgadGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Entropy-Guided Adaptive Distillation for LLMs.",
+)
 
 
 @app.callback()
@@ -21,10 +46,36 @@ Any field below can be overridden on the command line with a dotted name, e.g. `
 """
 
 
+class _TrainCommand(TyperCommand):
+    """`egad train`: its help ends with every config field, read from the dataclass docstrings when help is shown
+    (so CliRunner and `python -m egad.cli` show it too, and other commands need not import the configs)."""
+
+    def format_epilog(self, ctx: typer.Context, formatter: Any) -> None:
+        from egad.run_config import help_text
+
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text("Config fields (defaults in parentheses):")
+            formatter.write_paragraph()
+            width = max(formatter.width, 60)
+            for line in help_text().splitlines():
+                body = line.lstrip()
+                lead = " " * (formatter.current_indent + len(line) - len(body))
+                wrapped = textwrap.fill(
+                    body,
+                    width,
+                    initial_indent=lead,
+                    subsequent_indent=lead + "    ",
+                    break_on_hyphens=False,
+                    break_long_words=False,
+                )
+                formatter.write(wrapped + "\n")
+
+
 @app.command(
+    cls=_TrainCommand,
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     help=_TRAIN_HELP,
-    epilog="",
 )
 def train(
     ctx: typer.Context,
@@ -32,27 +83,17 @@ def train(
     resume: bool = typer.Option(False, help="Continue from the latest complete checkpoint in train.output_dir."),
     teacher_cache: str = typer.Option(None, help="Train from this `egad cache` folder; no teacher model is loaded."),
 ) -> None:
+    from egad.experiment import run_training
     from egad.run_config import load_config, parse_overrides
-    from egad.trainer import Trainer
 
     overrides = parse_overrides(list(ctx.args))
     if teacher_cache:
         overrides.update({"model.teacher_cache": teacher_cache})
-    cfg = load_config(config, overrides)
-    trainer = Trainer(cfg).setup(resume=resume)
-    try:
-        result = trainer.train()
-    finally:
-        trainer.cleanup()
+    trainer = run_training(load_config(config, overrides), resume=resume)
     if trainer.main:
+        result = getattr(trainer, "last_eval", {})
         shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
         typer.echo(f"done: {trainer.step} steps -> {trainer.out / 'final'}  {shown}")
-
-
-def _train_help_epilog() -> str:
-    from egad.run_config import help_text
-
-    return "Config fields (defaults in parentheses):\n\n" + help_text()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -96,6 +137,18 @@ def demo(
     from egad.demo import run_demo
 
     run_demo(out, data=data, quick=quick)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def study(ctx: typer.Context) -> None:
+    """The ablation study: every baseline, the 2^3 EGAD grid and the controls x training seeds on one teacher cache,
+    a dev sweep of EGAD's knobs, paired tests, docs/results.md. `egad study --help` lists its flags."""
+    from egad.study.driver import main as study_main
+
+    study_main(list(ctx.args))
 
 
 @app.command("eval")
@@ -236,9 +289,7 @@ def losses(
 
 
 def main() -> None:
-    """Entry point; fills `egad train --help` with every config field (read from the dataclass docstrings)."""
-    cmd = next(c for c in app.registered_commands if c.callback is train)
-    cmd.epilog = _train_help_epilog()
+    """Entry point of `egad` and `python -m egad.cli` (how `accelerate launch -m egad.cli` starts each rank)."""
     app()
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from egad.coerce import coerce_fields, load_yaml
 from egad.config import ConfigError, ObjectiveConfig, field_docs
 from egad.presets import PRESETS, preset
 
@@ -176,7 +177,10 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConf
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """['--objective.alpha', '0.3', '--train.lr=1e-4'] -> {'objective.alpha': 0.3, 'train.lr': 1e-4}."""
+    """['--objective.alpha', '0.3', '--train.lr=1e-4'] -> {'objective.alpha': '0.3', 'train.lr': '1e-4'}.
+
+    Values stay text: build_config converts each to its field's type, so a str field keeps e.g. '0123' verbatim.
+    """
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -194,21 +198,29 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} has no value")
             key, value = arg[2:], args[i + 1]
             i += 2
-        out[key] = yaml.safe_load(value)
+        out[key] = value
     return out
 
 
 def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, *, source: str = "config") -> RunConfig:
-    """Validate a nested dict (from YAML) plus dotted overrides into a RunConfig. Errors name the bad key."""
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
-    unknown = set(raw) - set(SECTIONS)
+    """Validate a nested dict (from YAML) plus dotted overrides into a RunConfig. Errors name the bad key.
+
+    Every value is converted to its field's declared type (egad/coerce.py), whether YAML read it or it is the text
+    of a command-line override; a bad file value's message starts with `source`.
+    """
+    unknown = set(raw or {}) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {list(SECTIONS)}")
+    bad = sorted(k for k, v in (raw or {}).items() if not isinstance(v, (dict, type(None))))
+    if bad:
+        raise ConfigError(f"{source}: section(s) {bad} must be mappings of field: value")
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    raw = {section: _coerce_section(section, values, source) for section, values in raw.items()}
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise ConfigError(f"override --{key}: the section must be one of {list(SECTIONS)}")
-        raw.setdefault(section, {})[name] = value
+        raw.setdefault(section, {}).update(_coerce_section(section, {name: value}))
     for section, cls in SECTIONS.items():
         known = {f.name for f in fields(cls)} | ({"preset"} if section == "objective" else set())
         bad = set(raw.get(section, {})) - known
@@ -229,13 +241,24 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, *
     )
 
 
+def _coerce_section(section: str, values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """Known fields converted to their types (unknown ones are reported later, all at once); preset stays text."""
+    try:
+        return coerce_fields(SECTIONS[section], values, section)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a YAML run config and apply dotted overrides."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
     with path.open() as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = load_yaml(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
     return build_config(raw, overrides, source=str(path))

@@ -22,5 +22,6 @@ def test_losses_demo_runs_every_requested_preset():
 
 def test_unknown_preset_is_reported():
     result = CliRunner().invoke(app, ["losses", "--tokens", "16", "--vocab", "50", "--presets", "nope"])
-    assert result.exit_code != 0
-    assert "unknown objective preset 'nope'" in str(result.exception)
+    assert result.exit_code == 2, result.output
+    assert "error: unknown objective preset 'nope'" in result.output
+    assert "Traceback" not in result.output
