@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # GPU users: `make install TORCH_SPEC='torch>=2.4'`.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test test-slow test-all lint bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,8 +18,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/egad demo
 
+# The fast suite (about a minute); the slow tests (quick demo, quick study, accelerate launches) run apart.
 test: install
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: test test-slow
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from egad.experiment import run_training
 from egad.run_config import build_config
 from egad.teacher.cache_job import run_cache_job
-from egad.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly" / "dolly.jsonl"
@@ -90,11 +90,13 @@ def main() -> None:
         cfg = build_config(
             {**raw, "model": {**raw["model"], **extra}, "train": {**raw["train"], "output_dir": str(out / name)}}
         )
-        trainer = Trainer(cfg).setup()
         t0 = time.perf_counter()
-        ev = trainer.train()
-        results[name] = {"seconds": time.perf_counter() - t0, "steps": trainer.step, "dev_nll": ev["dev_nll"]}
-        trainer.cleanup()
+        trainer = run_training(cfg)
+        results[name] = {
+            "seconds": time.perf_counter() - t0,
+            "steps": trainer.step,
+            "dev_nll": trainer.last_eval["dev_nll"],
+        }
     on, ca = results["online"], results["cache"]
     # How much of the teacher's mass lies outside the top-k: what the cache can only summarise.
     from safetensors.torch import load_file

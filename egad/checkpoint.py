@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from egad.losses.features import FeatureProjector
 
@@ -68,10 +68,6 @@ def save_model_dir(path: Path, model, tokenizer, projector: FeatureProjector | N
                 indent=1,
             )
         )
-
-
-def load_projector_weights(path: Path, projector: FeatureProjector) -> None:
-    projector.load_state_dict(load_file(str(path / "feature_projector.safetensors")))
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

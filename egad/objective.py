@@ -5,10 +5,14 @@
     feat = (1/(rho N)) sum_{t routed} l_feat(t)
 
 N is the response-token count of the whole accumulation window on all processes (`num_tokens`), so micro-batches
-add up exactly to the big batch. Everything vocabulary-sized is computed in chunks of `chunk_size` tokens: the
-gradient w.r.t. the student logits (or, with `fused`, w.r.t. the final hidden state and the lm_head weight) is
-produced chunk by chunk inside the forward, as Liger-Kernel's chunked losses do, so no (N x V) fp32 tensor is
-ever alive, and with the fused lm_head the student's full logits are never materialised either.
+add up exactly to the big batch. The loss's own vocabulary-sized work (softmaxes, divergences, the gradient w.r.t.
+the logits) runs in chunks of `chunk_size` tokens inside the forward, as Liger-Kernel's chunked losses do, so its
+working set is a few (chunk x V) fp32 tensors whatever N is.
+
+What chunking does not remove: on the default path the student's full logits (B, L, V) come from the model's own
+forward, and their gradient (B*L, V) is filled chunk by chunk, so two full-size tensors in the logits' dtype are
+alive. With `fused` (final hidden state + lm_head weight) neither exists: each chunk is projected here, and the
+gradient buffers are (B*L, d) and (V, d). A `DenseSignal` teacher holds its full logits (B, L, V) in its own dtype.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from egad.cli import app
 from egad.eval.report import load_run, results_table
 
+pytestmark = pytest.mark.slow  # the quick demo trains a teacher and three students (~35 s)
+
 PLOTS = ("training_curves.png", "entropy_hist.png", "curriculum.png", "routing_temperature.png", "rouge_by_method.png")
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import REPO, tiny_run_overrides
@@ -67,6 +68,7 @@ def _train(out: Path, tok: Path, *, processes: int) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_tokenizer_dir):
     one = _train(tmp_path / "one", tiny_tokenizer_dir, processes=1)
     two = _train(tmp_path / "two", tiny_tokenizer_dir, processes=2)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 from conftest import REPO
 
+from egad import experiment as X
+from egad.config import ConfigError
+from egad.study import driver
 from egad.study import grid as G
 from egad.study import results as R
 from egad.study.stats import FACTORIAL, compare, main_effects, paired_bootstrap
-
-
-def _study():
-    spec = importlib.util.spec_from_file_location("study", REPO / "bench" / "study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_paired_bootstrap_detects_a_shift_and_not_noise():
@@ -65,12 +60,12 @@ def test_paper_index_and_discussion_survive_regeneration(tmp_path):
     assert "Not written yet" in R.kept_discussion(tmp_path / "missing.md")[-1]
 
 
+@pytest.mark.slow
 def test_quick_study_runs_in_two_processes_and_resumes(tmp_path, monkeypatch, dolly_path, egad_cache_dir):
-    study = _study()
     monkeypatch.setenv("EGAD_CACHE_DIR", str(egad_cache_dir))
     out = tmp_path / "study"
     argv = ["--quick", "--jobs", "2", "--out", str(out), "--data", str(dolly_path.parent.parent)]
-    study.main(argv)
+    driver.main(argv)
     text = (out / "results.md").read_text()
     for cell in G.QUICK_CELLS:
         assert f"| `{cell}` |" in text
@@ -83,37 +78,33 @@ def test_quick_study_runs_in_two_processes_and_resumes(tmp_path, monkeypatch, do
     assert (out / "results.png").stat().st_size > 5000
     # Resumable: a second run skips finished cells (no new training, same table) and logs both invocations.
     mtime = (out / "egad" / "seed0" / "eval" / "summary.json").stat().st_mtime
-    study.main(argv)
+    driver.main(argv)
     assert (out / "egad" / "seed0" / "eval" / "summary.json").stat().st_mtime == mtime
     assert len((out / "invocations.jsonl").read_text().splitlines()) == 2
 
 
 def test_size_file_replaces_fields_and_names_bad_keys(tmp_path):
-    from egad.demo import FULL
-
-    size, run = G.load_size(REPO / "configs" / "study" / "gpu.yaml", FULL)
-    assert size.student == "Qwen/Qwen2.5-0.5B" and size.max_len == 512 and size.vocab == FULL.vocab
-    assert G.model_fields(size) == {"student": "Qwen/Qwen2.5-0.5B"} and run["train.lr"] == 2e-5
-    assert G.model_fields(FULL) == {"student_config": FULL.student}
-    from egad.demo import base_run
     from egad.run_config import build_config
 
-    raw = base_run(size, tmp_path / "dolly.jsonl", tmp_path / "run", tmp_path)
-    raw["model"].update(G.model_fields(size), teacher="Qwen/Qwen2.5-1.5B-Instruct")
+    size, run = X.load_scale(REPO / "configs" / "study" / "gpu.yaml", X.TOY)
+    assert size.student == "Qwen/Qwen2.5-0.5B" and size.max_len == 512 and size.vocab == X.TOY.vocab
+    assert X.model_fields("student", size.student) == {"student": "Qwen/Qwen2.5-0.5B"} and run["train.lr"] == 2e-5
+    assert X.model_fields("student", X.TOY.student) == {"student_config": X.TOY.student}
+    raw = X.base_run(size, tmp_path / "dolly.jsonl", tmp_path / "run", tmp_path)
+    raw["model"].update(X.model_fields("student", size.student), teacher="Qwen/Qwen2.5-1.5B-Instruct")
     cfg = build_config(raw, run)  # every `run:` key is a real run-config field
     assert cfg.train.mixed_precision == "bf16" and cfg.data.max_len == 512
     bad = tmp_path / "bad.yaml"
     bad.write_text("size: {student_stepz: 3}\n")
-    with pytest.raises(ValueError, match=r"size\.student_stepz"):
-        G.load_size(bad, FULL)
+    with pytest.raises(ConfigError, match=r"size\.student_stepz"):
+        X.load_scale(bad, X.TOY)
 
 
 def test_dev_tuned_cell_is_retrained_when_the_choice_changes(tmp_path):
-    study = _study()
     cell = tmp_path / G.TUNED
     (cell / "seed0").mkdir(parents=True)
     (cell / "seed0" / "config.yaml").write_text("objective: {preset: egad, beta_f: 2.0}\n")
-    study.retire_stale_choice(cell, {"beta_f": 2.0})
+    driver.retire_stale_choice(cell, {"beta_f": 2.0})
     assert cell.is_dir()  # same choice: the finished runs stand
-    study.retire_stale_choice(cell, {"curriculum_mode": "static_hard"})
+    driver.retire_stale_choice(cell, {"curriculum_mode": "static_hard"})
     assert not cell.exists() and len(list(tmp_path.glob(f"{G.TUNED}.stale-*/seed0/config.yaml"))) == 1

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from egad.config import ConfigError
 from egad.data import DataError
+from egad.experiment import run_training
 from egad.models import ModelError, check_tokenizers
 from egad.run_config import load_config
 from egad.trainer import Trainer
@@ -20,12 +21,7 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 
 def run(overrides: dict, *, resume: bool = False, stop_at: int | None = None) -> Trainer:
-    trainer = Trainer(load_config(TINY, overrides)).setup(resume=resume)
-    try:
-        trainer.train(stop_at=stop_at)
-    finally:
-        trainer.cleanup()
-    return trainer
+    return run_training(load_config(TINY, overrides), resume=resume, stop_at=stop_at)
 
 
 def test_end_to_end_tiny_run(tmp_path, tiny_tokenizer_dir):

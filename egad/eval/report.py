@@ -17,12 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from torch import Tensor  # noqa: E402
 
-from egad.curriculum import curriculum_weights, pacing  # noqa: E402
-from egad.entropy import quantile_cdf  # noqa: E402
+from egad.config import ObjectiveConfig  # noqa: E402
 from egad.presets import preset  # noqa: E402
 from egad.run_log import read_metrics  # noqa: E402
-from egad.temperature import token_temperature  # noqa: E402
+from egad.token_plan import token_plan  # noqa: E402
 
 
 @dataclass
@@ -135,28 +135,42 @@ def plot_entropy_histogram(runs: list[Run], out: Path) -> Path | None:
     return _save(fig, out / "entropy_hist.png")
 
 
+def plan_curve(cfg: ObjectiveConfig, entropy: Tensor, *, knots: Tensor | None, progress: float, vocab: int) -> dict:
+    """The KD weight and temperature that training's own per-token plan (egad.token_plan.token_plan) gives tokens of
+    these teacher entropies at this progress, for a student that matches the teacher (its entropy equal to the
+    teacher's, Hellinger distance 0), which is all the plot can know of the student. -> weight, tau (N,), lambda."""
+    h = entropy.detach().float()
+    sig = {"entropy": h, "student_entropy": h, "hellinger": torch.zeros_like(h)}
+    plan = token_plan(sig, cfg, progress=progress, vocab=vocab, knots=knots)
+    return {"weight": plan["weight"], "tau": plan["tau"], "lambda": float(plan["lambda"])}
+
+
+def _run_vocab(r: Run) -> int | None:
+    return next((int(m["vocab"]) for m in r.metrics if m.get("event") == "setup" and "vocab" in m), None)
+
+
 def plot_curriculum(runs: list[Run], out: Path) -> Path | None:
-    """Weight and temperature against teacher entropy at several points of training, from the run's knots and
-    objective (the same functions the loss uses)."""
+    """Weight and temperature against teacher entropy at several points of training, computed by `plan_curve` over
+    the run's calibration knots (points spread like the real entropies, so batch-level rules act as in training)."""
     r = _knots_run(runs)
-    if r is None:
+    vocab = _run_vocab(r) if r is not None else None
+    if r is None or vocab is None:
         return None
     knots = load_file(str(r.path / "entropy_knots.safetensors"))["knots"]
     obj = dict(r.config.get("objective", {}))
     cfg = preset(obj.pop("preset", "egad"), **obj)
-    h = torch.linspace(float(knots[0]), float(knots[-1]), 400)
-    d = quantile_cdf(h, knots)
+    h = knots.float()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for s in (0.0, 0.25, 0.5, 0.75, 1.0):
-        lam = pacing(s, cfg.pacing, s0=cfg.pacing_s0, s1=cfg.pacing_s1, c0=cfg.pacing_c0)
-        w = curriculum_weights(d, lam, mode=cfg.curriculum_mode, w_min=cfg.w_min, beta_max=cfg.tilt_beta_max)
-        a.plot(h.numpy(), w.numpy(), label=f"s = {s:.2f} (λ = {lam:.2f})")
-    tau = token_temperature(
-        d, mode=cfg.temp_mode, tau_min=cfg.tau_min, tau_max=cfg.tau_max, tau0=cfg.tau0, kappa=cfg.kappa, score=h
-    )
+        curve = plan_curve(cfg, h, knots=knots, progress=s, vocab=vocab)
+        a.plot(h.numpy(), curve["weight"].numpy(), label=f"s = {s:.2f} (λ = {curve['lambda']:.2f})")
+    tau = plan_curve(cfg, h, knots=knots, progress=0.5, vocab=vocab)["tau"]
     b.plot(h.numpy(), tau.numpy(), color="tab:purple")
+    student_note = (
+        " (student = teacher)" if cfg.weighting in ("ea_kd", "select_student_entropy", "select_hellinger") else ""
+    )
     a.set(
-        title=f"Curriculum weight vs teacher entropy ({r.label})",
+        title=f"KD weight vs teacher entropy ({r.label}, {cfg.weighting}){student_note}",
         xlabel="teacher entropy H (nats)",
         ylabel="KD weight w",
     )

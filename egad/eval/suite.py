@@ -12,7 +12,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -77,7 +77,6 @@ class EvalSettings:
     batch_size: int = 16
     max_examples: int | None = None
     template: str = "alpaca"
-    extra: dict = field(default_factory=dict)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -125,7 +124,7 @@ def evaluate_set(
         "rouge_l_mean": statistics.fmean(vals),
         "rouge_l_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
         "rouge_l_per_seed": per_seed,
-        "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
+        "settings": asdict(settings),
     }
     forced = teacher_forced(model, tokenizer, examples, settings, teacher=teacher)
     (set_dir / "nll-per-example.json").write_text(json.dumps(forced.pop("per_example")))

@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from egad.demo import DemoSize, base_run, train_run
-from egad.eval.suite import MINILLM_SEEDS, EvalSettings, run_eval
+from egad import experiment as X
+from egad.eval.suite import MINILLM_SEEDS
 
 BASELINES = [
     "sft",
@@ -45,7 +44,6 @@ CONTROLS = [
 DERIVED = {"kd_alpha0.8": ("kd", {"alpha": 0.8})}
 GRID = list(dict.fromkeys(BASELINES + COMPONENTS + CONTROLS))
 QUICK_CELLS = ["sft", "kd", "egad_c1", "egad"]
-OTHER_SETS = ["self_inst", "vicuna", "sinst", "uinst"]
 # Spec section 8 sweeps, one knob at a time from the EGAD defaults, judged on dev NLL only (seed 0, no test eval).
 TUNE = {
     "w_min=0": {"w_min": 0.0},
@@ -78,34 +76,14 @@ class Cell:
 class Setup:
     """What every cell shares."""
 
-    size: DemoSize
+    size: X.Scale
     dolly: Path
-    data_dir: Path | None
+    data_dir: Path
     tok_dir: Path
     cache: Path
     teacher: Path
     out: Path
     run: dict = field(default_factory=dict)  # dotted run-config overrides for every cell, e.g. train.lr
-
-
-def load_size(path: str | Path, base: DemoSize) -> tuple[DemoSize, dict]:
-    """A study size file: `size:` replaces fields of the built-in size (a `student` string is a model dir or hub id,
-    a mapping a from-scratch config) and `run:` holds dotted run-config overrides for every cell."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    bad = set(raw) - {"size", "run"}
-    known = {f.name for f in fields(DemoSize)}
-    bad |= {f"size.{k}" for k in set(raw.get("size") or {}) - known}
-    if bad:
-        raise ValueError(f"{path}: unknown key(s) {sorted(bad)}; expected size.<{'|'.join(sorted(known))}> and run")
-    size = dict(raw.get("size") or {})
-    if "seeds" in size:
-        size["seeds"] = tuple(size["seeds"])
-    return replace(base, **size), dict(raw.get("run") or {})
-
-
-def model_fields(size: DemoSize) -> dict:
-    """The student as run-config model fields: a model dir / hub id, or a from-scratch config."""
-    return {"student": size.student} if isinstance(size.student, str) else {"student_config": size.student}
 
 
 def cell(name: str) -> Cell:
@@ -116,18 +94,6 @@ def cell(name: str) -> Cell:
 def sampling_seed(train_seed: int) -> int:
     """The MiniLLM generation seed that scores training seed s (10, 20, 30, ...)."""
     return MINILLM_SEEDS[train_seed % len(MINILLM_SEEDS)]
-
-
-def eval_settings(size: DemoSize, train_seeds: list[int]) -> EvalSettings:
-    """Dolly test under the MiniLLM protocol, one sampling seed per training seed; students and teacher alike."""
-    return EvalSettings(
-        seeds=tuple(sampling_seed(s) for s in train_seeds),
-        max_prompt_len=size.max_prompt_len,
-        max_len=size.max_len,
-        max_new_tokens=size.max_new_tokens,
-        batch_size=32,
-        max_examples=size.test_examples,
-    )
 
 
 def log_path(setup: Setup, cell: Cell, seed: int) -> Path:
@@ -148,26 +114,15 @@ def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
     size, out = setup.size, run_dir(setup, cell, seed)
     if is_done(setup, cell, seed):
         return out
-    raw = base_run(size, setup.dolly, out, setup.tok_dir)
-    raw["model"].update(model_fields(size), teacher_cache=str(setup.cache))
-    raw["objective"] = {"preset": cell.preset, "feat_layers": 2, **cell.overrides}
+    raw = X.base_run(size, setup.dolly, out, setup.tok_dir)
+    raw["model"].update(X.model_fields("student", size.student), teacher_cache=str(setup.cache))
+    raw["objective"] = {"preset": cell.preset, "feat_layers": size.feat_layers, **cell.overrides}
     raw["train"].update(max_steps=size.student_steps, seed=seed, eval_every=size.student_steps, eval_at_start=False)
     if not (out / "final" / "config.json").is_file():
-        train_run(raw, setup.run)
-    if not cell.test_eval:
-        return out
-    settings = eval_settings(size, [seed])
-    ev = out / "eval"
-    if setup.data_dir is not None and size.other_examples:
-        run_eval(
-            out / "final",
-            OTHER_SETS,
-            replace(settings, max_examples=size.other_examples),
-            out_dir=ev,
-            data_dir=setup.data_dir,
-        )
-    # Dolly last: its summary.json marks the cell finished.
-    run_eval(out / "final", ["dolly_test"], settings, out_dir=ev, data_dir=setup.data_dir, teacher_path=setup.teacher)
+        X.train_run(raw, setup.run)
+    if cell.test_eval:
+        seeds = [sampling_seed(seed)]
+        X.evaluate(out / "final", out / "eval", scale=size, data_dir=setup.data_dir, seeds=seeds, teacher=setup.teacher)
     return out
 
 

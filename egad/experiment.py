@@ -1,0 +1,275 @@
+"""One experiment: a scale -> the run config it yields -> train -> evaluate under the MiniLLM protocol.
+
+The one place that knows how a run is set up, trained and cleaned up (`run_training`), how a model is scored
+(`evaluate`: Dolly test ROUGE-L over sampling seeds plus fixed subsets of the other MiniLLM sets, teacher-forced NLL
+and KL), where the data comes from (`resolve_dolly`) and how the from-scratch tokenizer and teacher are cached
+between runs. `egad demo`, `egad study`, `egad train` and the benchmarks stand side by side on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import yaml
+
+from egad import data as D
+from egad.config import ConfigError
+from egad.eval.suite import EvalSettings, run_eval
+from egad.run_config import RunConfig, build_config
+from egad.trainer import Trainer
+
+HUB_DOLLY = "databricks/databricks-dolly-15k"
+OTHER_SETS = ["self_inst", "vicuna", "sinst", "uinst"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything that differs between experiments of one protocol: model sizes, steps, lengths, evaluation subsets.
+
+    `teacher` / `student`: a from-scratch config dict (`model_type` + HF config keys), or a model folder / hub id."""
+
+    vocab: int
+    teacher: dict | str
+    student: dict | str
+    teacher_steps: int
+    student_steps: int
+    batch: int
+    max_prompt_len: int
+    max_len: int
+    dev_examples: int
+    test_examples: int | None
+    other_examples: int
+    seeds: tuple[int, ...]
+    max_new_tokens: int
+    feat_layers: int = 2
+
+
+def llama_config(hidden: int, layers: int, heads: int) -> dict:
+    """A small Llama-style from-scratch config (tied embeddings, GQA with half the heads)."""
+    return {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": 3 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+    }
+
+
+# The toy scales: a from-scratch teacher and a 4x smaller student (about 20 min on 2 cores), and its miniature.
+TOY = Scale(
+    vocab=4096,
+    teacher=llama_config(192, 4, 4),
+    student=llama_config(96, 2, 2),
+    teacher_steps=700,
+    student_steps=250,
+    batch=16,
+    max_prompt_len=96,
+    max_len=192,
+    dev_examples=200,
+    test_examples=None,
+    other_examples=40,
+    seeds=(10, 20, 30, 40, 50),
+    max_new_tokens=96,
+)
+TOY_QUICK = Scale(
+    vocab=1024,
+    teacher=llama_config(96, 2, 2),
+    student=llama_config(48, 1, 2),
+    teacher_steps=120,
+    student_steps=40,
+    batch=16,
+    max_prompt_len=96,
+    max_len=160,
+    dev_examples=64,
+    test_examples=48,
+    other_examples=0,
+    seeds=(10,),
+    max_new_tokens=24,
+)
+
+
+def load_scale(path: str | Path, base: Scale) -> tuple[Scale, dict]:
+    """A scale file: `size:` replaces fields of `base` (a `student` string is a model dir or hub id, a mapping a
+    from-scratch config) and `run:` holds dotted run-config overrides for every run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"scale file {path} does not exist (see configs/study/ for examples)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys size and run")
+    bad = set(raw) - {"size", "run"}
+    known = {f.name for f in fields(Scale)}
+    bad |= {f"size.{k}" for k in set(raw.get("size") or {}) - known}
+    if bad:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(bad)}; expected size.<{'|'.join(sorted(known))}> and run")
+    size = dict(raw.get("size") or {})
+    if "seeds" in size:
+        size["seeds"] = tuple(size["seeds"])
+    return replace(base, **size), dict(raw.get("run") or {})
+
+
+def model_fields(side: str, model: dict | str) -> dict:
+    """A scale's teacher or student as run-config model fields: a model dir / hub id, or a from-scratch config."""
+    return {side: model} if isinstance(model, str) else {f"{side}_config": model}
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def resolve_dolly(data: str | Path | None, out: Path) -> tuple[Path, Path]:
+    """(Dolly JSONL with train/dev/test splits, the data dir that named eval sets are read from).
+
+    From `data` (a folder holding dolly/dolly.jsonl), else $EGAD_DATA_DIR or ../shared/data, else the hub dataset,
+    split here deterministically into 1,000 dev, 500 test and the rest train and written under `out`/data (which then
+    holds no other MiniLLM sets: see `has_other_sets`)."""
+    from egad.eval.suite import default_data_dir
+
+    data_dir = Path(data) if data else default_data_dir()
+    if data_dir is not None and (data_dir / "dolly" / "dolly.jsonl").is_file():
+        return data_dir / "dolly" / "dolly.jsonl", data_dir
+    if data:
+        raise D.DataError(str(data), None, "holds no dolly/dolly.jsonl: pass the folder that holds dolly/ and eval/")
+    root = out / "data"
+    path = root / "dolly" / "dolly.jsonl"
+    if path.is_file():
+        return path, root
+    records, _ = D.load_records(HUB_DOLLY, "train")
+    order = list(range(len(records)))
+    random.Random(0).shuffle(order)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for rank, i in enumerate(order):
+            ex = records[i]
+            split = "dev" if rank < 1000 else "test" if rank < 1500 else "train"
+            row = {"instruction": ex.instruction, "context": ex.input, "response": ex.response, "split": split}
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path, root
+
+
+def has_other_sets(data_dir: Path) -> bool:
+    """True when the data dir holds the other MiniLLM eval sets (Self-Instruct, Vicuna, S-NI, UnNI)."""
+    return all((data_dir / "eval" / f"{name}.jsonl").is_file() for name in OTHER_SETS)
+
+
+# ------------------------------------------------------------------------------------------- cached toy components
+def cache_root() -> Path:
+    """Where experiments keep tokenizers, teachers and model conversions between runs: $EGAD_CACHE_DIR or
+    ~/.cache/egad."""
+    return Path(os.environ.get("EGAD_CACHE_DIR", Path.home() / ".cache" / "egad"))
+
+
+def cached_tokenizer(scale: Scale, dolly: Path) -> Path:
+    """A byte-level BPE of `scale.vocab` entries trained on Dolly train, trained once and cached."""
+    from egad.tokenizer import cached_bpe_tokenizer
+
+    records, _ = D.load_records(dolly, "train")
+    fp = D.fingerprint([dolly, "train", scale.vocab])
+    root = cache_root() / "demo" / "tokenizers"
+    tok = cached_bpe_tokenizer(lambda: D.texts_for_tokenizer(records), scale.vocab, root, fp)
+    return Path(tok.name_or_path)
+
+
+def cached_teacher(scale: Scale, dolly: Path, tok_dir: Path) -> Path:
+    """The scale's from-scratch teacher, trained by SFT once and cached by a fingerprint of everything that shapes
+    it. Returns the run folder (the model is in final/)."""
+    if isinstance(scale.teacher, str):
+        raise ConfigError(f"scale.teacher={scale.teacher!r} is a model, not a from-scratch config: nothing to train")
+    shape = [dolly, tok_dir.name, json.dumps(scale.teacher, sort_keys=True), scale.teacher_steps, scale.batch]
+    fp = D.fingerprint(shape + [scale.max_len, scale.max_prompt_len])[:12]
+    run_dir = cache_root() / "demo" / f"teacher-{fp}"
+    if (run_dir / "final" / "model.safetensors").is_file():
+        print(f"[egad] reusing the cached teacher {run_dir}")
+        return run_dir
+    raw = base_run(scale, dolly, run_dir, tok_dir)
+    raw["model"]["student_config"] = scale.teacher
+    raw["objective"] = {"preset": "sft"}
+    raw["train"].update(max_steps=scale.teacher_steps, eval_every=max(scale.teacher_steps // 4, 10))
+    return train_run(raw)
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+def base_run(scale: Scale, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
+    """The run config (as a raw dict for `build_config`) that every run of this scale starts from."""
+    return {
+        "model": {"tokenizer": str(tok_dir)},
+        "data": {
+            "train": str(dolly),
+            "dev": str(dolly),
+            "max_prompt_len": scale.max_prompt_len,
+            "max_len": scale.max_len,
+            "max_dev_examples": scale.dev_examples,
+        },
+        "train": {
+            "output_dir": str(out_dir),
+            "per_device_batch_size": scale.batch,
+            "lr": 2e-3,
+            "warmup_ratio": 0.05,
+            "log_every": 10,
+            "eval_every": max(scale.student_steps // 3, 10),
+            "save_every": 0,
+            "calib_examples": 512,
+            "tensorboard": False,
+        },
+    }
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, stop_at: int | None = None) -> Trainer:
+    """Set up, train and clean up one run; returns the finished trainer (its `step`, `out`, `last_eval`)."""
+    trainer = Trainer(cfg).setup(resume=resume)
+    try:
+        trainer.train(stop_at=stop_at)
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
+def train_run(raw: dict, overrides: dict | None = None, *, resume: bool = False) -> Path:
+    """`run_training` of a raw config dict plus dotted overrides; returns the run folder."""
+    return run_training(build_config(raw, overrides), resume=resume).out
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+def eval_settings(scale: Scale, seeds: tuple[int, ...] | list[int]) -> EvalSettings:
+    """The MiniLLM protocol at this scale's lengths: sampling at temperature 1, top-p 1, top-k 0, with `seeds`."""
+    return EvalSettings(
+        seeds=tuple(seeds),
+        max_prompt_len=scale.max_prompt_len,
+        max_len=scale.max_len,
+        max_new_tokens=scale.max_new_tokens,
+        batch_size=32,
+        max_examples=scale.test_examples,
+    )
+
+
+def evaluate(
+    model_dir: str | Path,
+    out_dir: Path,
+    *,
+    scale: Scale,
+    data_dir: Path,
+    seeds: tuple[int, ...] | list[int],
+    other_seeds: tuple[int, ...] | list[int] | None = None,
+    teacher: str | Path | None = None,
+    skip_done: bool = False,
+) -> dict:
+    """Score a model folder under the MiniLLM protocol into `out_dir` (egad eval's layout): Dolly test
+    (`scale.test_examples`, all when None) over `seeds`, with teacher-student KL when `teacher` is given, and the
+    first `scale.other_examples` records of the other MiniLLM sets over `other_seeds` (default `seeds`) when the data
+    dir has them. Dolly runs last, so its summary.json marks a finished evaluation; `skip_done` skips the sets whose
+    summary.json exists (an interrupted evaluation resumes per set). Returns the merged summary's sets."""
+    settings = eval_settings(scale, seeds)
+    others = OTHER_SETS if scale.other_examples and has_other_sets(data_dir) else []
+    todo = [s for s in others if not (skip_done and (out_dir / s / "summary.json").is_file())]
+    if todo:
+        sub = replace(settings, seeds=tuple(other_seeds or seeds), max_examples=scale.other_examples)
+        run_eval(model_dir, todo, sub, out_dir=out_dir, data_dir=data_dir)
+    if not (skip_done and (out_dir / "dolly_test" / "summary.json").is_file()):
+        run_eval(model_dir, ["dolly_test"], settings, out_dir=out_dir, data_dir=data_dir, teacher_path=teacher)
+    return json.loads((out_dir / "summary.json").read_text())["sets"]

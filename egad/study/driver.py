@@ -1,0 +1,157 @@
+"""Does EGAD beat the baselines? The ablation study on Dolly: presets x seeds on one fixed teacher, one protocol.
+
+Every cell trains the same student from the same offline teacher cache (k = 64, hidden states of every token, so
+each routing rule can pick its own tokens) for the same steps, selects nothing on test, and is evaluated the same
+way: dev NLL, Dolly test500 ROUGE-L (sampling, MiniLLM settings) and response NLL, and fixed subsets of the other
+MiniLLM sets. EGAD's spec-section-8 knobs are swept one at a time on dev NLL (seed 0, no test evaluation) and the
+best setting becomes one more cell. Finished cells are skipped, so the study runs in parts and the results merge.
+It writes docs/results.md (or --results) and results.png from the run files.
+
+    egad study --quick                                   # 4 cells, 1 seed, a few minutes (tested)
+    egad train -c configs/study_teacher.yaml             # the study's teacher, once (~25 min)
+    egad study --teacher runs/study-teacher --jobs 2     # the whole grid, 3 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from egad import experiment as X
+from egad.config import ConfigError
+from egad.eval.report import load_run
+from egad.run_config import build_config
+from egad.study import grid as G
+from egad.study import results as R
+from egad.teacher.cache_job import run_cache_job
+
+# The repository (docs/results.md, README.md) when egad runs from a checkout; the working directory otherwise.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+REPO = _CHECKOUT if (_CHECKOUT / "README.md").is_file() and (_CHECKOUT / "docs").is_dir() else Path.cwd()
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="egad study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="4 cells, 1 seed, 2 tuning knobs, miniature models")
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--results", default=None, help="Markdown output (default docs/results.md, quick: OUT/results.md)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--cells", default=None, help="comma-separated subset of the grid (default: all)")
+    ap.add_argument("--no-tune", action="store_true", help="skip the dev sweep of EGAD's knobs")
+    ap.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
+    ap.add_argument("--size", default=None, help="YAML: `size:` fields replacing the built-in sizes, `run:` overrides")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--teacher", default=None, help="teacher run folder (default: the demo's cached teacher)")
+    return ap.parse_args(argv)
+
+
+def setup_study(args: argparse.Namespace) -> tuple[G.Setup, Path]:
+    size, run = X.TOY_QUICK if args.quick else X.TOY, {}
+    if args.size:
+        size, run = X.load_scale(args.size, size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dolly, data_dir = X.resolve_dolly(args.data, out)
+    if args.teacher:
+        teacher_run = Path(args.teacher)
+        teacher = teacher_run / "final" if (teacher_run / "final").is_dir() else teacher_run
+        if not (teacher / "config.json").is_file():
+            raise ConfigError(
+                f"--teacher {teacher_run}: expected an `egad train` run folder (with final/) or a model "
+                "folder (with config.json)"
+            )
+        tok_dir = teacher  # students share the teacher's tokenizer
+    else:
+        tok_dir = X.cached_tokenizer(size, dolly)
+        teacher_run = X.cached_teacher(size, dolly, tok_dir)
+        teacher = teacher_run / "final"
+    cache_cfg = X.base_run(size, dolly, out / "cache-run", tok_dir)
+    cache_cfg["model"].update(X.model_fields("student", size.student), teacher=str(teacher))
+    cache_cfg["objective"] = {"preset": "egad", "feat_layers": size.feat_layers}
+    run_cache_job(build_config(cache_cfg, run), out / "cache", k=64, hidden_quantile=0.0)
+    return G.Setup(size, dolly, data_dir, tok_dir, out / "cache", teacher, out, run), teacher_run
+
+
+def eval_teacher(setup: G.Setup, teacher_run: Path, seeds: list[int]) -> dict:
+    """The teacher under the students' protocol: one sampling seed per training seed; resumes per eval set."""
+    ev = setup.out / "teacher" / "eval"
+    gen_seeds = [G.sampling_seed(s) for s in seeds]
+    evals = X.evaluate(setup.teacher, ev, scale=setup.size, data_dir=setup.data_dir, seeds=gen_seeds, skip_done=True)
+    return {
+        "dev_nll": min((r["dev_nll"] for r in load_run(teacher_run).metrics if "dev_nll" in r), default=math.nan),
+        "test_nll": evals["dolly_test"]["nll"],
+        "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in evals.items()},
+        "origin": f"Run folder `{teacher_run}`; its `config.yaml` holds the exact training settings.",
+    }
+
+
+def tune(setup: G.Setup, knobs: dict[str, dict]) -> tuple[list[str], dict]:
+    """Dev NLL (seed 0) of each knob setting against the EGAD defaults; the best setting, or {} if the defaults win."""
+    dev = {"defaults": load_run(G.run_dir(setup, G.Cell("egad", "egad"), 0)).best_dev_nll}
+    dev.update({k: load_run(G.run_dir(setup, G.Cell(f"tune/{k}", "egad"), 0)).best_dev_nll for k in knobs})
+    best = min(dev, key=dev.get)
+    lines = ["| EGAD setting (seed 0) | dev NLL |", "|---|---|"]
+    lines += [f"| {k}{' (chosen)' if k == best else ''} | {v:.4f} |" for k, v in dev.items()]
+    return lines, ({} if best == "defaults" else knobs[best])
+
+
+def retire_stale_choice(cell_dir: Path, chosen: dict) -> None:
+    """The dev-tuned cell is trained for one choice; if a longer sweep chose otherwise, set its old runs aside (never
+    delete them) so that the cell is trained again rather than skipped as finished."""
+    for cfg in cell_dir.glob("seed*/config.yaml"):
+        objective = yaml.safe_load(cfg.read_text()).get("objective", {})
+        if any(objective.get(k) != v for k, v in chosen.items()):
+            cell_dir.rename(cell_dir.with_name(f"{cell_dir.name}.stale-{int(time.time())}"))
+            return
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    t0 = time.perf_counter()
+    setup, teacher_run = setup_study(args)
+    seeds = list(range(1 if args.quick else args.seeds))
+    cells = args.cells.split(",") if args.cells else (G.QUICK_CELLS if args.quick else G.GRID)
+    knobs = {} if args.no_tune or "egad" not in cells else dict(list(G.TUNE.items())[:2] if args.quick else G.TUNE)
+    # The main comparison and the dev sweep first, so that a study stopped early has them.
+    order = sorted(cells, key=lambda c: c not in ("kd", "egad"))
+    jobs = [(G.cell(c), s) for c in order[:2] for s in seeds]
+    jobs += [(G.Cell(f"tune/{k}", "egad", v, test_eval=False), 0) for k, v in knobs.items()]
+    jobs += [(G.cell(c), s) for c in order[2:] for s in seeds]
+    G.run_cells(setup, jobs, args.jobs)
+    groups = {
+        "baseline": [c for c in cells if c in G.BASELINES],
+        "component": [c for c in cells if c in G.COMPONENTS and c not in G.BASELINES],
+        "control": [c for c in cells if c in G.CONTROLS],
+    }
+    tuning, chosen = tune(setup, knobs) if knobs else ([], {})
+    if chosen:
+        retire_stale_choice(setup.out / G.TUNED, chosen)
+        G.run_cells(setup, [(G.Cell(G.TUNED, "egad", chosen), s) for s in seeds], args.jobs)
+        groups["dev-tuned"] = [G.TUNED]
+    teacher = eval_teacher(setup, teacher_run, seeds)
+    rows = R.aggregate(setup.out, groups, seeds)
+    default = setup.out / "results.md" if args.quick else REPO / "docs" / "results.md"
+    results = Path(args.results) if args.results else default
+    results.parent.mkdir(parents=True, exist_ok=True)
+    R.plot(rows, teacher, results.parent / "results.png")
+    command = " ".join(["egad study", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
+    log = setup.out / "invocations.jsonl"
+    with log.open("a") as f:
+        f.write(json.dumps({"command": command, "minutes": (time.perf_counter() - t0) / 60}) + "\n")
+    invocations = [json.loads(x) for x in log.read_text().splitlines()]
+    page = R.page(rows, teacher, setup, seeds, tuning, chosen, invocations, readme=REPO / "README.md", previous=results)
+    results.write_text(page)
+    print(page)
+
+
+if __name__ == "__main__":
+    main()
