@@ -19,6 +19,7 @@ import yaml
 from egad import data as D
 from egad.config import ConfigError
 from egad.eval.suite import EvalSettings, run_eval
+from egad.paths import cache_root, default_data_dir
 from egad.run_config import RunConfig, build_config
 from egad.trainer import Trainer
 
@@ -127,8 +128,6 @@ def resolve_dolly(data: str | Path | None, out: Path) -> tuple[Path, Path]:
     From `data` (a folder holding dolly/dolly.jsonl), else $EGAD_DATA_DIR or ../shared/data, else the hub dataset,
     split here deterministically into 1,000 dev, 500 test and the rest train and written under `out`/data (which then
     holds no other MiniLLM sets: see `has_other_sets`)."""
-    from egad.eval.suite import default_data_dir
-
     data_dir = Path(data) if data else default_data_dir()
     if data_dir is not None and (data_dir / "dolly" / "dolly.jsonl").is_file():
         return data_dir / "dolly" / "dolly.jsonl", data_dir
@@ -159,12 +158,6 @@ def has_other_sets(data_dir: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- cached toy components
-def cache_root() -> Path:
-    """Where experiments keep tokenizers, teachers and model conversions between runs: $EGAD_CACHE_DIR or
-    ~/.cache/egad."""
-    return Path(os.environ.get("EGAD_CACHE_DIR", Path.home() / ".cache" / "egad"))
-
-
 def cached_tokenizer(scale: Scale, dolly: Path) -> Path:
     """A byte-level BPE of `scale.vocab` entries trained on Dolly train, trained once and cached."""
     from egad.tokenizer import cached_bpe_tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import math
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from egad.errors import EgadError
+from egad.model_files import resolve_model_source
+from egad.paths import cache_root
 
 log = logging.getLogger("egad.models")
 
@@ -44,10 +46,11 @@ def build_model(
     trust_remote_code: bool = False,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """`from_pretrained(source)`, or `from_config` with random weights from a config dict (needs `model_type`)."""
+    """`from_pretrained(source)` (an HF folder, hub id, GGUF file or shortcut: egad.model_files), or `from_config`
+    with random weights from a config dict (needs `model_type`)."""
     if source:
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+            resolve_model_source(source), dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
         )
     if not config or "model_type" not in config:
         raise ModelError("a model built from a config needs `model_type` (e.g. qwen2, llama) in its config dict")
@@ -78,6 +81,7 @@ def try_load_tokenizer(source: str | None, revision: str | None = None, trust_re
     """The tokenizer stored with a model, or None when the source has none."""
     if not source:
         return None
+    source = resolve_model_source(source)
     try:
         return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -159,6 +163,74 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}; feature distillation needs them")
 
 
+def even_layers(n_teacher: int, n_keep: int) -> list[int]:
+    """`n_keep` evenly spaced 0-based layers of `n_teacher`, the first and the last kept (one layer: the first)."""
+    if not 1 <= n_keep <= n_teacher:
+        raise ModelError(f"cannot keep {n_keep} of the teacher's {n_teacher} layers: choose 1 to {n_teacher}")
+    if n_keep == 1:
+        return [0]
+    return [int(math.floor(i * (n_teacher - 1) / (n_keep - 1) + 0.5)) for i in range(n_keep)]
+
+
+def cut_layers(spec: int | list[int], n_teacher: int) -> list[int]:
+    """The 0-based teacher layers a `model.student_cut` spec keeps: a count (evenly spaced) or explicit indices."""
+    if isinstance(spec, int):
+        return even_layers(n_teacher, spec)
+    layers = [int(i) for i in spec]
+    if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= n_teacher:
+        raise ModelError(
+            f"model.student_cut={spec!r}: need increasing, distinct 0-based layer indices below {n_teacher}"
+        )
+    return layers
+
+
+def cut_student(teacher: PreTrainedModel, layers: list[int], *, dtype: torch.dtype) -> PreTrainedModel:
+    """A depth-pruned copy of the teacher (Minitron, DistilBERT): the given decoder layers, in order, plus every
+    weight outside the decoder blocks (embeddings, final norm, head). Built from the teacher's config with fewer
+    layers (per-layer config lists such as `layer_types` follow the kept layers), so layer indices, caches and
+    `save_pretrained` behave as for any model of that type. The config records `egad_cut` = {teacher_layers, layers}
+    so that the feature map follows the copied layers."""
+    blocks = decoder_layers(teacher)
+    n_teacher = len(blocks)
+    layers = cut_layers(layers, n_teacher)
+    prefix = next(name for name, mod in teacher.named_modules() if mod is blocks)
+    fields = teacher.config.to_dict()
+    for key, value in fields.items():
+        if isinstance(value, list) and len(value) == n_teacher and key != "egad_cut":
+            fields[key] = [value[i] for i in layers]
+    fields.update(num_hidden_layers=len(layers), egad_cut={"teacher_layers": n_teacher, "layers": layers})
+    fields.pop("_name_or_path", None)
+    config = type(teacher.config).from_dict(fields)
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    position = {t: s for s, t in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(prefix + "."):
+            index, rest = key[len(prefix) + 1 :].split(".", 1)
+            if int(index) in position:
+                state[f"{prefix}.{position[int(index)]}.{rest}"] = value
+        else:
+            state[key] = value
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+    if set(missing) - tied or unexpected:
+        raise ModelError(
+            f"cutting {type(teacher).__name__}: missing {sorted(set(missing) - tied)}, unexpected {unexpected}"
+        )
+    student.generation_config = teacher.generation_config
+    return student
+
+
+def copied_layers(student: PreTrainedModel, n_teacher: int) -> list[int] | None:
+    """The teacher layers a cut student's blocks were copied from, or None when it was not cut from a teacher of
+    `n_teacher` layers (then the feature map is the plain uniform one)."""
+    cut = getattr(student.config, "egad_cut", None)
+    if not isinstance(cut, dict) or cut.get("teacher_layers") != n_teacher:
+        return None
+    layers = list(cut.get("layers") or [])
+    return layers if len(layers) == len(decoder_layers(student)) else None
+
+
 def model_dims(model: PreTrainedModel) -> tuple[int, int]:
     """(number of layers, hidden size)."""
     return len(decoder_layers(model)), model.get_input_embeddings().weight.shape[1]
@@ -225,6 +297,5 @@ def _train_tokenizer(spec: dict, data_cfg):
     n, vocab = int(spec.get("examples", 20000)), int(spec.get("vocab_size", 4096))
     records, _ = D.load_records(data_cfg.train, data_cfg.train_split, max_examples=n)
     fp = D.fingerprint([data_cfg.train, data_cfg.train_split, n, vocab])
-    root = Path(os.environ.get("EGAD_CACHE_DIR", Path.home() / ".cache" / "egad"))
-    cache = Path(spec.get("cache_dir", root / "tokenizers"))
+    cache = Path(spec.get("cache_dir", cache_root() / "tokenizers"))
     return cached_bpe_tokenizer(lambda: D.texts_for_tokenizer(records), vocab, cache, fp)

@@ -25,19 +25,23 @@ class ModelConfig:
     """Teacher, student and tokenizer."""
 
     teacher: str | None = None
-    """Teacher: a local directory or a hub id for `from_pretrained`. Leave empty to build it from `teacher_config`."""
+    """Teacher: an HF folder, a hub id, a .gguf file or a shortcut (smollm2-135m-instruct). Or use teacher_config."""
     teacher_config: dict | None = None
     """Build the teacher from this config dict (keys of e.g. Qwen2Config, plus `model_type`) with random weights."""
     student: str | None = None
-    """Student: a local directory or a hub id. Leave empty to build it from `student_config`."""
+    """Student: an HF folder, a hub id, a .gguf file or a shortcut. Or use student_config / student_cut."""
     student_config: dict | None = None
     """Build the student from this config dict with random weights (from_config)."""
+    student_cut: int | list[int] | None = None
+    """Cut the student from the teacher (prune, then distil): a layer count (evenly spaced, first and last kept) or
+    0-based teacher layer indices; embeddings, final norm and head are copied too. config.yaml records the indices."""
     tokenizer: str | None = None
     """Tokenizer dir or hub id. Default: the student's, else the teacher's. Checked against the other model's."""
     train_tokenizer: dict | None = None
     """Train a byte-level BPE tokenizer on the training data instead: {vocab_size: 4096, examples: 20000}."""
     teacher_cache: str | None = None
-    """Read the teacher's signals from this `egad cache` folder instead of running the teacher (no teacher loaded)."""
+    """Read the teacher's signals from this `egad cache` folder instead of running the teacher (it is loaded only to
+    cut the student when student_cut is set)."""
     teacher_dtype: str = "auto"
     """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
     student_dtype: str = "float32"
@@ -51,8 +55,18 @@ class ModelConfig:
         for side in ("teacher", "student"):
             if getattr(self, side) and getattr(self, f"{side}_config"):
                 raise ConfigError(f"model.{side} and model.{side}_config are both set; give one of them")
-        if not (self.student or self.student_config):
-            raise ConfigError("model.student (a path or hub id) or model.student_config is required")
+        given = [name for name in ("student", "student_config", "student_cut") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"give exactly one of model.student (a path, hub id, GGUF file or shortcut), model.student_config or "
+                f"model.student_cut; got {given or 'none'}"
+            )
+        if self.student_cut is not None:
+            if not (self.teacher or self.teacher_config):
+                raise ConfigError("model.student_cut copies layers of the teacher: set model.teacher or teacher_config")
+            cut = [self.student_cut] if isinstance(self.student_cut, int) else list(self.student_cut)
+            if not cut or min(cut) < (1 if isinstance(self.student_cut, int) else 0):
+                raise ConfigError(f"model.student_cut={self.student_cut!r}: a layer count >= 1 or indices >= 0")
         for name in ("teacher_dtype", "student_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}")

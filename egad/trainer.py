@@ -35,10 +35,14 @@ from egad.config import ConfigError
 from egad.entropy import fit_quantile_knots
 from egad.entropy_stream import EmaEntropyHistogram
 from egad.eval.metrics import response_sums
-from egad.losses.features import FeatureProjector, layer_map
+from egad.losses.features import FeatureProjector, feature_pairs
 from egad.models import (
     build_model,
     check_tokenizer_roundtrip,
+    copied_layers,
+    cut_layers,
+    cut_student,
+    decoder_layers,
     freeze,
     model_dims,
     resolve_dtype,
@@ -71,13 +75,13 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
         set_seed(t.seed)
         self.main = self.acc.is_main_process
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         with self.acc.main_process_first():
             self.tokenizer = resolve_tokenizer(self.cfg.model, self.cfg.data)
         self._setup_data()
         self._setup_models()
+        if self.main:  # after the models: a cut student's chosen layers are part of the config
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._setup_optim()
         resumed = resume and bool(ckpt.checkpoints(self.out))
         if resumed:
@@ -139,35 +143,26 @@ class Trainer:
 
     def _setup_models(self) -> None:
         m, dev, obj = self.cfg.model, self.acc.device, self.cfg.objective
-        student = build_model(
-            m.student,
-            m.student_config,
-            dtype=resolve_dtype(m.student_dtype, dev),
-            tokenizer=self.tokenizer,
-            revision=m.revision,
-            trust_remote_code=m.trust_remote_code,
-            seed=self.cfg.train.seed,
-        )
-        teacher, self.cache = None, None
-        if obj.uses_teacher and not m.teacher_cache:
+        teacher = None
+        if (obj.uses_teacher and not m.teacher_cache) or m.student_cut is not None:
             if not (m.teacher or m.teacher_config):
                 raise ConfigError(
-                    f"objective preset {self.cfg.method!r} distils from a teacher: set model.teacher (a folder or hub "
-                    "id), model.teacher_config or model.teacher_cache, or use objective.preset sft"
+                    f"objective preset {self.cfg.method!r} distils from a teacher: set model.teacher (a folder, hub "
+                    "id, .gguf file or shortcut), model.teacher_config or model.teacher_cache, or use preset sft"
                 )
-            teacher = build_model(
-                m.teacher,
-                m.teacher_config,
-                dtype=resolve_dtype(m.teacher_dtype, dev),
-                tokenizer=self.tokenizer,
-                revision=m.revision,
-                trust_remote_code=m.trust_remote_code,
-                seed=self.cfg.train.seed + 1,
-            )
-            freeze(teacher).to(dev)
-        if m.student is None:  # built from a config: its saved tokenizer must reload identically
+            teacher = freeze(self._build("teacher")).to(dev)
+        if m.student_cut is not None:
+            layers = cut_layers(m.student_cut, len(decoder_layers(teacher)))
+            student = cut_student(teacher, layers, dtype=resolve_dtype(m.student_dtype, dev))
+            self.cfg.model.student_cut = layers  # the resolved indices go into config.yaml
+        else:
+            student = self._build("student")
+        if m.student is None:  # built here: its saved tokenizer must reload identically
             check_tokenizer_roundtrip(self.tokenizer, student)
+        if obj.uses_teacher and m.teacher_cache:
+            teacher = None  # it was loaded only to cut the student from: the cache holds its signals
         self.vocab = shared_vocab(self.tokenizer, student, *([teacher] if teacher is not None else []))
+        self.cache = None
         if obj.uses_teacher and m.teacher_cache:
             # Checked once, by the cache, against this run's tokenizer, tokenized data, template and vocabulary.
             expect = run_identity(self.tokenizer, self.train_set, self.cfg.data, self.vocab)
@@ -179,15 +174,29 @@ class Trainer:
         if obj.uses_features:
             ls, ds = model_dims(student)
             lt, dt = model_dims(teacher) if teacher is not None else self.cache.teacher_dims()
-            self.pairs = layer_map(obj.layer_map, ls, lt, min(obj.feat_layers, ls))
+            k = min(obj.feat_layers, ls)
+            self.pairs = feature_pairs(obj.layer_map, ls, lt, k, copied_from=copied_layers(student, lt))
             if self.cache is not None:
                 self.cache.require_layers([p[1] for p in self.pairs])
             projector = FeatureProjector(ds, dt, len(self.pairs)).to(dev)
         self.teacher_model = teacher
         self.source: TeacherSource | None = self.cache
-        if teacher is not None:
+        if teacher is not None and obj.uses_teacher:
             self.source = OnlineTeacher(teacher, [p[1] for p in self.pairs])
         self.module = DistillationModule(student, projector, [p[0] for p in self.pairs], self.cfg.train.fused_lm_head)
+
+    def _build(self, side: str):
+        m = self.cfg.model
+        dtype = m.teacher_dtype if side == "teacher" else m.student_dtype
+        return build_model(
+            getattr(m, side),
+            getattr(m, f"{side}_config"),
+            dtype=resolve_dtype(dtype, self.acc.device),
+            tokenizer=self.tokenizer,
+            revision=m.revision,
+            trust_remote_code=m.trust_remote_code,
+            seed=self.cfg.train.seed + (1 if side == "teacher" else 0),
+        )
 
     def _setup_data(self) -> None:
         d, t = self.cfg.data, self.cfg.train

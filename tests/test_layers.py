@@ -14,6 +14,8 @@ PACKAGE = REPO / "egad"
 FLOORS: dict[int, list[str]] = {
     1: [
         "egad.errors",
+        "egad.model_files",
+        "egad.paths",
         "egad.config",
         "egad.coerce",
         "egad.presets",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from egad import data as D
-from egad.data import shift_labels
 from egad.eval.generate import generate_responses
 from egad.eval.metrics import entropy_buckets, token_metrics
 from egad.eval.rouge import rouge_l
+from egad.model_files import resolve_model_source
 from egad.models import check_tokenizers, shared_vocab
+from egad.paths import default_data_dir  # noqa: F401  (egad eval's default)
 
 # name -> (file under the data dir, split filter)
 EVAL_SETS: dict[str, tuple[str, str | None]] = {
@@ -35,15 +35,6 @@ EVAL_SETS: dict[str, tuple[str, str | None]] = {
     "uinst": ("eval/uinst.jsonl", None),
 }
 MINILLM_SEEDS = (10, 20, 30, 40, 50)
-
-
-def default_data_dir() -> Path | None:
-    """$EGAD_DATA_DIR, else ../shared/data when it exists (the project layout), else None."""
-    env = os.environ.get("EGAD_DATA_DIR")
-    if env:
-        return Path(env)
-    local = Path("..") / "shared" / "data"
-    return local if local.is_dir() else None
 
 
 def resolve_eval_set(spec: str, data_dir: Path | None) -> tuple[str, Path, str | None]:
@@ -80,8 +71,10 @@ class EvalSettings:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    """A model folder, hub id, GGUF file or shortcut (egad.model_files) and its tokenizer, in eval mode."""
+    source = resolve_model_source(path)
+    model = AutoModelForCausalLM.from_pretrained(source).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(source)
 
 
 def evaluate_set(
@@ -154,7 +147,7 @@ def teacher_forced(model, tokenizer, examples, settings: EvalSettings, *, teache
             for k, v in D.collate(items[start : start + settings.batch_size], tokenizer.pad_token_id).items()
         }
         kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        targets = shift_labels(batch["labels"])
+        targets = D.shift_labels(batch["labels"])
         counts += (targets != -100).sum(-1).tolist()
         t_logits = teacher(**kw).logits if teacher is not None else None
         tok = token_metrics(model(**kw).logits, targets, vocab_size=vocab, teacher_logits=t_logits)

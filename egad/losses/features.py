@@ -47,6 +47,20 @@ def layer_map(kind: str, student_layers: int, teacher_layers: int, k: int = 4) -
     raise ValueError(f"layer_map={kind!r} is not one of ['uniform', 'last']")
 
 
+def feature_pairs(
+    kind: str, student_layers: int, teacher_layers: int, k: int = 4, copied_from: list[int] | None = None
+) -> list[tuple[int, int]]:
+    """The (student, teacher) hidden-state pairs of the feature branch. For a student cut from the teacher,
+    `copied_from[i]` is the 0-based teacher block that student block i was copied from: each mapped student layer
+    then pairs with the output of its own source block (the embeddings, layer 0, with the teacher's)."""
+    pairs = layer_map(kind, student_layers, teacher_layers, k)
+    if copied_from is None:
+        return pairs
+    if len(copied_from) != student_layers:
+        raise ValueError(f"copied_from has {len(copied_from)} entries for {student_layers} student layers")
+    return [(m, 0 if m == 0 else copied_from[m - 1] + 1) for m, _ in pairs]
+
+
 class FeatureProjector(nn.Module):
     """One bias-free linear map student -> teacher per mapped layer (TinyBERT W_h, DSKD 's-t' projector).
 

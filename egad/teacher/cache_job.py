@@ -11,18 +11,28 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from egad.config import ConfigError
 from egad.data import tokenized_split
-from egad.losses.features import layer_map
-from egad.models import build_model, freeze, model_dims, resolve_dtype, resolve_tokenizer, shared_vocab
+from egad.losses.features import feature_pairs
+from egad.model_files import resolve_model_source
+from egad.models import build_model, cut_layers, freeze, model_dims, resolve_dtype, resolve_tokenizer, shared_vocab
 from egad.run_config import RunConfig
 from egad.teacher.cache import write_cache
 
 
-def _student_layers(cfg: RunConfig) -> int:
+def student_layout(cfg: RunConfig, teacher_layers: int) -> tuple[int, list[int] | None]:
+    """(student layer count, the teacher layers its blocks were copied from or None), without building the student:
+    what the feature map needs to know which teacher hidden states to store."""
     m = cfg.model
+    if m.student_cut is not None:
+        layers = cut_layers(m.student_cut, teacher_layers)
+        return len(layers), layers
     if m.student:
-        return AutoConfig.from_pretrained(m.student, revision=m.revision).num_hidden_layers
-    return int(m.student_config["num_hidden_layers"])
+        config = AutoConfig.from_pretrained(resolve_model_source(m.student), revision=m.revision)
+        cut = getattr(config, "egad_cut", None)
+        copied = cut.get("layers") if isinstance(cut, dict) and cut.get("teacher_layers") == teacher_layers else None
+        return config.num_hidden_layers, copied
+    return int(m.student_config["num_hidden_layers"]), None
 
 
 def run_cache_job(
@@ -38,7 +48,10 @@ def run_cache_job(
     """Write (or resume) the teacher cache of `cfg`'s training split into out_dir; returns the manifest."""
     m = cfg.model
     if not (m.teacher or m.teacher_config):
-        raise ValueError("egad cache needs a teacher: set model.teacher (a folder or hub id) or model.teacher_config")
+        raise ConfigError(
+            "egad cache needs a teacher: set model.teacher (a folder, hub id, .gguf file or shortcut) or "
+            "model.teacher_config"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = resolve_tokenizer(m, cfg.data)
     teacher = build_model(
@@ -57,8 +70,8 @@ def run_cache_job(
     layers = None
     if hidden_quantile is not None:
         obj = cfg.objective
-        ls = _student_layers(cfg)
-        layers = [t for _, t in layer_map(obj.layer_map, ls, lt, min(obj.feat_layers, ls))]
+        ls, copied = student_layout(cfg, lt)
+        layers = [t for _, t in feature_pairs(obj.layer_map, ls, lt, min(obj.feat_layers, ls), copied_from=copied)]
     # Weights of a hub model are identified by id + revision; hashing them is only cheap for local small models.
     hash_w = hash_weights if hash_weights is not None else sum(p.numel() for p in teacher.parameters()) < 2e8
     return write_cache(

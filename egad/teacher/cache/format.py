@@ -27,14 +27,6 @@ class CacheError(EgadError):
 
 
 # ------------------------------------------------------------------------------------------------------- fingerprints
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint_examples(items: list[dict], template: str, max_prompt_len: int, max_len: int) -> str:
     """sha256 over every item's input_ids and labels, the template and the lengths (what the cache rows depend on)."""
     digest = hashlib.sha256(json.dumps([template, max_prompt_len, max_len, len(items)]).encode())

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from egad import data as D
 from egad.entropy import token_entropy
 from egad.entropy_stream import EntropyQuantileCalibrator
+from egad.paths import sha256_file
 from egad.teacher.cache.format import (
     _FP16_MAX,
     FORMAT_VERSION,
@@ -27,7 +28,6 @@ from egad.teacher.cache.format import (
     _first_difference,
     _identity,
     _read_manifest,
-    _sha256_file,
     _write_json_atomic,
     fingerprint_examples,
     tokenizer_sha256,
@@ -128,7 +128,7 @@ def _save_shard(out: Path, index: int, start: int, tensors: dict[str, Tensor]) -
     os.replace(tmp, out / name)
     n_ex, n_tok = tensors["example_index"].numel(), tensors["entropy"].numel()
     hidden = sum(t.nbytes for n, t in tensors.items() if n.startswith("hidden_"))
-    size, sha = (out / name).stat().st_size, _sha256_file(out / name)
+    size, sha = (out / name).stat().st_size, sha256_file(out / name)
     return {"file": name, "start": start, "end": start + n_ex, "tokens": n_tok, "sha256": sha, "bytes": size,
             "hidden_bytes": hidden}  # fmt: skip
 
@@ -224,7 +224,7 @@ def write_cache(
             m["hidden_threshold"] = old.get("hidden_threshold")
             for s in old["shards"]:
                 file = out / s["file"]
-                if not file.is_file() or _sha256_file(file) != s["sha256"]:
+                if not file.is_file() or sha256_file(file) != s["sha256"]:
                     logger.warning("%s is missing or corrupted: rewriting the cache from it onward", file)
                     break
                 m["shards"].append(s)
