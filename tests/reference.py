@@ -82,14 +82,14 @@ def ref_akl(s: Tensor, t: Tensor, *, temperature: float | Tensor = 1.0, mu: floa
     q, p = ref_probs(s, t, temperature)
     w_head = []
     for p_row, q_row in zip(p.detach().tolist(), q.detach().tolist(), strict=True):
-        order = sorted(range(len(p_row)), key=lambda v: p_row[v])  # ascending; Python's sort is stable
+        order = sorted(range(len(p_row)), key=lambda v: -p_row[v])  # descending; Python's sort is stable
         cum, g_head, g_tail = 0.0, 0.0, 0.0
-        for v in order:
+        for rank, v in enumerate(order):
             cum += p_row[v]
-            if cum < mu:
-                g_tail += abs(p_row[v] - q_row[v])
-            else:
+            if rank == 0 or cum <= mu:  # the most likely token always counts as head
                 g_head += abs(p_row[v] - q_row[v])
+            else:
+                g_tail += abs(p_row[v] - q_row[v])
         w_head.append(0.5 if g_head + g_tail == 0 else g_head / (g_head + g_tail))
     w = torch.tensor(w_head, dtype=torch.float64)
     return w * ref_kl(p, q) + (1 - w) * ref_kl(q, p)

@@ -184,8 +184,10 @@ def akl(
 ) -> Tensor:
     """Adaptive KL = w_head * KL(p || q) + w_tail * KL(q || p), the weights being stop-gradient.
 
-    Sort p ascending (stable); the tail is the sorted prefix whose cumulative teacher mass is < mu, the head the rest.
-    With gap_v = |p_v - q_v|: g_head = sum_head gap, g_tail = sum_tail gap, w_head = g_head / (g_head + g_tail),
+    Sort p descending (stable); the head is the sorted prefix whose cumulative teacher mass is <= mu, and always the
+    most likely token; the tail is the rest [SRC: AKL / ToDi / AdaKD code, `get_ratio`: `mask = cumsum > mu;
+    mask[..., 0] = False`]. With gap_v = |p_v - q_v|: g_head = sum_head gap, g_tail = sum_tail gap,
+    w_head = g_head / (g_head + g_tail),
     w_tail = 1 - w_head (0.5 / 0.5 when p == q, where both KLs are 0). Forward KL (teacher || student) is weighted by
     the head gap, reverse KL (student || teacher) by the tail gap.
     Wu, Tao, Wang, Yang, Zhao & Wong, COLING 2025, "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for
@@ -195,9 +197,10 @@ def akl(
     logq, logp = _pair_log_probs(student_logits, teacher_logits, temperature)
     with torch.no_grad():
         p, q = logp.exp(), logq.exp()
-        p_sorted, order = torch.sort(p, dim=-1, stable=True)  # (N, V) ascending
+        p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)  # (N, V)
         gap = (p_sorted - q.gather(-1, order)).abs()
-        tail = torch.cumsum(p_sorted, dim=-1) < mu
+        tail = torch.cumsum(p_sorted, dim=-1) > mu
+        tail[:, 0] = False
         g_tail = torch.where(tail, gap, 0.0).sum(dim=-1)  # (N,)
         g_head = torch.where(tail, 0.0, gap).sum(dim=-1)
         total = g_head + g_tail
