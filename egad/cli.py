@@ -168,6 +168,9 @@ def eval_cmd(
     max_prompt_len: int = typer.Option(256, help="Prompt tokens kept (left-truncated)."),
     max_len: int = typer.Option(512, help="Prompt + response tokens at most."),
     batch_size: int = typer.Option(16, help="Prompts per generation batch."),
+    template: str = typer.Option(
+        "alpaca", help="Prompt format, as in training (data.template): alpaca (MiniLLM's) or chat (the tokenizer's)."
+    ),
 ) -> None:
     """Generate with the MiniLLM sampling protocol, score ROUGE-L per seed, and teacher-forced NLL / KL."""
     from pathlib import Path
@@ -182,6 +185,7 @@ def eval_cmd(
         max_prompt_len=max_prompt_len,
         max_len=max_len,
         batch_size=batch_size,
+        template=template,
     )
     names = [x.strip() for x in sets.split(",") if x.strip()]
     results = run_eval(

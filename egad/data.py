@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from egad.config import ConfigError
 from egad.errors import EgadError
 
 logger = logging.getLogger("egad.data")
@@ -244,12 +245,12 @@ def format_prompt(ex: Example, template: str = "alpaca", tokenizer: Any = None) 
         return ALPACA_NO_INPUT.format(instruction=ex.instruction)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template='chat' needs a tokenizer with a chat template; use template='alpaca'")
+            raise ConfigError("template='chat' needs a tokenizer with a chat template; use template='alpaca'")
         content = ex.instruction + (f"\n\n{ex.input}" if ex.input else "")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    raise ConfigError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
 def texts_for_tokenizer(examples: list[Example]) -> Iterator[str]:
@@ -299,6 +300,25 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+_TURN_PROBE = "EGAD-END-OF-TURN-PROBE"
+
+
+def end_of_turn_id(tokenizer: Any, template: str = "alpaca") -> int:
+    """The token that ends a response, which training appends to every target and generation stops at. With the chat
+    template: the first token the template writes after an assistant message when that is a special token (ChatML,
+    as in Qwen2.5 and SmolLM2: <|im_end|>; Llama 3: <|eot_id|>; Gemma: <end_of_turn>); otherwise the eos token."""
+    eos = _eos_id(tokenizer)
+    if template != "chat" or not getattr(tokenizer, "chat_template", None):
+        return eos
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_PROBE}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    tail = text.split(_TURN_PROBE, 1)[1] if _TURN_PROBE in text else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    added = {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {}}
+    return int(ids[0]) if ids and (ids[0] in special or ids[0] in added) else eos
+
+
 def _assemble(prompt_ids: list[int], response_ids: list[int], eos_id: int, max_prompt_len: int, max_len: int) -> dict:
     truncated_prompt = len(prompt_ids) > max_prompt_len
     if truncated_prompt:
@@ -325,11 +345,12 @@ def _check_lengths(max_prompt_len: int, max_len: int) -> None:
 def tokenize_example(
     ex: Example, tokenizer: Any, *, template: str = "alpaca", max_prompt_len: int = 256, max_len: int = 512
 ) -> dict:
-    """Token ids and labels for one example: prompt (left-truncated to `max_prompt_len`) + response + eos, cut on
+    """Token ids and labels for one example: prompt (left-truncated to `max_prompt_len`) + response + the end of turn
+    (`end_of_turn_id`: eos, or the chat template's end-of-turn token), cut on
     the right to `max_len`. Labels are -100 on prompt positions and the ids on response positions (unshifted, HF
     causal-LM convention). Returns input_ids, labels, truncated_prompt, truncated_response."""
     _check_lengths(max_prompt_len, max_len)
-    eos = _eos_id(tokenizer)
+    eos = end_of_turn_id(tokenizer, template)
     prompt_ids = tokenizer(format_prompt(ex, template, tokenizer), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
     return _assemble(prompt_ids, response_ids, eos, max_prompt_len, max_len)
@@ -347,7 +368,7 @@ def tokenize_dataset(
     """`tokenize_example` over `examples` (batched through the fast tokenizer). Each kept item also carries `index`,
     its position in `examples`. Examples left with no response token are dropped and counted."""
     _check_lengths(max_prompt_len, max_len)
-    eos = _eos_id(tokenizer)
+    eos = end_of_turn_id(tokenizer, template)
     stats = TruncationStats(examples=len(examples))
     out: list[dict] = []
     for start in range(0, len(examples), batch_size):
@@ -380,9 +401,7 @@ def tokenized_split(data_cfg: Any, tokenizer: Any, which: str = "train") -> tupl
     else:
         source, split, n = d.dev, d.dev_split, d.max_dev_examples
     records, _ = load_records(source, split, max_examples=n)
-    return tokenize_dataset(
-        records, tokenizer, template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len
-    )
+    return tokenize_dataset(records, tokenizer, template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len)
 
 
 def shift_labels(labels: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ class Scale:
     seeds: tuple[int, ...]
     max_new_tokens: int
     feat_layers: int = 2
+    template: str = "alpaca"
 
 
 def llama_config(hidden: int, layers: int, heads: int) -> dict:
@@ -198,6 +199,7 @@ def base_run(scale: Scale, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
             "max_prompt_len": scale.max_prompt_len,
             "max_len": scale.max_len,
             "max_dev_examples": scale.dev_examples,
+            "template": scale.template,
         },
         "train": {
             "output_dir": str(out_dir),
@@ -238,6 +240,7 @@ def eval_settings(scale: Scale, seeds: tuple[int, ...] | list[int]) -> EvalSetti
         max_new_tokens=scale.max_new_tokens,
         batch_size=32,
         max_examples=scale.test_examples,
+        template=scale.template,
     )
 
 

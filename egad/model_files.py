@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +115,16 @@ def _convert(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
+        from transformers import GgufConfig
+
+        # Unpacked at load time whatever kernels are installed: the copy below needs dense float32 weights.
+        kw = {"quantization_config": GgufConfig(gguf_file=path.name, dequantize=True)}
+    except ImportError:  # older transformers: GGUF files always load de-quantised
+        kw = {}
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as e:
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **kw)
+    except (ValueError, OSError, KeyError, struct.error) as e:  # struct.error: a header cut short
         raise ModelSourceError(f"{path}: transformers cannot read this GGUF file ({e})") from None
     # The loaded model still carries a GGUF quantization config, which save_pretrained refuses: rebuild a plain
     # model from the same config without it and move the (already de-quantised) weights over.

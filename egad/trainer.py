@@ -115,6 +115,7 @@ class Trainer:
             if obj.cdf_mode == "ema_hist":
                 self.hist = EmaEntropyHistogram()
                 self.hist.update(self.cache.knots)
+            self._save_knots(self.cache.entropy_sample(20000))
             return
         if not (self.source is not None and obj.needs_knots):
             return
@@ -133,11 +134,13 @@ class Trainer:
             self.knots = self.hist.knots()
         else:
             self.knots = fit_quantile_knots(samples)
-        if self.main:
-            # A sample of the calibration entropies travels with the knots, for the report's histogram.
-            sample = samples[torch.randperm(samples.numel(), generator=torch.Generator().manual_seed(0))[:20000]]
+        self._save_knots(samples[torch.randperm(samples.numel(), generator=torch.Generator().manual_seed(0))[:20000]])
+
+    def _save_knots(self, sample: Tensor) -> None:
+        """The knots and a sample of the teacher entropies they came from, for the report's histogram."""
+        if self.main and self.knots is not None:
             save_file(
-                {"knots": self.knots.contiguous().cpu(), "sample": sample.contiguous().float()},
+                {"knots": self.knots.contiguous().cpu(), "sample": sample.contiguous().float().cpu()},
                 str(self.out / "entropy_knots.safetensors"),
             )
 

@@ -47,11 +47,18 @@ def _cuda_indices(model: torch.nn.Module) -> list[int]:
 
 
 def _generation_config(
-    *, greedy: bool, temperature: float, top_p: float, top_k: int, eos_id: int, pad_id: int, max_new_tokens: int
+    *,
+    greedy: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    stop_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
 ) -> GenerationConfig:
     common: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
-        "eos_token_id": eos_id,
+        "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0],
         "pad_token_id": pad_id,
         "num_beams": 1,
         "num_return_sequences": 1,
@@ -78,6 +85,7 @@ def generate_responses(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "generating",
+    stop_ids: list[int] | None = None,
 ) -> list[str]:
     """Generate one response per prompt with a decoder-only HF model; returns the decoded responses in input order.
 
@@ -85,7 +93,8 @@ def generate_responses(
     "### Response:", is what the response hangs on). Prompts are sorted by length, longest first (similar lengths
     share a batch, and an out-of-memory batch fails at once), and left-padded. A batch generates at most
     `min(max_new_tokens, max_len - longest prompt in the batch)` new tokens, at least 1, as MiniLLM computes it from
-    the padded width; a sequence stops at eos. Each response is the new tokens up to (not including) the first eos,
+    the padded width; a sequence stops at eos or any of `stop_ids` (a chat template's end-of-turn token, see
+    `egad.data.end_of_turn_id`). Each response is the new tokens up to (not including) the first stop token,
     decoded with special tokens skipped and surrounding whitespace stripped.
 
     `greedy=True` decodes greedily and ignores the sampling arguments and `seed`. Otherwise tokens are sampled with
@@ -118,6 +127,7 @@ def generate_responses(
         raise ValueError("the tokenizer has no eos_token_id; generation would never stop before the length limit")
     pad_id = _special_id(tokenizer, "pad_token_id")
     pad_id = eos_id if pad_id is None else pad_id
+    stops = list(dict.fromkeys([eos_id, *(int(i) for i in stop_ids or [])]))
 
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     ids: list[list[int]] = []
@@ -166,7 +176,7 @@ def generate_responses(
                     temperature=temperature,
                     top_p=top_p,
                     top_k=top_k,
-                    eos_id=eos_id,
+                    stop_ids=stops,
                     pad_id=pad_id,
                     max_new_tokens=new_tokens,
                 )
@@ -177,8 +187,8 @@ def generate_responses(
                 )
                 for row, i in enumerate(batch):
                     generated = sequences[row, width:].tolist()
-                    if eos_id in generated:
-                        generated = generated[: generated.index(eos_id)]
+                    end = next((j for j, t in enumerate(generated) if t in stops), len(generated))
+                    generated = generated[:end]
                     outputs[i] = tokenizer.decode(generated, skip_special_tokens=True).strip()
     finally:
         model.generation_config = saved_config

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from egad import data as D
+from egad.config import ConfigError
 from egad.eval.generate import generate_responses
 from egad.eval.metrics import entropy_buckets, token_metrics
 from egad.eval.rouge import rouge_l
@@ -69,6 +70,10 @@ class EvalSettings:
     max_examples: int | None = None
     template: str = "alpaca"
 
+    def __post_init__(self) -> None:
+        if self.template not in D.TEMPLATES:
+            raise ConfigError(f"eval template={self.template!r} is not one of {list(D.TEMPLATES)}")
+
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """A model folder, hub id, GGUF file or shortcut (egad.model_files) and its tokenizer, in eval mode."""
@@ -103,6 +108,7 @@ def evaluate_set(
             max_new_tokens=settings.max_new_tokens,
             batch_size=settings.batch_size,
             desc=f"{name} seed {seed}",
+            stop_ids=[D.end_of_turn_id(tokenizer, settings.template)],
         )
         scores = [rouge_l(o, ex.output) for o, ex in zip(outputs, examples, strict=True)]
         tag = "greedy" if seed is None else f"seed{seed}"

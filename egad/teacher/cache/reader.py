@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from torch import Tensor
 
@@ -62,6 +63,16 @@ class TeacherCache:
     @property
     def hidden_bytes(self) -> int:
         return sum(s["hidden_bytes"] for s in self.manifest["shards"])
+
+    def entropy_sample(self, n: int, seed: int = 0) -> Tensor:
+        """A uniform sample of at most n cached teacher entropies (reads only the entropy tensor of each shard)."""
+        parts = []
+        for s in self.manifest["shards"]:
+            with safe_open(str(self.path / s["file"]), "pt") as fh:
+                parts.append(fh.get_tensor("entropy"))
+        h = torch.cat(parts) if parts else torch.zeros(0)
+        order = torch.randperm(h.numel(), generator=torch.Generator().manual_seed(seed))[:n]
+        return h[order]
 
     def teacher_dims(self) -> tuple[int, int]:
         """(layers, hidden size) of the teacher that wrote the cache, for the feature branch's layer map."""
