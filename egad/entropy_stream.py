@@ -16,8 +16,6 @@ from egad.entropy import _check_positive_int, _check_vector, fit_quantile_knots
 __all__ = ["EmaEntropyHistogram", "EntropyQuantileCalibrator"]
 
 
-
-
 class EntropyQuantileCalibrator:
     """Collects teacher entropies over a calibration pass and fits the global quantile knots.
 

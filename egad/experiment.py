@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -31,11 +31,14 @@ OTHER_SETS = ["self_inst", "vicuna", "sinst", "uinst"]
 class Scale:
     """Everything that differs between experiments of one protocol: model sizes, steps, lengths, evaluation subsets.
 
-    `teacher` / `student`: a from-scratch config dict (`model_type` + HF config keys), or a model folder / hub id."""
+    `teacher`: a from-scratch config dict (`model_type` + HF config keys, trained here by SFT for `teacher_steps`), or
+    a model (folder, hub id, .gguf file or shortcut). `student`: a from-scratch config, a model, or a cut of the
+    teacher (a layer count or 0-based layer indices: `model.student_cut`). `run`: dotted run-config overrides for every
+    run of this scale (train.lr, train.mixed_precision, ...), applied after the scale's own fields."""
 
     vocab: int
     teacher: dict | str
-    student: dict | str
+    student: dict | str | int | list
     teacher_steps: int
     student_steps: int
     batch: int
@@ -48,6 +51,12 @@ class Scale:
     max_new_tokens: int
     feat_layers: int = 2
     template: str = "alpaca"
+    train_examples: int | None = None
+    run: dict = field(default_factory=dict)
+
+    @property
+    def mixed_precision(self) -> str:
+        return str(self.run.get("train.mixed_precision", "no"))
 
 
 def llama_config(hidden: int, layers: int, heads: int) -> dict:
@@ -97,16 +106,51 @@ TOY_QUICK = Scale(
 )
 
 
-def load_scale(path: str | Path, base: Scale) -> tuple[Scale, dict]:
-    """A scale file: `size:` replaces fields of `base` (a `student` string is a model dir or hub id, a mapping a
-    from-scratch config) and `run:` holds dotted run-config overrides for every run."""
+# The real job on this machine: SmolLM2-135M-Instruct (the packaged GGUF) distilled into a depth cut of itself on a
+# Dolly train subset; sized for `egad demo` to finish in about 20 minutes on 2 cores, install included.
+SMOLLM2 = Scale(
+    vocab=0,  # unused: the teacher's tokenizer
+    teacher="smollm2-135m-instruct",
+    student=list(range(7)) + list(range(22, 30)),  # 15 of 30 layers: the first 7 and the last 8 (docs/benchmarks.md)
+    teacher_steps=0,
+    student_steps=40,
+    batch=8,
+    max_prompt_len=128,
+    max_len=256,
+    dev_examples=64,
+    test_examples=100,
+    other_examples=0,
+    seeds=(10,),
+    max_new_tokens=64,
+    feat_layers=2,
+    template="alpaca",  # chosen on dev over chat: NLL 2.655 vs 2.680, ROUGE-L 11.9 vs 11.4 (docs/benchmarks.md)
+    train_examples=400,
+    run={
+        "train.lr": 1e-3,
+        "train.warmup_ratio": 0.1,
+        "train.mixed_precision": "bf16",
+        "train.fused_lm_head": True,
+        "train.log_every": 5,
+    },
+)
+SCALES = {"toy": TOY, "toy_quick": TOY_QUICK, "smollm2": SMOLLM2}
+
+
+def load_scale(path: str | Path, base: Scale) -> Scale:
+    """A scale file: `base:` names the scale to start from (toy, toy_quick, smollm2; default `base`), `size:` replaces
+    its fields (a `student` string is a model, a mapping a from-scratch config, a number or list a cut of the teacher)
+    and `run:` adds dotted run-config overrides for every run."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"scale file {path} does not exist (see configs/study/ for examples)")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with keys size and run")
-    bad = set(raw) - {"size", "run"}
+    bad = set(raw) - {"size", "run", "base"}
+    if "base" in raw:
+        if raw["base"] not in SCALES:
+            raise ConfigError(f"{path}: base={raw['base']!r} is not one of {sorted(SCALES)}")
+        base = SCALES[raw["base"]]
     known = {f.name for f in fields(Scale)}
     bad |= {f"size.{k}" for k in set(raw.get("size") or {}) - known}
     if bad:
@@ -114,12 +158,17 @@ def load_scale(path: str | Path, base: Scale) -> tuple[Scale, dict]:
     size = dict(raw.get("size") or {})
     if "seeds" in size:
         size["seeds"] = tuple(size["seeds"])
-    return replace(base, **size), dict(raw.get("run") or {})
+    size["run"] = {**base.run, **dict(size.get("run") or {}), **dict(raw.get("run") or {})}
+    return replace(base, **size)
 
 
-def model_fields(side: str, model: dict | str) -> dict:
-    """A scale's teacher or student as run-config model fields: a model dir / hub id, or a from-scratch config."""
-    return {side: model} if isinstance(model, str) else {f"{side}_config": model}
+def model_fields(side: str, model: dict | str | int | list) -> dict:
+    """A scale's teacher or student as run-config model fields: a model, a from-scratch config, or a cut."""
+    if isinstance(model, str):
+        return {side: model}
+    if isinstance(model, dict):
+        return {f"{side}_config": model}
+    return {"student_cut": model}
 
 
 # -------------------------------------------------------------------------------------------------------------- data
@@ -188,10 +237,29 @@ def cached_teacher(scale: Scale, dolly: Path, tok_dir: Path) -> Path:
     return train_run(raw)
 
 
+def save_cut_student(teacher: str | Path, layers: int | list[int], run_dir: Path) -> Path:
+    """The untrained cut of the teacher as a model folder (run_dir/final, with the teacher's tokenizer): the baseline
+    that every trained student must beat. Reused when present."""
+    from egad import checkpoint as ckpt
+    from egad.models import build_model, cut_student, try_load_tokenizer
+
+    final = run_dir / "final"
+    if (final / "config.json").is_file():
+        return final
+    import torch
+
+    model = build_model(str(teacher), None, dtype=torch.float32)
+    student = cut_student(model, layers, dtype=torch.float32)
+    with ckpt.atomic_dir(final) as tmp:
+        ckpt.save_model_dir(tmp, student, try_load_tokenizer(str(teacher)), None, [])
+    return final
+
+
 # ---------------------------------------------------------------------------------------------------------- training
 def base_run(scale: Scale, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
-    """The run config (as a raw dict for `build_config`) that every run of this scale starts from."""
-    return {
+    """The run config (as a raw dict for `build_config`) that every run of this scale starts from: its sizes, then
+    the scale's `run` overrides."""
+    raw = {
         "model": {"tokenizer": str(tok_dir)},
         "data": {
             "train": str(dolly),
@@ -199,6 +267,7 @@ def base_run(scale: Scale, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
             "max_prompt_len": scale.max_prompt_len,
             "max_len": scale.max_len,
             "max_dev_examples": scale.dev_examples,
+            "max_train_examples": scale.train_examples,
             "template": scale.template,
         },
         "train": {
@@ -213,6 +282,10 @@ def base_run(scale: Scale, dolly: Path, out_dir: Path, tok_dir: Path) -> dict:
             "tensorboard": False,
         },
     }
+    for key, value in scale.run.items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    return raw
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, stop_at: int | None = None) -> Trainer:
@@ -241,6 +314,7 @@ def eval_settings(scale: Scale, seeds: tuple[int, ...] | list[int]) -> EvalSetti
         batch_size=32,
         max_examples=scale.test_examples,
         template=scale.template,
+        mixed_precision=scale.mixed_precision,
     )
 
 
@@ -253,14 +327,20 @@ def evaluate(
     seeds: tuple[int, ...] | list[int],
     other_seeds: tuple[int, ...] | list[int] | None = None,
     teacher: str | Path | None = None,
+    dev: bool = False,
     skip_done: bool = False,
 ) -> dict:
     """Score a model folder under the MiniLLM protocol into `out_dir` (egad eval's layout): Dolly test
     (`scale.test_examples`, all when None) over `seeds`, with teacher-student KL when `teacher` is given, and the
     first `scale.other_examples` records of the other MiniLLM sets over `other_seeds` (default `seeds`) when the data
-    dir has them. Dolly runs last, so its summary.json marks a finished evaluation; `skip_done` skips the sets whose
-    summary.json exists (an interrupted evaluation resumes per set). Returns the merged summary's sets."""
+    dir has them. `dev` adds the teacher-forced NLL on the first `scale.dev_examples` Dolly dev examples (set
+    `dolly_dev`, no generation), the dev NLL that every row of a report then shares. Dolly test runs last, so its
+    summary.json marks a finished evaluation; `skip_done` skips the sets whose summary.json exists (an interrupted
+    evaluation resumes per set). Returns the merged summary's sets."""
     settings = eval_settings(scale, seeds)
+    if dev and not (skip_done and (out_dir / "dolly_dev" / "summary.json").is_file()):
+        forced = replace(settings, seeds=(), greedy=False, max_examples=scale.dev_examples)
+        run_eval(model_dir, ["dolly_dev"], forced, out_dir=out_dir, data_dir=data_dir)
     others = OTHER_SETS if scale.other_examples and has_other_sets(data_dir) else []
     todo = [s for s in others if not (skip_done and (out_dir / s / "summary.json").is_file())]
     if todo:

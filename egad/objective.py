@@ -102,7 +102,7 @@ def _token_signals(student: StudentOutputs, teacher: TeacherSignal, rows: Tensor
         if ea_tau != 1.0:
             out["entropy_ea"].append(t.entropy(ea_tau))
         if need_hs or need_hel:
-            zs = _student_chunk(x_all.index_select(0, idx), w, vocab)
+            zs = _student_chunk(x_all[idx], w, vocab)
             if need_hs:
                 out["student_entropy"].append(token_entropy(zs, temperature=ea_tau))
             if need_hel:
@@ -137,7 +137,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         for start in range(0, run.rows.numel(), step):
             sl = slice(start, start + step)
             idx = run.rows[sl]
-            xc = x_flat.index_select(0, idx).detach()  # (C, V_S) logits or (C, d) hidden
+            xc = x_flat[idx].detach()  # (C, V_S) logits or (C, d) hidden
             with torch.enable_grad():
                 # The chunk's logits are the autograd leaf; for the fused path the lm_head gradients are then two
                 # small matmuls, accumulated in place (no weight-sized temporary per chunk).
@@ -275,7 +275,7 @@ def distillation_loss(
         cfg,
         student,
         teacher,
-        flat_targets.index_select(0, rows),
+        flat_targets[rows],
         rows,
         plan,
         vocab,
@@ -326,7 +326,7 @@ def _feature_term(
     budget = max(1.0, (1.0 if cfg.route_mode == "all" else cfg.rho) * denom)
     if routed.numel() == 0:
         return sum(p.sum() for p in projector.parameters()) * 0.0
-    hs = [h.reshape(-1, h.shape[-1]).index_select(0, routed) for h in student.features]
+    hs = [h.reshape(-1, h.shape[-1])[routed] for h in student.features]
     per_tok = feature_loss(hs, teacher.features_at(routed), projector, kind=cfg.feat_loss)  # (N_r,)
     return beta * per_tok.sum() / budget
 

@@ -102,6 +102,9 @@ class Trainer:
                 "dev_examples": len(self.dev_set),
                 "total_steps": self.total_steps,
                 "processes": self.world,
+                "engine": str(self.acc.distributed_type.value).lower(),
+                "mixed_precision": self.acc.mixed_precision,
+                "teacher_source": type(self.source).__name__ if self.source is not None else None,
                 "vocab": self.vocab,
                 **{f"data_{k}": v for k, v in asdict(self.train_stats).items()},
             }
@@ -162,8 +165,8 @@ class Trainer:
             student = self._build("student")
         if m.student is None:  # built here: its saved tokenizer must reload identically
             check_tokenizer_roundtrip(self.tokenizer, student)
-        if obj.uses_teacher and m.teacher_cache:
-            teacher = None  # it was loaded only to cut the student from: the cache holds its signals
+        if m.teacher_cache:
+            teacher = None  # loaded only to cut the student from: with a cache the teacher never runs
         self.vocab = shared_vocab(self.tokenizer, student, *([teacher] if teacher is not None else []))
         self.cache = None
         if obj.uses_teacher and m.teacher_cache:
@@ -471,3 +474,10 @@ class Trainer:
         if getattr(self, "log", None) is not None:
             self.log.close()
         self.acc.end_training()
+        # accelerate keeps its settings (mixed precision, accumulation) in process-wide singletons and refuses a
+        # second Accelerator with other settings; forget them, so a later run in this process (a benchmark, the
+        # demo, a notebook) may choose its own. The process group (PartialState) is kept.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()

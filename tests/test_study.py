@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from conftest import REPO
@@ -86,13 +87,13 @@ def test_quick_study_runs_in_two_processes_and_resumes(tmp_path, monkeypatch, do
 def test_size_file_replaces_fields_and_names_bad_keys(tmp_path):
     from egad.run_config import build_config
 
-    size, run = X.load_scale(REPO / "configs" / "study" / "gpu.yaml", X.TOY)
+    size = X.load_scale(REPO / "configs" / "study" / "gpu.yaml", X.TOY)
     assert size.student == "Qwen/Qwen2.5-0.5B" and size.max_len == 512 and size.vocab == X.TOY.vocab
-    assert X.model_fields("student", size.student) == {"student": "Qwen/Qwen2.5-0.5B"} and run["train.lr"] == 2e-5
+    assert X.model_fields("student", size.student) == {"student": "Qwen/Qwen2.5-0.5B"} and size.run["train.lr"] == 2e-5
     assert X.model_fields("student", X.TOY.student) == {"student_config": X.TOY.student}
     raw = X.base_run(size, tmp_path / "dolly.jsonl", tmp_path / "run", tmp_path)
     raw["model"].update(X.model_fields("student", size.student), teacher="Qwen/Qwen2.5-1.5B-Instruct")
-    cfg = build_config(raw, run)  # every `run:` key is a real run-config field
+    cfg = build_config(raw)  # every `run:` key is a real run-config field
     assert cfg.train.mixed_precision == "bf16" and cfg.data.max_len == 512
     bad = tmp_path / "bad.yaml"
     bad.write_text("size: {student_stepz: 3}\n")
@@ -108,3 +109,36 @@ def test_dev_tuned_cell_is_retrained_when_the_choice_changes(tmp_path):
     assert cell.is_dir()  # same choice: the finished runs stand
     driver.retire_stale_choice(cell, {"curriculum_mode": "static_hard"})
     assert not cell.exists() and len(list(tmp_path.glob(f"{G.TUNED}.stale-*/seed0/config.yaml"))) == 1
+
+
+def test_hierarchical_bootstrap_counts_the_training_seed():
+    from egad.study.stats import hierarchical_bootstrap
+
+    rng = random.Random(0)
+    base = [[rng.gauss(0, 1) for _ in range(300)] for _ in range(3)]
+    # A shift that every seed shows: detected, and the interval covers it.
+    shifted = [[x + 0.5 + rng.gauss(0, 0.1) for x in row] for row in base]
+    res = hierarchical_bootstrap(shifted, base, n=2000)
+    assert res["p"] < 0.01 and res["lo"] < 0.5 < res["hi"] and res["mean"] == pytest.approx(0.5, abs=0.05)
+    # Seeds that disagree (+1, -1, +0.2): each seed's difference is unmistakable over its 300 examples, but the
+    # training seed is the unit of replication, so the pooled difference is not significant.
+    flips = [[x + delta for x in row] for row, delta in zip(base, [1.0, -1.0, 0.2], strict=True)]
+    res = hierarchical_bootstrap(flips, base, n=2000)
+    assert res["p"] > 0.05 and res["lo"] < 0 < res["hi"]
+    seed_means = [[sum(col) / 3 for col in zip(*rows, strict=True)] for rows in (flips, base)]
+    _, p_examples = paired_bootstrap(*seed_means, n=2000)
+    assert p_examples < 0.05  # what a bootstrap over examples of seed means would have claimed
+
+
+def test_hierarchical_bootstrap_weights_give_the_token_mean():
+    from egad.study.stats import hierarchical_bootstrap
+
+    sums_a, sums_b, tokens = [[3.0, 5.0, 2.0, 10.0]], [[6.0, 10.0, 4.0, 20.0]], [3, 5, 2, 10]
+    per_token_a = [[s / t for s, t in zip(sums_a[0], tokens, strict=True)]]  # 1.0 everywhere
+    per_token_b = [[s / t for s, t in zip(sums_b[0], tokens, strict=True)]]  # 2.0 everywhere
+    res = hierarchical_bootstrap(per_token_a, per_token_b, weights=tokens, n=200)
+    assert (
+        res["mean"] == pytest.approx(-1.0) and res["lo"] == pytest.approx(-1.0) and res["p"] == pytest.approx(1 / 200)
+    )
+    with pytest.raises(ValueError, match="weights"):
+        hierarchical_bootstrap(per_token_a, per_token_b, weights=[1, 2], n=10)

@@ -183,3 +183,12 @@ def test_train_from_teacher_cache_needs_no_teacher_and_refuses_a_foreign_cache(t
         Trainer(
             load_config(TINY, {**over, "model.teacher_cache": str(tmp_path / "cache"), "data.max_len": 120})
         ).setup()
+
+
+def test_runs_with_other_mixed_precision_follow_in_one_process(tmp_path, tiny_tokenizer_dir):
+    """accelerate's settings are process-wide singletons: a second run must still get the precision it asks for."""
+    common = {"train.max_steps": 1, "train.eval_every": 0, "train.eval_at_start": False, "data.dev": None}
+    for mp in ("no", "bf16"):
+        run(tiny_run_overrides(tiny_tokenizer_dir, tmp_path / mp, **common, **{"train.mixed_precision": mp}))
+        setup = json.loads((tmp_path / mp / "metrics.jsonl").read_text().splitlines()[0])
+        assert setup["event"] == "setup" and setup["mixed_precision"] == mp

@@ -53,11 +53,11 @@ def token_metrics(
     out: dict[str, list[Tensor]] = {"nll": [], "teacher_entropy": [], "teacher_nll": [], "kl": [], "agree": []}
     for start in range(0, rows.numel(), step):
         idx = rows[start : start + step]
-        y = flat_t.index_select(0, idx)
-        zs = zs_all.index_select(0, idx)[:, :vocab_size].float()
+        y = flat_t[idx]
+        zs = zs_all[idx][:, :vocab_size].float()
         out["nll"].append(F.cross_entropy(zs, y, reduction="none"))
         if zt_all is not None:
-            zt = zt_all.index_select(0, idx)[:, :vocab_size].float()
+            zt = zt_all[idx][:, :vocab_size].float()
             out["teacher_entropy"].append(token_entropy(zt))
             out["teacher_nll"].append(F.cross_entropy(zt, y, reduction="none"))
             out["kl"].append(forward_kl(zs, zt))

@@ -35,7 +35,8 @@ class Run:
 
     @property
     def method(self) -> str:
-        return self.config.get("objective", {}).get("preset", "?")
+        """The objective preset, or — for a model that egad did not train (a real teacher, a cut student)."""
+        return self.config.get("objective", {}).get("preset", "—")
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         rows = [r for r in self.metrics if key in r and "step" in r]
@@ -45,6 +46,18 @@ class Run:
     def best_dev_nll(self) -> float | None:
         vals = [r["dev_nll"] for r in self.metrics if "dev_nll" in r]
         return min(vals) if vals else None
+
+    @property
+    def dev_nll(self) -> float | None:
+        """Dev NLL of the evaluated model (the `dolly_dev` eval set), else the best one of the training log."""
+        if "dolly_dev" in self.evals:
+            return float(self.evals["dolly_dev"]["nll"])
+        return self.best_dev_nll
+
+
+def rouge_sets(runs: list[Run]) -> list[str]:
+    """The eval sets that some run has ROUGE-L for (dolly_dev holds teacher-forced NLL only)."""
+    return list(dict.fromkeys(s for r in runs for s, e in r.evals.items() if "rouge_l_mean" in e))
 
 
 def load_run(path: str | Path) -> Run:
@@ -62,12 +75,12 @@ def load_run(path: str | Path) -> Run:
 
 
 def results_table(runs: list[Run]) -> str:
-    """Method x eval set, ROUGE-L mean ± std over seeds, plus best dev NLL and test response NLL."""
-    sets = list(dict.fromkeys(s for r in runs for s in r.evals))
+    """Method x eval set, ROUGE-L mean ± std over seeds, plus dev NLL and test response NLL."""
+    sets = rouge_sets(runs)
     head = ["run", "method", "dev NLL"] + [f"{s} ROUGE-L" for s in sets] + [f"{s} NLL" for s in sets[:1]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
-        dev = f"{r.best_dev_nll:.3f}" if r.best_dev_nll is not None else "—"
+        dev = f"{r.dev_nll:.3f}" if r.dev_nll is not None else "—"
         cells = [r.label, r.method, dev]
         for s in sets:
             e = r.evals.get(s)
@@ -109,10 +122,10 @@ def plot_training_curves(runs: list[Run], out: Path) -> Path:
 
 
 def _knots_run(runs: list[Run]) -> Run | None:
-    for r in runs:
-        if (r.path / "entropy_knots.safetensors").is_file():
-            return r
-    return None
+    """The run whose calibration knots the entropy and curriculum plots use: an EGAD run if there is one (its plan is
+    the one worth drawing), else the first run that has knots."""
+    with_knots = [r for r in runs if (r.path / "entropy_knots.safetensors").is_file()]
+    return next((r for r in with_knots if r.method.startswith("egad")), with_knots[0] if with_knots else None)
 
 
 def plot_entropy_histogram(runs: list[Run], out: Path) -> Path | None:
@@ -198,7 +211,7 @@ def plot_routing_temperature(runs: list[Run], out: Path) -> Path | None:
 
 
 def plot_rouge(runs: list[Run], out: Path) -> Path | None:
-    sets = list(dict.fromkeys(s for r in runs for s in r.evals))
+    sets = rouge_sets(runs)
     if not sets:
         return None
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sets) * len(runs) / 2), 4))

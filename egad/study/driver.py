@@ -55,9 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def setup_study(args: argparse.Namespace) -> tuple[G.Setup, Path]:
-    size, run = X.TOY_QUICK if args.quick else X.TOY, {}
+    size = X.TOY_QUICK if args.quick else X.TOY
     if args.size:
-        size, run = X.load_scale(args.size, size)
+        size = X.load_scale(args.size, size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dolly, data_dir = X.resolve_dolly(args.data, out)
@@ -77,8 +77,8 @@ def setup_study(args: argparse.Namespace) -> tuple[G.Setup, Path]:
     cache_cfg = X.base_run(size, dolly, out / "cache-run", tok_dir)
     cache_cfg["model"].update(X.model_fields("student", size.student), teacher=str(teacher))
     cache_cfg["objective"] = {"preset": "egad", "feat_layers": size.feat_layers}
-    run_cache_job(build_config(cache_cfg, run), out / "cache", k=64, hidden_quantile=0.0)
-    return G.Setup(size, dolly, data_dir, tok_dir, out / "cache", teacher, out, run), teacher_run
+    run_cache_job(build_config(cache_cfg), out / "cache", k=64, hidden_quantile=0.0)
+    return G.Setup(size, dolly, data_dir, tok_dir, out / "cache", teacher, out), teacher_run
 
 
 def eval_teacher(setup: G.Setup, teacher_run: Path, seeds: list[int]) -> dict:
@@ -89,7 +89,7 @@ def eval_teacher(setup: G.Setup, teacher_run: Path, seeds: list[int]) -> dict:
     return {
         "dev_nll": min((r["dev_nll"] for r in load_run(teacher_run).metrics if "dev_nll" in r), default=math.nan),
         "test_nll": evals["dolly_test"]["nll"],
-        "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in evals.items()},
+        "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in evals.items() if "rouge_l_per_seed" in v},
         "origin": f"Run folder `{teacher_run}`; its `config.yaml` holds the exact training settings.",
     }
 

@@ -83,7 +83,6 @@ class Setup:
     cache: Path
     teacher: Path
     out: Path
-    run: dict = field(default_factory=dict)  # dotted run-config overrides for every cell, e.g. train.lr
 
 
 def cell(name: str) -> Cell:
@@ -119,7 +118,7 @@ def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
     raw["objective"] = {"preset": cell.preset, "feat_layers": size.feat_layers, **cell.overrides}
     raw["train"].update(max_steps=size.student_steps, seed=seed, eval_every=size.student_steps, eval_at_start=False)
     if not (out / "final" / "config.json").is_file():
-        X.train_run(raw, setup.run)
+        X.train_run(raw)
     if cell.test_eval:
         seeds = [sampling_seed(seed)]
         X.evaluate(out / "final", out / "eval", scale=size, data_dir=setup.data_dir, seeds=seeds, teacher=setup.teacher)

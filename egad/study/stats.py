@@ -7,6 +7,8 @@ import random
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 # The 2^3 factorial of spec section 9: (C1 curriculum, C2 adaptive tau, C3 dual branch) -> preset.
 FACTORIAL = {
     (0, 0, 0): "kd",
@@ -79,3 +81,42 @@ def main_effects(values: dict[str, float]) -> dict[str, float] | None:
         off = [values[p] for k, p in FACTORIAL.items() if not k[i]]
         effects[name] = statistics.fmean(on) - statistics.fmean(off)
     return effects
+
+
+def hierarchical_bootstrap(
+    a: list[list[float]],
+    b: list[list[float]],
+    *,
+    weights: list[float] | None = None,
+    n: int = 10000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired difference a - b whose unit of replication includes the training seed.
+
+    a[s][e], b[s][e]: the value of training seed s (paired: same seed for both cells) on test example e (paired: same
+    examples). Each of the `n` resamples draws training seeds with replacement, then, within each drawn seed, test
+    examples with replacement (a two-level bootstrap, as for nested designs), and takes the mean difference, weighted
+    by `weights` per example when given (token counts: sums of NLL become a token-mean difference). So the interval
+    widens with the seed-to-seed spread, which a bootstrap over examples of seed means would hide.
+
+    Returns mean (the point estimate over all seeds and examples), lo / hi (the 95% percentile interval) and p (the
+    two-sided bootstrap p-value of no difference, at least 1/n)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)  # (S, E)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError(f"need per-seed, per-example values of equal shape, got {np.shape(a)} and {np.shape(b)}")
+    s_count, e_count = d.shape
+    w = np.ones(e_count) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (e_count,) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {e_count} non-negative numbers with a positive sum")
+    mean = float((d * w).sum() / (w.sum() * s_count))
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n)
+    for start in range(0, n, 500):  # blocks bound the (block, S, E) index array
+        m = min(500, n - start)
+        seeds = rng.integers(0, s_count, size=(m, s_count))
+        examples = rng.integers(0, e_count, size=(m, s_count, e_count))
+        vals = d[seeds[:, :, None], examples] * w[examples]
+        stats[start : start + m] = vals.sum(axis=(1, 2)) / w[examples].sum(axis=(1, 2))
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    p = 2 * min((stats <= 0).mean(), (stats >= 0).mean())
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "p": float(max(min(p, 1.0), 1.0 / n))}

@@ -86,7 +86,7 @@ def _no_features() -> ValueError:
 def _gather_features(features: list[Tensor] | None, flat_index: Tensor) -> list[Tensor]:
     if not features:
         raise _no_features()
-    return [h.reshape(-1, h.shape[-1]).index_select(0, flat_index) for h in features]
+    return [h.reshape(-1, h.shape[-1])[flat_index] for h in features]
 
 
 # --------------------------------------------------------------------------------------------------------------- dense
@@ -120,7 +120,7 @@ class DenseSignal:
     def rows(self, flat_index: Tensor, vocab_size: int) -> Tensor:
         """Teacher logits at flattened (B*L) positions, sliced to the shared vocabulary, fp32. -> (C, V)."""
         flat = self.logits.reshape(-1, self.logits.shape[-1])
-        return flat.index_select(0, flat_index)[:, :vocab_size].float()
+        return flat[flat_index][:, :vocab_size].float()
 
     def chunk(self, flat_index: Tensor, vocab_size: int) -> DenseChunk:
         return DenseChunk(self.rows(flat_index, vocab_size))
@@ -191,14 +191,14 @@ class TopKSignal:
     def rows_topk(self, flat_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k ids (C, k) long, log-probs (C, k) fp32 and tail log-mass (C,) fp32 at flattened (B*L) positions."""
         k = self.k
-        ids = self.ids.reshape(-1, k).index_select(0, flat_index).long()
-        logprobs = self.logprobs.reshape(-1, k).index_select(0, flat_index).float()
-        tail = self.tail_logmass.reshape(-1).index_select(0, flat_index).float()
+        ids = self.ids.reshape(-1, k)[flat_index].long()
+        logprobs = self.logprobs.reshape(-1, k)[flat_index].float()
+        tail = self.tail_logmass.reshape(-1)[flat_index].float()
         return ids, logprobs, tail
 
     def entropy_at(self, flat_index: Tensor) -> Tensor:
         """Exact teacher entropy at tau=1 at flattened positions, fp32. -> (C,)."""
-        return self.entropy.reshape(-1).index_select(0, flat_index).float()
+        return self.entropy.reshape(-1)[flat_index].float()
 
     def chunk(self, flat_index: Tensor, vocab_size: int) -> TopKChunk:
         return TopKChunk(*self.rows_topk(flat_index), self.entropy_at(flat_index), vocab_size)
@@ -209,4 +209,4 @@ class TopKSignal:
     def feature_mask_at(self, flat_index: Tensor) -> Tensor | None:
         if self.feature_mask is None:
             return None
-        return self.feature_mask.reshape(-1).index_select(0, flat_index.to(self.feature_mask.device))
+        return self.feature_mask.reshape(-1)[flat_index.to(self.feature_mask.device)]

@@ -107,8 +107,6 @@ def _write_json_atomic(file: Path, obj: dict) -> None:
     os.replace(tmp, file)
 
 
-
-
 def run_identity(tokenizer: Any, items: list[dict], data_cfg: Any, vocab_size: int) -> dict:
     """The identity fields a training run needs of its cache: the tokenizer, the tokenized data (with the template
     and lengths that made it) and the shared vocabulary. `data_cfg` is the run's `data` section."""

@@ -74,7 +74,7 @@ class _Pass:
                 parts["topk_logprobs"].append(top.values.half().cpu())
                 parts["tail_logmass"].append(tail.cpu())
         stats = {name: torch.cat(p) for name, p in parts.items() if p}
-        feats = [f.reshape(-1, f.shape[-1]).index_select(0, rows) for f in sig.features or []]
+        feats = [f.reshape(-1, f.shape[-1])[rows] for f in sig.features or []]
         return mask.sum(dim=1), stats, feats
 
     def threshold(self, items: list[dict], q: float) -> float:
@@ -102,7 +102,7 @@ class _Pass:
                 hidden_rows.append(local + n_rows)
                 # Selected per batch: a shard's full (tokens, d) states would not fit in memory for a large teacher.
                 for slot, f in zip(hidden, feats, strict=True):
-                    chosen = f.index_select(0, local.to(f.device)).float()
+                    chosen = f[local.to(f.device)].float()
                     slot.append(chosen.clamp(-_FP16_MAX, _FP16_MAX).half().cpu())
             n_rows += s["entropy"].numel()
         tensors = {
@@ -262,5 +262,3 @@ def _update_totals(m: dict) -> None:
     m["tokens"] = sum(s["tokens"] for s in m["shards"])
     signal_bytes = sum(s["bytes"] - s["hidden_bytes"] for s in m["shards"])
     m["bytes_per_token"] = signal_bytes / m["tokens"] if m["tokens"] else 0.0
-
-
