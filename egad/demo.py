@@ -46,8 +46,10 @@ def run_real_demo(out: str | Path, *, data: str | None = None, scale: X.Scale = 
     _log(f"teacher {scale.teacher} ({teacher}); student: teacher layers {scale.student}; data {dolly}; output {out}")
     cut = X.save_cut_student(teacher, scale.student, out / "cut")
     cache = out / "cache"
-    raw = X.base_run(scale, dolly, out / "cache-run", teacher)
-    raw["model"].update(teacher=str(teacher), student_cut=scale.student)
+    # The teacher by its spec (the shortcut), not the converted folder: the cache identity must not depend on where
+    # $EGAD_CACHE_DIR keeps the conversion.
+    raw = X.base_run(scale, dolly, out / "cache-run", scale.teacher)
+    raw["model"].update(teacher=scale.teacher, student_cut=scale.student)
     raw["objective"] = {"preset": "egad", "feat_layers": scale.feat_layers}
     _log("teacher pass over the training subset into the offline cache")
     run_cache_job(build_config(raw), cache, k=64, hidden_quantile=0.8)
@@ -58,10 +60,11 @@ def run_real_demo(out: str | Path, *, data: str | None = None, scale: X.Scale = 
         if (run / "final" / "config.json").is_file():
             _log(f"reusing the trained {method} student in {run}")
             continue
-        raw = X.base_run(scale, dolly, run, teacher)
-        raw["model"].update(teacher=str(teacher), student_cut=scale.student, teacher_cache=str(cache))
+        raw = X.base_run(scale, dolly, run, scale.teacher)
+        raw["model"].update(teacher=scale.teacher, student_cut=scale.student, teacher_cache=str(cache))
         raw["objective"] = {"preset": method, "feat_layers": scale.feat_layers}
-        raw["train"].update(max_steps=scale.student_steps, eval_at_start=False, eval_every=scale.student_steps)
+        raw["train"]["max_steps"] = scale.student_steps
+        raw["data"]["dev"] = None  # dev NLL comes from the evaluation below, alike for every row
         _log(f"distilling the student with {method}")
         X.train_run(raw)
     models = {out / "teacher": teacher, out / "cut": cut}

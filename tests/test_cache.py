@@ -147,3 +147,19 @@ def test_interrupted_run_resumes_to_identical_files(setup, tmp_path):
     assert write_cache(model, tok, items, tmp_path / "run", **args) == done  # complete: no work
     with pytest.raises(CacheError, match="'k'"):
         write_cache(model, tok, items, tmp_path / "run", **{**args, "k": 4})
+
+
+def test_bf16_teacher_pass_is_recorded_and_close_to_fp32(setup, tmp_path):
+    tok, items, model = setup
+    fp32 = write_cache(model, tok, items[:6], tmp_path / "fp32", k=8, **ARGS)
+    bf16 = write_cache(model, tok, items[:6], tmp_path / "bf16", k=8, precision="bf16", **ARGS)
+    assert fp32["precision"] == "fp32" and bf16["precision"] == "bf16"
+    h = [TeacherCache(tmp_path / p).entropy_sample(10_000) for p in ("fp32", "bf16")]
+    assert h[0].numel() == h[1].numel() == fp32["tokens"]
+    assert not torch.equal(h[0].sort().values, h[1].sort().values)  # the autocast really ran
+    # bf16 rounds these very peaked toy logits (|z| ~ 50, steps of 0.25) yet keeps the distribution of entropies.
+    assert abs(float(h[1].mean() - h[0].mean())) < 0.02 * float(h[0].mean())
+    with pytest.raises(CacheError, match="'precision' is 'bf16' in the existing cache but 'fp32' now"):
+        write_cache(model, tok, items[:6], tmp_path / "bf16", k=8, **ARGS)
+    with pytest.raises(CacheError, match="precision"):
+        write_cache(model, tok, items[:6], tmp_path / "x", k=8, precision="fp16", **ARGS)

@@ -85,6 +85,8 @@ def run_cache_job(
         hidden_quantile=hidden_quantile,
         examples_per_shard=examples_per_shard,
         batch_size=batch_size or cfg.train.per_device_batch_size,
+        calib_examples=min(cfg.train.calib_examples, 256),
+        precision="bf16" if cfg.train.mixed_precision == "bf16" else "fp32",  # the run's autocast, for its teacher
         teacher_id=m.teacher or "from_config",
         revision=m.revision,
         template=cfg.data.template,

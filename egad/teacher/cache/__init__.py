@@ -14,7 +14,8 @@ examples [start, end) of the list given to `write_cache` (positions in that list
     hidden_{t}     fp16  (n_hard, d)  optional: hidden state of teacher layer t (`egad.models.capture_hidden`) there
 
 The manifest records the identity (teacher id/revision/weights hash, tokenizer hash, data fingerprint, template, k,
-vocab_size, layers, hidden_quantile), the shard list with sha256s, and at completion the 1001 global entropy quantile
+vocab_size, layers, hidden_quantile), the teacher pass's precision (fp32, or bf16 autocast; a cache resumes only
+in the precision it started in), the shard list with sha256s, and at completion the 1001 global entropy quantile
 knots over all cached tokens (`complete: true`). It is replaced atomically after each shard, and a shard is written
 under a temporary name and renamed, so a killed run never lists a half-written shard; rerunning `write_cache` with the
 same arguments verifies the listed shards and resumes after them (byte-identical to an uninterrupted run given the

@@ -49,6 +49,8 @@ class _Pass:
     vocab: int
     k: int
     batch_size: int
+    precision: str = "fp32"
+    progress: bool = True
 
     @torch.no_grad()
     def batch(self, items: list[dict], topk: bool = True) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
@@ -57,7 +59,9 @@ class _Pass:
         batch = D.collate(items, self.pad_id)
         mask = D.shift_labels(batch["labels"]) != -100
         rows = mask.reshape(-1).nonzero().squeeze(-1).to(self.device)
-        sig = self.teacher(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with autocast:
+            sig = self.teacher(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
         # Bounds the fp32 (chunk, V) working set to ~64 MiB whatever the vocabulary.
         step = max(16, 2**24 // self.vocab)
         parts: dict[str, list[Tensor]] = {"entropy": [], "topk_ids": [], "topk_logprobs": [], "tail_logmass": []}
@@ -81,19 +85,24 @@ class _Pass:
         """The q-quantile of the response-token entropies of `items`, rounded to fp32 so that it compares
         identically with the stored fp32 entropies after a JSON round trip."""
         bs = self.batch_size
-        h = torch.cat([self.batch(items[b : b + bs], topk=False)[1]["entropy"] for b in range(0, len(items), bs)])
+        starts = tqdm(range(0, len(items), bs), desc="hidden-state threshold", unit="batch", disable=not self.progress)
+        h = torch.cat([self.batch(items[b : b + bs], topk=False)[1]["entropy"] for b in starts])
         s = h.double().sort().values
         pos = q * (s.numel() - 1)
         lo, hi = int(pos), min(int(pos) + 1, s.numel() - 1)
         return float(torch.tensor(float(s[lo] + (pos - lo) * (s[hi] - s[lo])), dtype=torch.float32))
 
-    def shard(self, items: list[dict], start: int, layers: list[int], threshold: float | None) -> dict[str, Tensor]:
-        """The tensors of the shard made of `items` (examples start, start + 1, ...)."""
+    def shard(
+        self, items: list[dict], start: int, layers: list[int], threshold: float | None, bar: tqdm | None = None
+    ) -> dict[str, Tensor]:
+        """The tensors of the shard made of `items` (examples start, start + 1, ...); `bar` counts examples."""
         counts, stats, hidden_rows = [], [], []
         hidden: list[list[Tensor]] = [[] for _ in layers]
         n_rows = 0
         for b in range(0, len(items), self.batch_size):
             c, s, feats = self.batch(items[b : b + self.batch_size])
+            if bar is not None:
+                bar.update(len(c))
             counts.append(c)
             stats.append(s)
             if layers:
@@ -147,6 +156,7 @@ def write_cache(
     calib_examples: int = 256,
     examples_per_shard: int = 512,
     batch_size: int = 8,
+    precision: str = "fp32",
     teacher_id: str = "",
     revision: str | None = None,
     template: str = "alpaca",
@@ -167,6 +177,8 @@ def write_cache(
         raise CacheError("write_cache: no examples to cache")
     if hidden_quantile is not None and (not layers or not 0.0 <= hidden_quantile < 1.0):
         raise CacheError(f"hidden_quantile={hidden_quantile!r} needs layers and a value in [0, 1)")
+    if precision not in ("fp32", "bf16"):
+        raise CacheError(f"precision={precision!r}: the teacher pass runs in 'fp32' or under 'bf16' autocast")
     if examples_per_shard < 1 or batch_size < 1:
         raise CacheError(f"examples_per_shard and batch_size must be >= 1, got {examples_per_shard}, {batch_size}")
     head = teacher_model.get_output_embeddings()
@@ -194,6 +206,7 @@ def write_cache(
         "hidden_threshold": None,
         "examples": len(items),
         "examples_per_shard": examples_per_shard,
+        "precision": precision,
         "shards": [],
         "tokens": 0,
         "bytes_per_token": 0.0,
@@ -204,16 +217,17 @@ def write_cache(
     if clash:
         raise CacheError(f"extra manifest fields {clash} clash with the cache format's own fields; rename them")
     m.update(extra or {})
-    run = _Pass(
-        OnlineTeacher(teacher_model, layers), pad_id, next(teacher_model.parameters()).device, vocab, k, batch_size
-    )
+    device = next(teacher_model.parameters()).device
+    run = _Pass(OnlineTeacher(teacher_model, layers), pad_id, device, vocab, k, batch_size, precision, progress)
     was_training = teacher_model.training
     teacher_model.eval()
     try:
         if (out / MANIFEST).is_file():
             old = _read_manifest(out)
-            want = _identity(m) | {"examples_per_shard": examples_per_shard}
-            diff = _first_difference(_identity(old) | {"examples_per_shard": old.get("examples_per_shard")}, want)
+            # A resumed cache must not mix shards of another layout or teacher precision.
+            resume = {"examples_per_shard": examples_per_shard, "precision": precision}
+            have = {"examples_per_shard": old.get("examples_per_shard"), "precision": old.get("precision", "fp32")}
+            diff = _first_difference(_identity(old) | have, _identity(m) | resume)
             if diff:
                 raise CacheError(
                     f"{out / MANIFEST}: field '{diff[0]}' is {diff[1]!r} in the existing cache but {diff[2]!r} now; "
@@ -236,13 +250,17 @@ def write_cache(
 
         per = examples_per_shard
         todo = range(len(m["shards"]), -(-len(items) // per))
-        for written, s in enumerate(tqdm(todo, desc="teacher cache", unit="shard", disable=not progress)):
+        done = sum(sh["end"] - sh["start"] for sh in m["shards"])
+        bar = tqdm(total=len(items) - done, desc="teacher cache", unit="ex", disable=not progress)
+        for written, s in enumerate(todo):
             if stop_after_shards is not None and written >= stop_after_shards:
+                bar.close()
                 return m
-            tensors = run.shard(items[s * per : (s + 1) * per], s * per, layers, m["hidden_threshold"])
+            tensors = run.shard(items[s * per : (s + 1) * per], s * per, layers, m["hidden_threshold"], bar)
             m["shards"].append(_save_shard(out, s, s * per, tensors))
             _update_totals(m)
             _write_json_atomic(out / MANIFEST, m)
+        bar.close()
 
         # Knots from the shard files rather than in-memory state, so a resumed cache gets exactly a clean run's knots.
         calib_h = EntropyQuantileCalibrator(max_samples=KNOT_SAMPLES)
