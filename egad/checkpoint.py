@@ -49,10 +49,18 @@ def commit_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model_dir(path: Path, model, tokenizer, projector: FeatureProjector | None, pairs) -> None:
-    """HF `save_pretrained` files (safetensors) + tokenizer, and the feature projections beside them."""
+PROMPT_FILE = "egad_prompt.json"
+
+
+def save_model_dir(
+    path: Path, model, tokenizer, projector: FeatureProjector | None, pairs, prompt: dict | None = None
+) -> None:
+    """HF `save_pretrained` files (safetensors) + tokenizer, the feature projections beside them, and `prompt`
+    (template and lengths the model was trained with), which `egad eval` then uses by default."""
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    if prompt:
+        (path / PROMPT_FILE).write_text(json.dumps(prompt, indent=1))
     if projector is not None:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()},
@@ -68,6 +76,12 @@ def save_model_dir(path: Path, model, tokenizer, projector: FeatureProjector | N
                 indent=1,
             )
         )
+
+
+def saved_prompt(path: str | Path) -> dict:
+    """The prompt settings saved with a model folder by egad ({} for any other model)."""
+    file = Path(path) / PROMPT_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

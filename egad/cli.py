@@ -171,13 +171,16 @@ def eval_cmd(
     max_len: int = typer.Option(512, help="Prompt + response tokens at most."),
     batch_size: int = typer.Option(16, help="Prompts per generation batch."),
     template: str = typer.Option(
-        "alpaca", help="Prompt format, as in training (data.template): alpaca (MiniLLM's) or chat (the tokenizer's)."
+        None,
+        help="Prompt format: alpaca (MiniLLM's) or chat (the tokenizer's). Default: the one the model was trained "
+        "with by egad (egad_prompt.json in its folder), else alpaca.",
     ),
     mixed_precision: str = typer.Option("no", help="bf16: generate and score under bf16 autocast (2x on AMX CPUs)."),
 ) -> None:
     """Generate with the MiniLLM sampling protocol, score ROUGE-L per seed, and teacher-forced NLL / KL."""
     from pathlib import Path
 
+    from egad.checkpoint import saved_prompt
     from egad.eval.suite import EvalSettings, default_data_dir, run_eval
 
     settings = EvalSettings(
@@ -188,7 +191,7 @@ def eval_cmd(
         max_prompt_len=max_prompt_len,
         max_len=max_len,
         batch_size=batch_size,
-        template=template,
+        template=template or saved_prompt(model).get("template", "alpaca"),
         mixed_precision=mixed_precision,
     )
     names = [x.strip() for x in sets.split(",") if x.strip()]

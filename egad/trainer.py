@@ -402,10 +402,16 @@ class Trainer:
         if self.main:
             unwrapped = self.acc.unwrap_model(self.module)
             with ckpt.atomic_dir(path) as tmp:
-                ckpt.save_model_dir(tmp, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs)
+                ckpt.save_model_dir(
+                    tmp, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs, self._prompt()
+                )
                 if extra:
                     (tmp / "eval.json").write_text(json.dumps(extra, indent=1))
         self.acc.wait_for_everyone()
+
+    def _prompt(self) -> dict:
+        d = self.cfg.data
+        return {"template": d.template, "max_prompt_len": d.max_prompt_len, "max_len": d.max_len}
 
     def save_checkpoint(self) -> Path:
         """checkpoint-<step>/: HF model + tokenizer + projector, and the full training state (optimizer, scheduler,
@@ -421,7 +427,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.main:
             unwrapped = self.acc.unwrap_model(self.module)
-            ckpt.save_model_dir(tmp, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs)
+            ckpt.save_model_dir(tmp, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs, self._prompt())
             state = {
                 "step": self.step,
                 "best_dev_nll": self.best_dev_nll,

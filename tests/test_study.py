@@ -13,15 +13,14 @@ from egad.config import ConfigError
 from egad.study import driver
 from egad.study import grid as G
 from egad.study import results as R
-from egad.study.stats import FACTORIAL, compare, main_effects, paired_bootstrap
+from egad.study.stats import FACTORIAL, compare_seeds, hierarchical_bootstrap, main_effects
 
 
-def test_paired_bootstrap_detects_a_shift_and_not_noise():
-    a = [float(i % 7) for i in range(200)]
-    diff, p = paired_bootstrap([x + 1.0 for x in a], a, n=2000)
-    assert diff == 1.0 and p < 0.01
-    _, p_same = paired_bootstrap(a, list(reversed(a)), n=2000)
-    assert p_same > 0.05
+def test_hierarchical_bootstrap_detects_a_shift_and_not_noise():
+    a = [[float(i % 7) for i in range(200)]]
+    res = hierarchical_bootstrap([[x + 1.0 for x in a[0]]], a, n=2000)
+    assert res["mean"] == 1.0 and res["p"] < 0.01
+    assert hierarchical_bootstrap(a, [list(reversed(a[0]))], n=2000)["p"] > 0.05
 
 
 def test_main_effects_recover_an_additive_model():
@@ -43,12 +42,12 @@ def test_compare_gives_token_mean_nll_difference(tmp_path):
     tokens = [3, 5, 2, 10]
     _fake_cell(tmp_path, "a", 0, [10, 20, 30, 40], [3.0, 5.0, 2.0, 10.0], tokens)
     _fake_cell(tmp_path, "b", 0, [9, 18, 27, 36], [6.0, 10.0, 4.0, 20.0], tokens)
-    res = compare(tmp_path, "a", "b", [0], n=500)
-    assert res["test_nll"][0] == pytest.approx(1.0 - 2.0)  # token means 1.0 and 2.0
-    assert res["rouge_l"][0] == pytest.approx(2.5)
+    res = compare_seeds(tmp_path, "a", "b", [0], n=500)
+    assert res["test_nll"]["mean"] == pytest.approx(1.0 - 2.0)  # token means 1.0 and 2.0
+    assert res["rouge_l"]["mean"] == pytest.approx(2.5)
     _fake_cell(tmp_path, "c", 0, [1, 1, 1, 1], [1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1])
     with pytest.raises(ValueError, match="different test tokens"):
-        compare(tmp_path, "a", "c", [0], n=10)
+        compare_seeds(tmp_path, "a", "c", [0], n=10)
 
 
 def test_paper_index_and_discussion_survive_regeneration(tmp_path):
@@ -112,8 +111,6 @@ def test_dev_tuned_cell_is_retrained_when_the_choice_changes(tmp_path):
 
 
 def test_hierarchical_bootstrap_counts_the_training_seed():
-    from egad.study.stats import hierarchical_bootstrap
-
     rng = random.Random(0)
     base = [[rng.gauss(0, 1) for _ in range(300)] for _ in range(3)]
     # A shift that every seed shows: detected, and the interval covers it.
@@ -125,14 +122,12 @@ def test_hierarchical_bootstrap_counts_the_training_seed():
     flips = [[x + delta for x in row] for row, delta in zip(base, [1.0, -1.0, 0.2], strict=True)]
     res = hierarchical_bootstrap(flips, base, n=2000)
     assert res["p"] > 0.05 and res["lo"] < 0 < res["hi"]
-    seed_means = [[sum(col) / 3 for col in zip(*rows, strict=True)] for rows in (flips, base)]
-    _, p_examples = paired_bootstrap(*seed_means, n=2000)
-    assert p_examples < 0.05  # what a bootstrap over examples of seed means would have claimed
+    # What a bootstrap over test examples of the seed means would have claimed: one "seed" of averaged values.
+    seed_means = [[[sum(col) / 3 for col in zip(*rows, strict=True)]] for rows in (flips, base)]
+    assert hierarchical_bootstrap(*seed_means, n=2000)["p"] < 0.05
 
 
 def test_hierarchical_bootstrap_weights_give_the_token_mean():
-    from egad.study.stats import hierarchical_bootstrap
-
     sums_a, sums_b, tokens = [[3.0, 5.0, 2.0, 10.0]], [[6.0, 10.0, 4.0, 20.0]], [3, 5, 2, 10]
     per_token_a = [[s / t for s, t in zip(sums_a[0], tokens, strict=True)]]  # 1.0 everywhere
     per_token_b = [[s / t for s, t in zip(sums_b[0], tokens, strict=True)]]  # 2.0 everywhere

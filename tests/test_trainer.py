@@ -69,6 +69,9 @@ def test_end_to_end_tiny_run(tmp_path, tiny_tokenizer_dir):
         out / "final" / "feature_projector.safetensors"
     ).is_file()
     assert (out / "checkpoint-24" / "trainer_state.json").is_file()
+    from egad.checkpoint import saved_prompt
+
+    assert saved_prompt(out / "final") == {"template": "alpaca", "max_prompt_len": 64, "max_len": 128}
     assert (out / "entropy_knots.safetensors").is_file()
     assert list((out / "tb").iterdir())
 

@@ -102,21 +102,30 @@ def _rouge_cell(e: dict | None) -> str:
 
 
 def plot_training_curves(runs: list[Run], out: Path) -> Path:
+    """Training CE per run, and the dev NLL over steps; when no run logged dev evaluations (the real demo scores every
+    model once, after training), the dev NLL of each model as bars, the teacher and the untrained cut among them."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         steps, ce = r.series("ce")
         if steps:
             a.plot(steps, ce, label=r.label)
-        steps, dev = r.series("dev_nll")
-        if steps:
-            b.plot(steps, dev, marker="o", label=r.label)
+    curves = [(r, *r.series("dev_nll")) for r in runs if r.series("dev_nll")[0]]
+    for r, steps, dev in curves:
+        b.plot(steps, dev, marker="o", label=r.label)
     teacher_nll = [x for r in runs for x in r.series("dev_teacher_nll")[1]]
     if teacher_nll:
         b.axhline(teacher_nll[-1], color="k", ls="--", lw=1, label="teacher")
+    scored = [r for r in runs if r.dev_nll is not None]
+    if not curves and scored:
+        bars = b.bar([r.label for r in scored], [r.dev_nll for r in scored], color="tab:blue")
+        b.bar_label(bars, fmt="%.3f", fontsize=8)
+        b.set(title="Dev response NLL of each model", ylabel="NLL (nats/token)")
+    else:
+        b.set(title="Dev response NLL", xlabel="step", ylabel="NLL (nats/token)")
     a.set(title="Training cross-entropy on labels", xlabel="step", ylabel="CE (nats/token)")
-    b.set(title="Dev response NLL", xlabel="step", ylabel="NLL (nats/token)")
     for ax in (a, b):
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return _save(fig, out / "training_curves.png")
 

@@ -27,6 +27,7 @@ import yaml
 from egad import experiment as X
 from egad.config import ConfigError
 from egad.eval.report import load_run
+from egad.model_files import resolve_model_source
 from egad.run_config import build_config
 from egad.study import grid as G
 from egad.study import results as R
@@ -45,52 +46,85 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--results", default=None, help="Markdown output (default docs/results.md, quick: OUT/results.md)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--cells", default=None, help="comma-separated subset of the grid (default: all)")
+    ap.add_argument(
+        "--cells", default=None, help=f"a grid ({', '.join(G.GRIDS)}; default toy) or comma-separated cells"
+    )
+    ap.add_argument("--tune", default=None, help="comma-separated dev-sweep knobs (default: all; names: see grid.TUNE)")
     ap.add_argument("--no-tune", action="store_true", help="skip the dev sweep of EGAD's knobs")
+    ap.add_argument("--beside", default=None, help="an earlier results page whose table this page shows for comparison")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     ap.add_argument("--size", default=None, help="YAML: `size:` fields replacing the built-in sizes, `run:` overrides")
     ap.add_argument("--data", default=None)
-    ap.add_argument("--teacher", default=None, help="teacher run folder (default: the demo's cached teacher)")
+    ap.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher: an `egad train` run folder or a model (folder, .gguf, shortcut); default: the scale's own",
+    )
     return ap.parse_args(argv)
 
 
-def setup_study(args: argparse.Namespace) -> tuple[G.Setup, Path]:
+def setup_study(args: argparse.Namespace) -> tuple[G.Setup, Path | None]:
+    """The scale, data, teacher (a run folder, a model, or the toy teacher trained here) and the one teacher cache
+    that every cell reads. Returns the setup and the teacher's training run folder (None for a model)."""
     size = X.TOY_QUICK if args.quick else X.TOY
     if args.size:
         size = X.load_scale(args.size, size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dolly, data_dir = X.resolve_dolly(args.data, out)
-    if args.teacher:
-        teacher_run = Path(args.teacher)
-        teacher = teacher_run / "final" if (teacher_run / "final").is_dir() else teacher_run
+    spec = args.teacher or (size.teacher if isinstance(size.teacher, str) else None)
+    teacher_run: Path | None = None
+    if spec is not None and (Path(spec) / "final" / "config.json").is_file():
+        teacher_run, teacher = Path(spec), Path(spec) / "final"
+        spec = str(teacher)
+    elif spec is not None:
+        teacher = Path(resolve_model_source(spec))  # a model folder, hub id, .gguf file or shortcut
         if not (teacher / "config.json").is_file():
-            raise ConfigError(
-                f"--teacher {teacher_run}: expected an `egad train` run folder (with final/) or a model "
-                "folder (with config.json)"
-            )
-        tok_dir = teacher  # students share the teacher's tokenizer
+            raise ConfigError(f"--teacher {spec}: expected an `egad train` run folder (with final/) or a model")
     else:
         tok_dir = X.cached_tokenizer(size, dolly)
         teacher_run = X.cached_teacher(size, dolly, tok_dir)
         teacher = teacher_run / "final"
-    cache_cfg = X.base_run(size, dolly, out / "cache-run", tok_dir)
-    cache_cfg["model"].update(X.model_fields("student", size.student), teacher=str(teacher))
+        spec = str(teacher)
+    cache_cfg = X.base_run(size, dolly, out / "cache-run", spec)  # students share the teacher's tokenizer
+    cache_cfg["model"].update(X.model_fields("student", size.student), teacher=spec)
     cache_cfg["objective"] = {"preset": "egad", "feat_layers": size.feat_layers}
     run_cache_job(build_config(cache_cfg), out / "cache", k=64, hidden_quantile=0.0)
-    return G.Setup(size, dolly, data_dir, tok_dir, out / "cache", teacher, out), teacher_run
+    return G.Setup(size, dolly, data_dir, spec, out / "cache", teacher, out), teacher_run
 
 
-def eval_teacher(setup: G.Setup, teacher_run: Path, seeds: list[int]) -> dict:
-    """The teacher under the students' protocol: one sampling seed per training seed; resumes per eval set."""
+def eval_teacher(setup: G.Setup, teacher_run: Path | None, seeds: list[int]) -> dict:
+    """The teacher under the students' protocol: one sampling seed per training seed; resumes per eval set. Its dev
+    NLL is the best of its training run's log, or the `dolly_dev` evaluation for a model egad did not train."""
     ev = setup.out / "teacher" / "eval"
     gen_seeds = [G.sampling_seed(s) for s in seeds]
-    evals = X.evaluate(setup.teacher, ev, scale=setup.size, data_dir=setup.data_dir, seeds=gen_seeds, skip_done=True)
+    kw = {"scale": setup.size, "data_dir": setup.data_dir, "skip_done": True}
+    evals = X.evaluate(setup.teacher, ev, seeds=gen_seeds, dev=teacher_run is None, **kw)
+    if teacher_run is not None:
+        dev = min((r["dev_nll"] for r in load_run(teacher_run).metrics if "dev_nll" in r), default=math.nan)
+        origin = f"Run folder `{teacher_run}`; its `config.yaml` holds the exact training settings."
+    else:
+        dev = evals["dolly_dev"]["nll"]
+        origin = f"The model `{setup.teacher_spec}`, not trained here."
     return {
-        "dev_nll": min((r["dev_nll"] for r in load_run(teacher_run).metrics if "dev_nll" in r), default=math.nan),
+        "dev_nll": dev,
         "test_nll": evals["dolly_test"]["nll"],
         "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in evals.items() if "rouge_l_per_seed" in v},
-        "origin": f"Run folder `{teacher_run}`; its `config.yaml` holds the exact training settings.",
+        "origin": origin,
+    }
+
+
+def eval_cut(setup: G.Setup) -> dict | None:
+    """The untrained cut student, when the students are cut from the teacher: the floor every cell must clear."""
+    if not isinstance(setup.size.student, (int, list)):
+        return None
+    model = X.save_cut_student(setup.teacher, setup.size.student, setup.out / "cut")
+    kw = {"scale": setup.size, "data_dir": setup.data_dir, "skip_done": True}
+    evals = X.evaluate(model, setup.out / "cut" / "eval", seeds=[G.sampling_seed(0)], dev=True, **kw)
+    return {
+        "dev_nll": evals["dolly_dev"]["nll"],
+        "test_nll": evals["dolly_test"]["nll"],
+        "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in evals.items() if "rouge_l_per_seed" in v},
     }
 
 
@@ -119,8 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     setup, teacher_run = setup_study(args)
     seeds = list(range(1 if args.quick else args.seeds))
-    cells = args.cells.split(",") if args.cells else (G.QUICK_CELLS if args.quick else G.GRID)
-    knobs = {} if args.no_tune or "egad" not in cells else dict(list(G.TUNE.items())[:2] if args.quick else G.TUNE)
+    grid = args.cells or ("quick" if args.quick else "toy")
+    cells = G.GRIDS[grid] if grid in G.GRIDS else grid.split(",")
+    unknown = [c for c in cells if c not in G.PRESETS_AND_DERIVED]
+    if unknown:
+        raise ConfigError(f"--cells: unknown cell(s) {unknown}; a grid ({', '.join(G.GRIDS)}) or preset names")
+    names = args.tune.split(",") if args.tune else list(G.TUNE)[: 2 if args.quick else None]
+    bad = [k for k in names if k not in G.TUNE]
+    if bad:
+        raise ConfigError(f"--tune: unknown knob(s) {bad}; choose from {list(G.TUNE)}")
+    knobs = {} if args.no_tune or "egad" not in cells else {k: G.TUNE[k] for k in names}
     # The main comparison and the dev sweep first, so that a study stopped early has them.
     order = sorted(cells, key=lambda c: c not in ("kd", "egad"))
     jobs = [(G.cell(c), s) for c in order[:2] for s in seeds]
@@ -138,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         G.run_cells(setup, [(G.Cell(G.TUNED, "egad", chosen), s) for s in seeds], args.jobs)
         groups["dev-tuned"] = [G.TUNED]
     teacher = eval_teacher(setup, teacher_run, seeds)
+    cut = eval_cut(setup)
     rows = R.aggregate(setup.out, groups, seeds)
     default = setup.out / "results.md" if args.quick else REPO / "docs" / "results.md"
     results = Path(args.results) if args.results else default
@@ -148,7 +191,19 @@ def main(argv: list[str] | None = None) -> None:
     with log.open("a") as f:
         f.write(json.dumps({"command": command, "minutes": (time.perf_counter() - t0) / 60}) + "\n")
     invocations = [json.loads(x) for x in log.read_text().splitlines()]
-    page = R.page(rows, teacher, setup, seeds, tuning, chosen, invocations, readme=REPO / "README.md", previous=results)
+    page = R.page(
+        rows,
+        teacher,
+        setup,
+        seeds,
+        tuning,
+        chosen,
+        invocations,
+        readme=REPO / "README.md",
+        previous=results,
+        cut=cut,
+        beside=Path(args.beside) if args.beside else None,
+    )
     results.write_text(page)
     print(page)
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from egad import experiment as X
 from egad.eval.suite import MINILLM_SEEDS
+from egad.presets import PRESETS
 
 BASELINES = [
     "sft",
@@ -42,8 +43,12 @@ CONTROLS = [
 # Cells that are a preset plus overrides. kd_alpha0.8 gives KD the KD:CE ratio that EA-KD's unnormalised weights
 # (mean about 4 on this data) give it, so that EA-KD's gain can be told apart from a heavier KD term.
 DERIVED = {"kd_alpha0.8": ("kd", {"alpha": 0.8})}
+PRESETS_AND_DERIVED = set(PRESETS) | set(DERIVED)
 GRID = list(dict.fromkeys(BASELINES + COMPONENTS + CONTROLS))
 QUICK_CELLS = ["sft", "kd", "egad_c1", "egad"]
+# The real-teacher grid (issue: real pretrained LLMs): the baselines users ask for, and the 2^3 component grid.
+REAL_CELLS = ["sft", "kd", "rkl", "ea_kd", "adakd_idts", "se_kd_student", "feat_kd_all", *COMPONENTS]
+GRIDS = {"toy": GRID, "quick": QUICK_CELLS, "real": REAL_CELLS}
 # Spec section 8 sweeps, one knob at a time from the EGAD defaults, judged on dev NLL only (seed 0, no test eval).
 TUNE = {
     "w_min=0": {"w_min": 0.0},
@@ -59,6 +64,8 @@ TUNE = {
     "curriculum=static_hard": {"curriculum_mode": "static_hard"},  # spec 9: the EA-KD-like control of C1
     "alpha=0.8": {"alpha": 0.8},
 }
+# The real study's shorter sweep (its runs are ~10x dearer): the knobs that moved the toy study most, both ways.
+TUNE_REAL = ["beta_f=2", "rho=0.5", "tau_max=1.5", "curriculum=static_hard"]
 TUNED = "egad_dev_tuned"
 
 
@@ -79,9 +86,9 @@ class Setup:
     size: X.Scale
     dolly: Path
     data_dir: Path
-    tok_dir: Path
+    teacher_spec: str  # the teacher as the run configs name it (shortcut, model or folder); the students' tokenizer
     cache: Path
-    teacher: Path
+    teacher: Path  # its model folder
     out: Path
 
 
@@ -113,15 +120,19 @@ def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
     size, out = setup.size, run_dir(setup, cell, seed)
     if is_done(setup, cell, seed):
         return out
-    raw = X.base_run(size, setup.dolly, out, setup.tok_dir)
-    raw["model"].update(X.model_fields("student", size.student), teacher_cache=str(setup.cache))
+    raw = X.base_run(size, setup.dolly, out, setup.teacher_spec)
+    # The teacher is named for a student cut from it; with the cache it never runs.
+    raw["model"].update(
+        X.model_fields("student", size.student), teacher=setup.teacher_spec, teacher_cache=str(setup.cache)
+    )
     raw["objective"] = {"preset": cell.preset, "feat_layers": size.feat_layers, **cell.overrides}
     raw["train"].update(max_steps=size.student_steps, seed=seed, eval_every=size.student_steps, eval_at_start=False)
     if not (out / "final" / "config.json").is_file():
         X.train_run(raw)
     if cell.test_eval:
         seeds = [sampling_seed(seed)]
-        X.evaluate(out / "final", out / "eval", scale=size, data_dir=setup.data_dir, seeds=seeds, teacher=setup.teacher)
+        teacher = setup.teacher if size.test_kl else None
+        X.evaluate(out / "final", out / "eval", scale=size, data_dir=setup.data_dir, seeds=seeds, teacher=teacher)
     return out
 
 

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from egad.eval.report import load_run  # noqa: E402
 from egad.experiment import OTHER_SETS  # noqa: E402
 from egad.study.grid import sampling_seed  # noqa: E402
-from egad.study.stats import compare, main_effects  # noqa: E402
+from egad.study.stats import compare_seeds, main_effects  # noqa: E402
 
 DISCUSSION = "## What the numbers show"
 
@@ -66,14 +66,15 @@ def _num(x: float) -> str:
     return "—" if math.isnan(x) else f"{x:.3f}"  # nan: a teacher given as a model folder has no dev log
 
 
-def table(rows: list[Row], teacher: dict | None = None) -> list[str]:
+def table(rows: list[Row], teacher: dict | None = None, cut: dict | None = None) -> list[str]:
     sets = [s for s in ["dolly_test"] + OTHER_SETS if all(s in r.rouge for r in rows)]
     head = ["group", "cell", "dev NLL", "test NLL"] + [f"{s} ROUGE-L" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if teacher:
-        vals = [_num(teacher["dev_nll"]), _num(teacher["test_nll"])]
-        vals += [ms(teacher["rouge"][s]) if s in teacher["rouge"] else "—" for s in sets]
-        lines.append("| | **teacher** | " + " | ".join(vals) + " |")
+    for label, ref in (("**teacher**", teacher), ("the untrained cut student", cut)):
+        if ref:
+            vals = [_num(ref["dev_nll"]), _num(ref["test_nll"])]
+            vals += [ms(ref["rouge"][s]) if s in ref["rouge"] else "—" for s in sets]
+            lines.append(f"| | {label} | " + " | ".join(vals) + " |")
     best = {
         "dev_nll": min(r.mean("dev_nll") for r in rows),
         "test_nll": min(r.mean("test_nll") for r in rows),
@@ -155,19 +156,42 @@ def _comparisons(rows: list[Row], compare_fn) -> list[str]:
         return []
     lines = [
         f"Best baseline by mean dev NLL (chosen on dev, not test): `{best}`. Differences are a - b; for NLL negative "
-        "favours a, for ROUGE-L positive does. Test p-values: two-sided paired bootstrap over the Dolly test "
-        "examples (10,000 resamples), each example's value averaged over training seeds. Dev NLL: per-seed "
-        "differences (paired by seed).",
+        "favours a, for ROUGE-L positive does. Effect: the mean difference over training seeds and Dolly test "
+        "examples, with its 95% interval and two-sided p-value from a two-level bootstrap (10,000 resamples: "
+        "training seeds with replacement, then test examples within each), so the training seed is part of the "
+        "unit of replication and the seed-to-seed spread widens the interval. Dev NLL: per-seed differences "
+        "(paired by seed).",
         "",
-        "| a - b | dev NLL per seed | test NLL | p | Dolly ROUGE-L | p |",
+        "| a - b | dev NLL per seed | test NLL [95% CI] | p | Dolly ROUGE-L [95% CI] | p |",
         "|---|---|---|---|---|---|",
     ]
     for a, b in pairs:
         res = compare_fn(a, b)
         dev = ", ".join(f"{x - y:+.3f}" for x, y in zip(by[a].dev_nll, by[b].dev_nll, strict=True))
-        (dn, pn), (dr, pr) = res["test_nll"], res["rouge_l"]
-        lines.append(f"| `{a}` - `{b}` | {dev} | {dn:+.4f} | {_p(pn)} | {dr:+.2f} | {_p(pr)} |")
+        n, r = res["test_nll"], res["rouge_l"]
+        lines.append(
+            f"| `{a}` - `{b}` | {dev} | {n['mean']:+.4f} [{n['lo']:+.4f}, {n['hi']:+.4f}] | {_p(n['p'])} | "
+            f"{r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] | {_p(r['p'])} |"
+        )
     return lines
+
+
+def _student_text(size) -> str:
+    st = size.student
+    if isinstance(st, str):
+        return f"`{st}`"
+    if isinstance(st, dict):
+        return f"{st.get('model_type', '')} {st['hidden_size']} wide, {st['num_hidden_layers']} layers, from scratch"
+    return f"cut from the teacher (`model.student_cut: {st}`), the cut layers copied"
+
+
+def beside_table(page: Path) -> list[str]:
+    """The table of an earlier results page (the toy study), for comparison on this one."""
+    if not page.is_file() or "## Table" not in page.read_text():
+        return []
+    body = page.read_text().split("## Table", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in body.splitlines() if ln.startswith("|")]
+    return [f"From [{page.name}]({page.name}), the earlier study on a teacher trained from scratch:", "", *rows]
 
 
 def _effects(rows: list[Row]) -> list[str]:
@@ -186,17 +210,28 @@ def _effects(rows: list[Row]) -> list[str]:
     return lines
 
 
-def page(rows, teacher, setup, seeds, tuning, chosen, invocations: list[dict], *, readme: Path, previous: Path) -> str:
-    """The results page; `previous` is the page being replaced, whose discussion is kept."""
+def page(
+    rows,
+    teacher,
+    setup,
+    seeds,
+    tuning,
+    chosen,
+    invocations: list[dict],
+    *,
+    readme: Path,
+    previous: Path,
+    cut: dict | None = None,
+    beside: Path | None = None,
+) -> str:
+    """The results page; `previous` is the page being replaced, whose discussion is kept; `beside` an earlier page
+    whose table is shown for comparison; `cut` the untrained cut student's row."""
     index = paper_index(readme, [r.cell for r in rows])
     discussion = kept_discussion(previous)
     size = setup.size
-    st = size.student
-    student = (
-        f"`{st}`"
-        if isinstance(st, str)
-        else (f"{st.get('model_type', '')} {st['hidden_size']} wide, {st['num_hidden_layers']} layers, from scratch")
-    )
+    student = _student_text(size)
+    lr = size.run.get("train.lr", 2e-3)
+    precision = " with bf16 autocast" if size.mixed_precision == "bf16" else ""
     other = f"the first {size.other_examples} records of {', '.join(OTHER_SETS)}" if size.other_examples else "none"
     runs, command = invocations, invocations[-1]["command"]
     wall = sum(r["minutes"] for r in runs)
@@ -213,9 +248,11 @@ def page(rows, teacher, setup, seeds, tuning, chosen, invocations: list[dict], *
         *[f"  - `{r['command']}`: {r['minutes']:.1f} min" for r in runs],
         f"- **Teacher:** `{setup.teacher}`, dev NLL **{_num(teacher['dev_nll'])}**, Dolly test NLL "
         f"{teacher['test_nll']:.3f}. {teacher['origin']}",
-        f"- **Student:** {student}; "
-        f"{size.student_steps} steps of batch {size.batch}, lr 2e-3, the teacher's tokenizer. Every cell reads the "
-        "same offline teacher cache (k = 64, hidden states of every token, so each routing rule picks its own).",
+        f"- **Student:** {student}; {size.student_steps} steps of batch {size.batch}, lr {lr:g}{precision}, the "
+        f"teacher's tokenizer and the `{size.template}` template"
+        + (f", {size.train_examples} Dolly train examples" if size.train_examples else "")
+        + ". Every cell reads the same offline teacher cache (k = 64, hidden states of every token, so each routing "
+        "rule picks its own).",
         f"- **Seeds:** training seeds {seeds}; training seed s samples with generation seed "
         f"{', '.join(str(sampling_seed(s)) for s in seeds)}. Every figure is mean ± std over training seeds.",
         f"- **Evaluation:** dev NLL on {size.dev_examples} Dolly dev examples (also the checkpoint choice); Dolly test "
@@ -228,14 +265,15 @@ def page(rows, teacher, setup, seeds, tuning, chosen, invocations: list[dict], *
         "",
         "Bold: best mean over all cells.",
         "",
-        *table(rows, teacher),
+        *table(rows, teacher, cut),
         "",
         "![dev NLL and ROUGE-L per cell](results.png)",
+        *(["", *beside_table(beside)] if beside is not None and beside_table(beside) else []),
         "",
         *discussion,
         "",
     ]
-    comp = _comparisons(rows, lambda a, b: compare(setup.out, a, b, seeds))
+    comp = _comparisons(rows, lambda a, b: compare_seeds(setup.out, a, b, seeds))
     if comp:
         text += ["## Paired tests", "", *comp, ""]
     eff = _effects(rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -22,33 +21,22 @@ FACTORIAL = {
 }
 
 
-def paired_bootstrap(a: list[float], b: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """Mean difference a - b over paired examples, and the two-sided bootstrap p-value of 'no difference'."""
-    rng = random.Random(seed)
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean = statistics.fmean(diffs)
-    m = len(diffs)
-    below = sum(statistics.fmean(diffs[rng.randrange(m)] for _ in range(m)) <= 0 for _ in range(n))
-    p_one = below / n if mean > 0 else 1 - below / n
-    return mean, min(1.0, 2 * p_one)
-
-
 def _seed_dirs(cell_dir: Path, seeds: list[int]) -> list[Path]:
     return [cell_dir / f"seed{s}" / "eval" / "dolly_test" for s in seeds]
 
 
-def per_example_rouge(cell_dir: Path, seeds: list[int]) -> list[float]:
-    """Per test example ROUGE-L, averaged over the cell's training seeds (the unit of the paired test)."""
+def seed_example_rouge(cell_dir: Path, seeds: list[int]) -> list[list[float]]:
+    """ROUGE-L per training seed (rows) and test example (columns)."""
     runs = []
     for d in _seed_dirs(cell_dir, seeds):
         gen = next(d.glob("generations-*.jsonl"))
         runs.append([json.loads(x)["rouge_l"] for x in gen.read_text().splitlines()])
-    return [statistics.fmean(col) for col in zip(*runs, strict=True)]
+    return runs
 
 
-def per_example_nll(cell_dir: Path, seeds: list[int]) -> tuple[list[float], list[int]]:
-    """Per test example response-NLL sums averaged over training seeds, and the token counts (the same for every
-    cell: same tokenizer and references). Sum differences over mean tokens give the token-mean NLL difference."""
+def seed_example_nll(cell_dir: Path, seeds: list[int]) -> tuple[list[list[float]], list[int]]:
+    """Response-NLL sums per training seed and test example, and the token counts per example (the same for every
+    cell: same tokenizer and references)."""
     sums, tokens = [], None
     for d in _seed_dirs(cell_dir, seeds):
         per = json.loads((d / "nll-per-example.json").read_text())
@@ -56,19 +44,7 @@ def per_example_nll(cell_dir: Path, seeds: list[int]) -> tuple[list[float], list
         if tokens is not None and per["tokens"] != tokens:
             raise ValueError(f"{d}: token counts differ between seeds; the cells were not scored on the same tokens")
         tokens = per["tokens"]
-    return [statistics.fmean(col) for col in zip(*sums, strict=True)], tokens or []
-
-
-def compare(out: Path, a: str, b: str, seeds: list[int], n: int = 10000) -> dict[str, tuple[float, float]]:
-    """a - b on Dolly test: ROUGE-L (higher is better) and token-mean response NLL (lower is better), each with the
-    paired-bootstrap p-value over test examples."""
-    rouge = paired_bootstrap(per_example_rouge(out / a, seeds), per_example_rouge(out / b, seeds), n=n)
-    (sa, tokens), (sb, tokens_b) = per_example_nll(out / a, seeds), per_example_nll(out / b, seeds)
-    if tokens != tokens_b:
-        raise ValueError(f"{a} and {b} were scored on different test tokens; compare cells of one study only")
-    diff, p = paired_bootstrap(sa, sb, n=n)
-    per_token = diff * len(tokens) / max(sum(tokens), 1)  # mean over examples of sums -> mean over tokens
-    return {"rouge_l": rouge, "test_nll": (per_token, p)}
+    return sums, tokens or []
 
 
 def main_effects(values: dict[str, float]) -> dict[str, float] | None:
@@ -120,3 +96,18 @@ def hierarchical_bootstrap(
     lo, hi = np.percentile(stats, [2.5, 97.5])
     p = 2 * min((stats <= 0).mean(), (stats >= 0).mean())
     return {"mean": mean, "lo": float(lo), "hi": float(hi), "p": float(max(min(p, 1.0), 1.0 / n))}
+
+
+def compare_seeds(out: Path, a: str, b: str, seeds: list[int], n: int = 10000) -> dict[str, dict[str, float]]:
+    """a - b on Dolly test with the training seed in the unit of replication (`hierarchical_bootstrap`, seeds paired
+    by index): ROUGE-L (higher is better) and token-mean response NLL (lower is better), each with its 95% interval
+    and p-value."""
+    sa, tokens = seed_example_nll(out / a, seeds)
+    sb, tokens_b = seed_example_nll(out / b, seeds)
+    if tokens != tokens_b:
+        raise ValueError(f"{a} and {b} were scored on different test tokens; compare cells of one study only")
+    per_token = [[x / max(t, 1) for x, t in zip(row, tokens, strict=True)] for row in sa]
+    per_token_b = [[x / max(t, 1) for x, t in zip(row, tokens, strict=True)] for row in sb]
+    rouge = hierarchical_bootstrap(seed_example_rouge(out / a, seeds), seed_example_rouge(out / b, seeds), n=n)
+    nll = hierarchical_bootstrap(per_token, per_token_b, weights=tokens, n=n)
+    return {"rouge_l": rouge, "test_nll": nll}
