@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -338,17 +338,28 @@ def evaluate(
     first `scale.other_examples` records of the other MiniLLM sets over `other_seeds` (default `seeds`) when the data
     dir has them. `dev` adds the teacher-forced NLL on the first `scale.dev_examples` Dolly dev examples (set
     `dolly_dev`, no generation), the dev NLL that every row of a report then shares. Dolly test runs last, so its
-    summary.json marks a finished evaluation; `skip_done` skips the sets whose summary.json exists (an interrupted
-    evaluation resumes per set). Returns the merged summary's sets."""
+    summary.json marks a finished evaluation; `skip_done` skips the sets already scored with the same settings (an
+    interrupted evaluation resumes per set; a set scored with other seeds or sizes is scored again). Returns the
+    merged summary's sets."""
     settings = eval_settings(scale, seeds)
-    if dev and not (skip_done and (out_dir / "dolly_dev" / "summary.json").is_file()):
+
+    def done(name: str, wanted: EvalSettings) -> bool:
+        """Evaluated before with these settings (seeds, subset, lengths, template): resumable, never stale."""
+        file = out_dir / name / "summary.json"
+        if not (skip_done and file.is_file()):
+            return False
+        had = json.loads(file.read_text()).get("settings", {})
+        return all(had.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in asdict(wanted).items())
+
+    if dev:
         forced = replace(settings, seeds=(), greedy=False, max_examples=scale.dev_examples)
-        run_eval(model_dir, ["dolly_dev"], forced, out_dir=out_dir, data_dir=data_dir)
+        if not done("dolly_dev", forced):
+            run_eval(model_dir, ["dolly_dev"], forced, out_dir=out_dir, data_dir=data_dir)
     others = OTHER_SETS if scale.other_examples and has_other_sets(data_dir) else []
-    todo = [s for s in others if not (skip_done and (out_dir / s / "summary.json").is_file())]
+    sub = replace(settings, seeds=tuple(other_seeds or seeds), max_examples=scale.other_examples)
+    todo = [s for s in others if not done(s, sub)]
     if todo:
-        sub = replace(settings, seeds=tuple(other_seeds or seeds), max_examples=scale.other_examples)
         run_eval(model_dir, todo, sub, out_dir=out_dir, data_dir=data_dir)
-    if not (skip_done and (out_dir / "dolly_test" / "summary.json").is_file()):
+    if not done("dolly_test", settings):
         run_eval(model_dir, ["dolly_test"], settings, out_dir=out_dir, data_dir=data_dir, teacher_path=teacher)
     return json.loads((out_dir / "summary.json").read_text())["sets"]

@@ -240,6 +240,9 @@ def model_dims(model: PreTrainedModel) -> tuple[int, int]:
 def capture_hidden(model: PreTrainedModel, layers: list[int]) -> Iterator[list[Tensor]]:
     """Collect the outputs of the given layers (see the module docstring) during one forward. Yields a list filled
     in `layers` order once the forward has run."""
+    if not layers:
+        yield []
+        return
     blocks = decoder_layers(model)
     slots: dict[int, Tensor] = {}
     handles = []

@@ -26,6 +26,7 @@ from torch import Tensor
 from egad.config import ObjectiveConfig
 from egad.data import shift_labels  # noqa: F401  (re-exported: the objective's targets come from it)
 from egad.entropy import token_entropy
+from egad.heads import OutputHead
 from egad.losses.features import FeatureProjector, feature_loss
 from egad.teacher.signal import TeacherSignal
 from egad.token_plan import token_plan
@@ -33,21 +34,31 @@ from egad.token_plan import token_plan
 
 @dataclass
 class StudentOutputs:
-    """The student side. Either `logits` (B, L, V_S), or `hidden` (B, L, d) plus `lm_head_weight` (V_S, d) for the
-    fused path. `features`: hidden states of the mapped layers, (B, L, d_S) each."""
+    """The student side. Either `logits` (B, L, V_S), or for the fused path `hidden` (B, L, d), the final hidden state,
+    plus its head: `head` (egad.heads.OutputHead: weight, bias, scales, soft-cap, as `egad.heads.output_head` reads
+    them from the model) or just `lm_head_weight` (V_S, d) for a plain linear head. `features`: hidden states of the
+    mapped layers, (B, L, d_S) each."""
 
     logits: Tensor | None = None
     hidden: Tensor | None = None
     lm_head_weight: Tensor | None = None
     features: list[Tensor] | None = None
+    head: OutputHead | None = None
 
     @property
     def fused(self) -> bool:
         return self.logits is None
 
+    def output_head(self) -> OutputHead:
+        if self.head is not None:
+            return self.head
+        if self.lm_head_weight is None:
+            raise ValueError("StudentOutputs needs logits, or hidden and a head (lm_head_weight) for the fused path")
+        return OutputHead(self.lm_head_weight)
+
     @property
     def vocab_rows(self) -> int:
-        return self.lm_head_weight.shape[0] if self.fused else self.logits.shape[-1]  # type: ignore[union-attr]
+        return self.output_head().rows if self.fused else self.logits.shape[-1]  # type: ignore[union-attr]
 
 
 @dataclass
@@ -79,11 +90,11 @@ def resolve_vocab(student_rows: int, teacher_rows: int | None, vocab_size: int |
     return vocab_size
 
 
-def _student_chunk(x: Tensor, w: Tensor | None, vocab: int) -> Tensor:
-    """Student logits of one chunk, fp32, shared vocabulary. x is logits rows (C, V_S) or hidden rows (C, d)."""
-    if w is None:
+def _student_chunk(x: Tensor, head: OutputHead | None, vocab: int) -> Tensor:
+    """Student logits of one chunk, fp32, shared vocabulary, no grad; x: logits rows (C, V_S) or hidden rows (C, d)."""
+    if head is None:
         return x[:, :vocab].float()
-    return (x @ w[:vocab].t()).float().detach()
+    return head.logits(x, vocab).float().detach()
 
 
 @torch.no_grad()
@@ -110,61 +121,83 @@ def _token_signals(student: StudentOutputs, teacher: TeacherSignal, rows: Tensor
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
-def _student_source(student: StudentOutputs) -> tuple[Tensor, Tensor | None]:
+def _student_source(student: StudentOutputs) -> tuple[Tensor, OutputHead | None]:
     if student.fused:
-        if student.hidden is None or student.lm_head_weight is None:
-            raise ValueError("StudentOutputs needs logits, or hidden and lm_head_weight for the fused path")
-        return student.hidden.reshape(-1, student.hidden.shape[-1]), student.lm_head_weight
+        if student.hidden is None:
+            raise ValueError("StudentOutputs needs logits, or hidden and a head (lm_head_weight) for the fused path")
+        return student.hidden.reshape(-1, student.hidden.shape[-1]), student.output_head()
     return student.logits.reshape(-1, student.logits.shape[-1]), None  # type: ignore[union-attr]
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):
-    """(1 - alpha) CE + alpha KD summed over chunks; the input gradient is computed per chunk inside forward."""
+    """(1 - alpha) CE + alpha KD summed over chunks; the input gradient is computed per chunk inside forward.
+
+    Fused: the chunk's linear part (hidden @ W^T) is the autograd leaf and the rest of the head (bias, scale,
+    soft-cap) is applied on it, so the weight, bias and hidden-state gradients are three small products per chunk,
+    accumulated in place (no weight-sized temporary per chunk)."""
 
     @staticmethod
-    def forward(ctx, x_flat: Tensor, lm_w: Tensor | None, run: _Run):  # type: ignore[override]
+    def forward(ctx, x_flat: Tensor, lm_w: Tensor | None, lm_b: Tensor | None, run: _Run):  # type: ignore[override]
         need_grad = run.need_grad
+        head = run.head
         gx = torch.zeros_like(x_flat) if need_grad else None
-        gw = (
-            torch.zeros(lm_w.shape, dtype=torch.float32, device=lm_w.device) if need_grad and lm_w is not None else None
-        )
+        fp32 = {"dtype": torch.float32}
+        gw = torch.zeros(lm_w.shape, device=lm_w.device, **fp32) if need_grad and lm_w is not None else None
+        gb = torch.zeros(lm_b.shape, device=lm_b.device, **fp32) if need_grad and lm_b is not None else None
         ce_total = x_flat.new_zeros((), dtype=torch.float32)
         kd_total = x_flat.new_zeros((), dtype=torch.float32)
-        # Only the real-vocabulary rows of the lm_head take part; slicing before requires_grad avoids a full-size
-        # zero gradient for the padded rows in every chunk.
-        wv = lm_w.detach()[: run.vocab] if lm_w is not None else None
+        # Only the real-vocabulary rows of the head take part; slicing before requires_grad avoids a full-size zero
+        # gradient for the padded rows in every chunk.
+        frozen = None
+        if head is not None:
+            frozen = OutputHead(
+                lm_w.detach(),
+                None if lm_b is None else lm_b.detach(),
+                head.hidden_scale,
+                head.logit_scale,
+                head.softcap,
+            )
+        wv = frozen.weight[: run.vocab] if frozen is not None else None
         step = run.cfg.chunk_tokens(run.vocab)
         for start in range(0, run.rows.numel(), step):
             sl = slice(start, start + step)
             idx = run.rows[sl]
             xc = x_flat[idx].detach()  # (C, V_S) logits or (C, d) hidden
             with torch.enable_grad():
-                # The chunk's logits are the autograd leaf; for the fused path the lm_head gradients are then two
-                # small matmuls, accumulated in place (no weight-sized temporary per chunk).
-                zs = _student_chunk(xc, wv, run.vocab).requires_grad_(need_grad)  # (C, V) fp32
+                if frozen is None:
+                    leaf = zs = xc[:, : run.vocab].float().requires_grad_(need_grad)  # (C, V) fp32
+                else:
+                    leaf = frozen.linear(xc, run.vocab).float().detach().requires_grad_(need_grad)
+                    zs = frozen.finish(leaf, run.vocab)
                 ce_sum, kd_sum = run.chunk_terms(zs, idx, sl)
                 total = run.ce_scale * ce_sum + run.kd_scale * kd_sum
                 if need_grad and total.requires_grad:
-                    (gz,) = torch.autograd.grad(total, [zs])  # (C, V)
-                    if wv is None:
-                        gx.index_add_(0, idx, F.pad(gz, (0, gx.shape[1] - gz.shape[1])).to(gx.dtype))
+                    (g,) = torch.autograd.grad(total, [leaf])  # (C, V): w.r.t. the logits, or the linear part
+                    if frozen is None:
+                        gx.index_add_(0, idx, F.pad(g, (0, gx.shape[1] - g.shape[1])).to(gx.dtype))
                     else:
-                        gx.index_add_(0, idx, (gz.to(wv.dtype) @ wv).to(gx.dtype))
-                        gw[: run.vocab].addmm_(gz.t(), xc.float())
+                        gh = (g.to(wv.dtype) @ wv).float()
+                        if frozen.hidden_scale != 1.0:
+                            gh = gh * frozen.hidden_scale
+                        gx.index_add_(0, idx, gh.to(gx.dtype))
+                        xs = xc.float() * frozen.hidden_scale if frozen.hidden_scale != 1.0 else xc.float()
+                        gw[: run.vocab].addmm_(g.t(), xs)
+                        if gb is not None:
+                            gb[: run.vocab] += g.sum(0)
             ce_total += ce_sum.detach()
             kd_total += kd_sum.detach()
-        ctx.save_for_backward(*(t for t in (gx, gw) if t is not None))
-        ctx.has_w = gw is not None
-        ctx.lm_w_dtype = lm_w.dtype if lm_w is not None else None
+        ctx.save_for_backward(*(t for t in (gx, gw, gb) if t is not None))
+        ctx.has = (gx is not None, gw is not None, gb is not None)
+        ctx.dtypes = (None, lm_w.dtype if lm_w is not None else None, lm_b.dtype if lm_b is not None else None)
         loss = run.ce_scale * ce_total + run.kd_scale * kd_total
         ctx.mark_non_differentiable(ce_total, kd_total)
         return loss, ce_total, kd_total
 
     @staticmethod
     def backward(ctx, g_loss: Tensor, _g_ce, _g_kd):  # type: ignore[override]
-        saved = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
         if not saved:
-            return None, None, None
+            return None, None, None, None
         if getattr(ctx, "consumed", False):
             raise RuntimeError(
                 "the chunked distillation loss hands out its gradient buffers once: backward twice "
@@ -174,12 +207,15 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         # The usual upstream gradient is exactly 1: hand the buffers over instead of allocating scaled copies, which
         # would double the (tokens x V) gradient memory at this point.
         unit = bool(g_loss.item() == 1.0)
-        gx = saved[0] if unit else saved[0] * g_loss.to(saved[0].dtype)
-        gw = None
-        if ctx.has_w:
-            gw = saved[1] if unit else saved[1] * g_loss
-            gw = gw.to(ctx.lm_w_dtype)
-        return gx, gw, None
+        grads = []
+        for has, dtype in zip(ctx.has, ctx.dtypes, strict=True):
+            if not has:
+                grads.append(None)
+                continue
+            t = saved.pop(0)
+            t = t if unit else t * g_loss.to(t.dtype)
+            grads.append(t if dtype is None else t.to(dtype))
+        return (*grads, None)
 
 
 @dataclass
@@ -193,6 +229,7 @@ class _Run:
     rows: Tensor  # (N,) flat positions
     plan: dict[str, Tensor | float] | None
     vocab: int
+    head: OutputHead | None
     ce_scale: float
     kd_scale: float
     need_grad: bool
@@ -249,7 +286,7 @@ def distillation_loss(
         raise ValueError("this objective distils (alpha > 0 or beta_f > 0) but no teacher signal was given")
     teacher = teacher if cfg.uses_teacher else None
     vocab = resolve_vocab(student.vocab_rows, teacher.vocab_rows if teacher else None, vocab_size)
-    x_flat, lm_w = _student_source(student)
+    x_flat, head = _student_source(student)
     flat_targets = targets.reshape(-1)
     if flat_targets.numel() != x_flat.shape[0]:
         raise ValueError(
@@ -269,7 +306,8 @@ def distillation_loss(
             # A cache stores hidden states for its hard tokens only: route among those.
             plan["route"] = plan["route"] & mask.to(plan["route"].device)
 
-    need_grad = torch.is_grad_enabled() and (x_flat.requires_grad or (lm_w is not None and lm_w.requires_grad))
+    head_params = [t for t in ((head.weight, head.bias) if head is not None else ()) if t is not None]
+    need_grad = torch.is_grad_enabled() and (x_flat.requires_grad or any(t.requires_grad for t in head_params))
     kd_alpha = cfg.alpha if teacher is not None else 0.0
     run = _Run(
         cfg,
@@ -279,11 +317,12 @@ def distillation_loss(
         rows,
         plan,
         vocab,
+        head,
         ce_scale=(1 - cfg.alpha) / denom,
         kd_scale=kd_alpha / denom,
         need_grad=need_grad,
     )
-    loss, ce, kd = _apply_chunked(x_flat, lm_w, run)
+    loss, ce, kd = _apply_chunked(x_flat, head, run)
 
     feat = loss.new_zeros(())
     if plan is not None and cfg.uses_features:
@@ -296,12 +335,13 @@ def distillation_loss(
     return ObjectiveOutput(loss=loss, metrics=metrics, tokens=tokens)
 
 
-def _apply_chunked(x_flat: Tensor, lm_w: Tensor | None, run: _Run) -> tuple[Tensor, Tensor, Tensor]:
+def _apply_chunked(x_flat: Tensor, head: OutputHead | None, run: _Run) -> tuple[Tensor, Tensor, Tensor]:
+    w, b = (head.weight, head.bias) if head is not None else (None, None)
     if run.rows.numel() == 0:
         # A fully masked batch: 0 loss that still reaches the graph, so backward gives zero (not NaN) gradients.
-        zero = x_flat.sum() * 0.0 + (lm_w.sum() * 0.0 if lm_w is not None else 0.0)
+        zero = x_flat.sum() * 0.0 + sum(t.sum() * 0.0 for t in (w, b) if t is not None)
         return zero.float(), zero.detach().float(), zero.detach().float()
-    return _ChunkedLogitLoss.apply(x_flat, lm_w, run)
+    return _ChunkedLogitLoss.apply(x_flat, w, b, run)
 
 
 def _feature_term(

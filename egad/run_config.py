@@ -136,6 +136,9 @@ class TrainConfig:
     """accelerate mixed precision: no, bf16, fp16."""
     fused_lm_head: bool = False
     """Apply the student's lm_head per chunk inside the loss, so its full logits never exist (saves memory)."""
+    fused_teacher: bool | None = None
+    """Project the online teacher's logits per chunk from its last hidden state (never full size); default: as
+    fused_lm_head."""
     gradient_checkpointing: bool = False
     """Recompute student activations in backward."""
     calib_examples: int = 1000

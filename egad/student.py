@@ -8,6 +8,7 @@ from contextlib import nullcontext
 
 from torch import nn
 
+from egad.heads import check_output_head, decoder_hidden, output_head
 from egad.losses.features import FeatureProjector
 from egad.models import capture_hidden
 from egad.objective import StudentOutputs, distillation_loss
@@ -16,25 +17,29 @@ from egad.teacher.signal import TeacherSignal
 
 class DistillationModule(nn.Module):
     """forward(input_ids, attention_mask, targets, teacher_signal, objective_config, **loss_kwargs)
-    -> (loss, metrics, per-token signals)."""
+    -> (loss, metrics, per-token signals).
 
-    def __init__(self, student, projector: FeatureProjector | None, student_layers: list[int], fused: bool):
+    `fused`: the loss applies the student's head per chunk (its full logits never exist); the head is checked once
+    against the model's own logits (egad.heads), and a head egad cannot reproduce is refused here."""
+
+    def __init__(
+        self, student, projector: FeatureProjector | None, student_layers: list[int], fused: bool, vocab: int = 0
+    ):
         super().__init__()
         self.student, self.projector = student, projector
         self.student_layers, self.fused = student_layers, fused
+        if fused:
+            check_output_head(student, output_head(student), vocab=vocab or output_head(student).rows)
 
     def forward(self, input_ids, attention_mask, targets, teacher: TeacherSignal | None, cfg, **kw):
         hooks = capture_hidden(self.student, self.student_layers) if self.student_layers else nullcontext([])
         with hooks as feats:
             if self.fused:
-                hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+                hidden = decoder_hidden(self.student, input_ids, attention_mask)
             else:
                 logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
         if self.fused:
-            head = self.student.get_output_embeddings()
-            if getattr(head, "bias", None) is not None:
-                raise ValueError("train.fused_lm_head needs an lm_head without bias; set it to false for this model")
-            s_out = StudentOutputs(hidden=hidden, lm_head_weight=head.weight, features=feats or None)
+            s_out = StudentOutputs(hidden=hidden, head=output_head(self.student), features=feats or None)
         else:
             s_out = StudentOutputs(logits=logits, features=feats or None)
         out = distillation_loss(s_out, teacher, targets, cfg, projector=self.projector, **kw)

@@ -188,8 +188,12 @@ class Trainer:
         self.teacher_model = teacher
         self.source: TeacherSource | None = self.cache
         if teacher is not None and obj.uses_teacher:
-            self.source = OnlineTeacher(teacher, [p[1] for p in self.pairs])
-        self.module = DistillationModule(student, projector, [p[0] for p in self.pairs], self.cfg.train.fused_lm_head)
+            fused = (
+                self.cfg.train.fused_lm_head if self.cfg.train.fused_teacher is None else self.cfg.train.fused_teacher
+            )
+            self.source = OnlineTeacher(teacher, [p[1] for p in self.pairs], fused=fused, vocab=self.vocab)
+        layers = [p[0] for p in self.pairs]
+        self.module = DistillationModule(student, projector, layers, self.cfg.train.fused_lm_head, vocab=self.vocab)
 
     def _build(self, side: str):
         m = self.cfg.model

@@ -10,6 +10,8 @@ teacher) is one more implementation of these three small protocols.
 Implementations here:
 
 * `DenseSignal`: full teacher logits (B, L, V_T), from a live forward.
+* `FusedSignal`: the teacher's final hidden state (B, L, d_T) and its head; each chunk's logits are projected when the
+  chunk is asked for, under no_grad, so the teacher's full logits never exist.
 * `TopKSignal`: the cached top-k ids and log-probs at tau = 1, the tail log-mass and the exact entropy; its chunks
   run the sparse losses of `egad.losses.sparse`, the tail as one bucket.
 """
@@ -19,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from egad.entropy import token_entropy
+from egad.heads import OutputHead
 from egad.losses.divergences import DIVERGENCES, hellinger_from_logprobs
 from egad.losses.sparse import (
     SPARSE_DIVERGENCES,
@@ -124,6 +128,37 @@ class DenseSignal:
 
     def chunk(self, flat_index: Tensor, vocab_size: int) -> DenseChunk:
         return DenseChunk(self.rows(flat_index, vocab_size))
+
+    def features_at(self, flat_index: Tensor) -> list[Tensor]:
+        return _gather_features(self.features, flat_index)
+
+    def feature_mask_at(self, flat_index: Tensor) -> None:
+        return None
+
+
+@dataclass
+class FusedSignal:
+    """A live teacher given as its last hidden state (B, L, d_T) and its `OutputHead`: chunks are projected on demand
+    (in fp32 from the chunk's hidden rows), never the whole (B, L, V_T) logits."""
+
+    hidden: Tensor
+    head: OutputHead
+    features: list[Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self._flat = self.hidden.reshape(-1, self.hidden.shape[-1])
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.head.rows
+
+    @torch.no_grad()
+    def chunk(self, flat_index: Tensor, vocab_size: int) -> DenseChunk:
+        h = self._flat[flat_index].float()
+        head = self.head
+        w = head.weight[:vocab_size].float()
+        b = None if head.bias is None else head.bias[:vocab_size].float()
+        return DenseChunk(OutputHead(w, b, head.hidden_scale, head.logit_scale, head.softcap).logits(h))
 
     def features_at(self, flat_index: Tensor) -> list[Tensor]:
         return _gather_features(self.features, flat_index)

@@ -244,7 +244,7 @@ def write_cache(
                 m["shards"].append(s)
         else:
             out.mkdir(parents=True, exist_ok=True)
-            if hidden_quantile is not None:
+            if hidden_quantile:  # 0.0 keeps every token: no threshold pass needed
                 m["hidden_threshold"] = run.threshold(items[: max(1, calib_examples)], hidden_quantile)
         _write_json_atomic(out / MANIFEST, m)
 
