@@ -5,8 +5,14 @@ layers with features on. Everything runs in this one process; the naive dense im
 the script prints ratios against it. Memory is the peak above the pre-run level: on CUDA from the allocator's
 counters, on CPU from the kernel's resident high-water mark (VmHWM, reset through /proc/self/clear_refs).
 
-    python bench/loss_memory.py                 # N = 1024 and 4096
-    python bench/loss_memory.py --tokens 1024   # one size
+Then, against TRL's chunked generalized-JSD loss (`trl.trainer.distillation_trainer._chunked_divergence_loss`,
+TRL >= 1.10, `pip install 'egad[bench]'`), both heads fused on both sides: the student's final hidden state (d 896)
+and head, the teacher's final hidden state (d 1536) and head, forward KL at tau = 1 over V = 151,936 rows, forward +
+backward; egad runs its KD objective at alpha = 1 (pure forward KL) with the fused teacher signal. Prints egad/TRL
+memory and time and both loss values.
+
+    python bench/loss_memory.py                              # N = 1024 and 4096, then egad vs TRL at 1024-4096
+    python bench/loss_memory.py --tokens 1024 --trl-tokens   # one size, no TRL part
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from egad.entropy import fit_quantile_knots, token_entropy
+from egad.heads import OutputHead
 from egad.losses.divergences import forward_kl
 from egad.losses.features import FeatureProjector
 from egad.objective import StudentOutputs, distillation_loss
 from egad.presets import preset
-from egad.teacher.signal import DenseSignal
+from egad.teacher.signal import DenseSignal, FusedSignal
 
 V_ROWS, V_REAL, D_S, D_T, K = 151_936, 151_665, 896, 3584, 4
+D_T_TRL = 1536  # the teacher of the TRL comparison: Qwen2.5-1.5B's hidden size
 
 
 class PeakMemory:
@@ -157,9 +165,65 @@ def _naive_fits(n: int, seen: dict[int, tuple[float, int]]) -> bool:
     return peak * n / m < 0.8 * free
 
 
+def _both_fused(kind: str, n: int, device: torch.device, repeats: int):
+    """egad (fused student + fused teacher) or TRL's chunked loss on the same hidden states and heads."""
+    g = torch.Generator().manual_seed(1)
+    h_s0 = (torch.randn(1, n, D_S, generator=g) * 0.5).to(device)
+    w_s0 = (torch.randn(V_ROWS, D_S, generator=g) * 0.03).to(device)
+    h_t = (torch.randn(1, n, D_T_TRL, generator=g) * torch.exp(torch.randn(1, n, 1, generator=g))).to(device)
+    w_t = (torch.randn(V_ROWS, D_T_TRL, generator=g) * 0.03).to(device)
+    targets = torch.randint(0, V_REAL, (1, n), generator=g).to(device)
+    times, peak, value = [], 0, None
+    for _ in range(repeats):
+        h_s, w_s = h_s0.clone().requires_grad_(), w_s0.clone().requires_grad_()
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            if kind == "egad":
+                cfg = preset("kd", alpha=1.0)
+                loss = distillation_loss(
+                    StudentOutputs(hidden=h_s, lm_head_weight=w_s),
+                    FusedSignal(h_t, OutputHead(w_t)),
+                    targets,
+                    cfg,
+                    vocab_size=V_REAL,
+                ).loss
+            else:
+                from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+                # TRL projects all V rows (it has no real-vocabulary slice): give both sides the same rows.
+                mask = torch.ones(1, n, device=device)
+                loss = _chunked_divergence_loss(h_s, h_t, w_s[:V_REAL], w_t[:V_REAL], mask, beta=0.0)[0]
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak, value = max(peak, mem.peak), float(loss.detach())
+        del h_s, w_s, loss
+    return min(times), peak, value
+
+
+def trl_section(tokens: list[int], device: torch.device, repeats: int) -> None:
+    try:
+        import trl
+    except ImportError:
+        print("\nTRL is not installed, so the egad-vs-TRL part is skipped: pip install 'egad[bench]'")
+        return
+    print(f"\negad vs TRL {trl.__version__} _chunked_divergence_loss, both heads fused, forward KL, d_S={D_S} "
+          f"d_T={D_T_TRL}, V={V_REAL} rows")  # fmt: skip
+    print(f"{'N':>6} {'egad MiB':>9} {'TRL MiB':>8} {'egad s':>7} {'TRL s':>6} {'mem ratio':>10} {'time ratio':>11}"
+          f" {'egad loss':>10} {'TRL loss':>10} {'rel diff':>9}")  # fmt: skip
+    for n in tokens:
+        te, me, le = _both_fused("egad", n, device, repeats)
+        tt, mt, lt = _both_fused("trl", n, device, repeats)
+        print(f"{n:>6} {me / 2**20:>9.0f} {mt / 2**20:>8.0f} {te:>7.2f} {tt:>6.2f} {me / mt:>10.3f} {te / tt:>11.3f} "
+              f"{le:>10.5f} {lt:>10.5f} {abs(le - lt) / abs(lt):>9.1e}")  # fmt: skip
+    print("goals at N=4096: memory ratio <= 0.5, time ratio <= 0.6, loss values within 1e-4 relative")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="response-token counts N")
+    ap.add_argument("--trl-tokens", type=int, nargs="*", default=[1024, 2048, 4096], help="N of the TRL part")
     ap.add_argument("--chunk-size", type=int, default=0, help="0 = the objective's automatic choice")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant; the fastest is reported")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -201,6 +265,8 @@ def main() -> None:
     print("ratios are chunked/naive in the same process; goals: memory <= 0.25 at N=4096, time <= 1.2")
     if device.type == "cpu":
         print(f"(CPU: peak = resident high-water mark above the start; pid {os.getpid()})")
+    if args.trl_tokens:
+        trl_section(args.trl_tokens, device, args.repeats)
 
 
 if __name__ == "__main__":

