@@ -15,6 +15,7 @@ FLOORS: dict[int, list[str]] = {
     1: [
         "egad.errors",
         "egad.model_files",
+        "egad.heads",
         "egad.paths",
         "egad.config",
         "egad.coerce",
