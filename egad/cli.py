@@ -1,4 +1,5 @@
-"""Command line: `egad demo`, `egad train`, `egad eval`, `egad report`, `egad losses`."""
+"""Command line: `egad demo`, `egad train`, `egad cache`, `egad study`, `egad eval`, `egad generate`, `egad report`,
+`egad losses`."""
 
 from __future__ import annotations
 
@@ -207,6 +208,52 @@ def eval_cmd(
         extra = f"  KL {r['kl']:.4f}  top-1 {r['top1_agree']:.3f}" if "kl" in r else ""
         rouge = f"ROUGE-L {r['rouge_l_mean']:.2f} ± {r['rouge_l_std']:.2f}  " if "rouge_l_mean" in r else ""
         typer.echo(f"{name:<12} {rouge}NLL {r['nll']:.4f}{extra}")
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(
+        ..., help="The answering model (the teacher for sequence-level KD): a folder, hub id, .gguf file or shortcut."
+    ),  # fmt: skip
+    data: str = typer.Option(..., help="Prompts: a Dolly/MiniLLM JSONL file or a hub dataset id."),
+    out: str = typer.Option(..., help="Output JSONL (written as OUT.partial until complete; rerun to resume)."),
+    split: str = typer.Option("train", help="Records of this split are answered (empty: all)."),
+    out_split: str = typer.Option("train", help="The `split` field written into every output record."),
+    fields: str = typer.Option("dolly", help="Output fields: dolly (instruction/context/response) or minillm."),
+    template: str = typer.Option("alpaca", help="Prompt format the model is asked in: alpaca or chat."),
+    greedy: bool = typer.Option(False, help="Greedy decoding (default: sampling, seeded)."),
+    seed: int = typer.Option(0, help="Sampling seed (each block of records derives its own)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens per answer."),
+    max_prompt_len: int = typer.Option(256, help="Prompt tokens kept (left-truncated)."),
+    max_len: int = typer.Option(512, help="Prompt + answer tokens at most."),
+    batch_size: int = typer.Option(16, help="Prompts per generation batch."),
+    max_examples: int = typer.Option(None, help="Answer only the first N records."),
+    mixed_precision: str = typer.Option("no", help="bf16: generate under bf16 autocast."),
+) -> None:
+    """Sequence-level KD data: a model answers a dataset's prompts (sampled or greedy, seeded, batched, resumable),
+    written as JSONL that `egad train` reads (`--data.train OUT`)."""
+    from egad.eval.answer import answer_dataset
+
+    path = answer_dataset(
+        model,
+        data,
+        out,
+        split=split or None,
+        out_split=out_split,
+        fields=fields,
+        template=template,
+        greedy=greedy,
+        seed=seed,
+        temperature=temperature,
+        max_prompt_len=max_prompt_len,
+        max_len=max_len,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_examples=max_examples,
+        mixed_precision=mixed_precision,
+    )
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

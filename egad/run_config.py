@@ -141,6 +141,13 @@ class TrainConfig:
     fused_lm_head."""
     gradient_checkpointing: bool = False
     """Recompute student activations in backward."""
+    on_policy: float = 0.0
+    """Fraction of micro-batches whose responses the student samples from their prompts (GKD's lambda); the online
+    teacher scores the samples. 0: the dataset's responses only. Needs an online teacher (a cache cannot hold them)."""
+    on_policy_temperature: float = 1.0
+    """Sampling temperature of the on-policy responses."""
+    on_policy_max_new_tokens: int = 128
+    """Most tokens of an on-policy response (also bounded by data.max_len)."""
     calib_examples: int = 1000
     """Training examples the teacher runs over before training to fit the global entropy quantile knots."""
     log_every: int = 10
@@ -167,6 +174,10 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} is not one of ['no', 'bf16', 'fp16']")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+        if not 0 <= self.on_policy <= 1:
+            raise ConfigError(f"train.on_policy={self.on_policy} must lie in [0, 1] (the fraction of batches)")
+        if self.on_policy_temperature <= 0 or self.on_policy_max_new_tokens < 1:
+            raise ConfigError("train.on_policy_temperature must be > 0 and train.on_policy_max_new_tokens >= 1")
 
 
 @dataclass
@@ -178,6 +189,13 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     method: str = "egad"
+
+    def __post_init__(self) -> None:
+        if self.train.on_policy > 0 and self.model.teacher_cache and self.objective.uses_teacher:
+            raise ConfigError(
+                f"train.on_policy={self.train.on_policy} trains on the student's own samples, which a teacher cache "
+                "cannot hold: drop model.teacher_cache (the teacher then runs online) or set train.on_policy: 0"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -49,6 +49,7 @@ from egad.models import (
     resolve_tokenizer,
     shared_vocab,
 )
+from egad.rollout import is_on_policy, sample_batch, sampling_seed
 from egad.run_config import RunConfig
 from egad.run_log import RunLog
 from egad.student import DistillationModule
@@ -269,6 +270,23 @@ class Trainer:
             batches.append(batch)
         return batches
 
+    def _student_samples(self, batch: dict[str, Tensor], micro: int) -> dict[str, Tensor]:
+        """The batch with the student's own responses (train.on_policy), sampled reproducibly (egad.rollout)."""
+        t, d = self.cfg.train, self.cfg.data
+        seed = sampling_seed(t.seed, self.step, micro, self.acc.process_index)
+        student = self.acc.unwrap_model(self.module).student
+        with self.acc.autocast():
+            return sample_batch(
+                student,
+                batch,
+                seed=seed,
+                pad_id=self.tokenizer.pad_token_id,
+                stop_ids=[D.end_of_turn_id(self.tokenizer, d.template)],
+                max_len=d.max_len,
+                max_new_tokens=t.on_policy_max_new_tokens,
+                temperature=t.on_policy_temperature,
+            )
+
     # ------------------------------------------------------------------ train
     def train(self, stop_at: int | None = None) -> dict[str, float]:
         """Run to train.max_steps (or `stop_at`, which leaves the run resumable, as an interruption would)."""
@@ -315,6 +333,10 @@ class Trainer:
     def _train_step(self) -> tuple[dict[str, float], float]:
         t, obj = self.cfg.train, self.cfg.objective
         window = self._window(self.step)
+        on_policy = [is_on_policy(t.seed, self.step, i, t.on_policy) for i in range(len(window))]
+        window = [
+            self._student_samples(b, i) if on else b for i, (b, on) in enumerate(zip(window, on_policy, strict=True))
+        ]
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
         n_global = float(self.acc.reduce(torch.tensor(float(n_local), device=self.acc.device), "sum"))
         progress = self.step / self.total_steps
@@ -352,6 +374,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v) * w
             if self.hist is not None and "entropy" in tokens:
                 self.hist.update(tokens["entropy"].detach().float().cpu())
+        if t.on_policy > 0:
+            sums["on_policy"] = sum(on_policy) / len(on_policy)
         if t.grad_clip > 0:
             sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.module.parameters(), t.grad_clip))
         self.opt.step()

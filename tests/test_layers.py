@@ -17,6 +17,7 @@ FLOORS: dict[int, list[str]] = {
         "egad.model_files",
         "egad.heads",
         "egad.paths",
+        "egad.rollout",
         "egad.config",
         "egad.coerce",
         "egad.presets",
@@ -39,7 +40,7 @@ FLOORS: dict[int, list[str]] = {
     ],
     2: ["egad.teacher"],
     3: ["egad.token_plan", "egad.objective", "egad.student"],
-    4: ["egad.trainer", "egad.eval.suite", "egad.eval.report"],
+    4: ["egad.trainer", "egad.eval.suite", "egad.eval.report", "egad.eval.answer"],
     5: ["egad.experiment"],
     6: ["egad.demo", "egad.study", "egad.cli", "egad.integrations"],
 }

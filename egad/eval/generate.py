@@ -140,15 +140,58 @@ def generate_responses(
     if truncated:
         logger.info("%s: %d of %d prompts left-truncated to %d tokens", desc, truncated, len(ids), max_prompt_len)
 
+    new = generate_ids(
+        model,
+        ids,
+        seed=seed,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_len=max_len,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop_ids=stops,
+        pad_id=pad_id,
+        progress=progress,
+        desc=desc,
+    )
+    # Each response is the new tokens before the first stop token.
+    return [tokenizer.decode(row[: _first_stop(row, stops)], skip_special_tokens=True).strip() for row in new]
+
+
+def _first_stop(row: list[int], stops: list[int]) -> int:
+    return next((j for j, t in enumerate(row) if t in stops), len(row))
+
+
+def generate_ids(
+    model: Any,
+    ids: list[list[int]],
+    *,
+    seed: int | None,
+    stop_ids: list[int],
+    pad_id: int,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_len: int = 512,
+    max_new_tokens: int | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[list[int]]:
+    """The new token ids for each prompt (token ids, already truncated), in input order, up to and including the first
+    of `stop_ids` (a sequence that hits the length budget has none). Batching, budgets and seeding as in
+    `generate_responses`, which decodes these."""
     # Stable sort, so equal-length prompts keep their input order and the batching is a function of the inputs alone.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     budget = math.inf if max_new_tokens is None else max_new_tokens
-
     device = _model_device(model)
     was_training = model.training
     saved_config = model.generation_config
-    outputs: list[str] = [""] * len(ids)
+    outputs: list[list[int]] = [[] for _ in ids]
     seeded = seed is not None and not greedy
     # Forking the RNG only when seeding: an unseeded call must advance the caller's RNG, or repeated unseeded calls
     # would all draw the same samples.
@@ -176,7 +219,7 @@ def generate_responses(
                     temperature=temperature,
                     top_p=top_p,
                     top_k=top_k,
-                    stop_ids=stops,
+                    stop_ids=stop_ids,
                     pad_id=pad_id,
                     max_new_tokens=new_tokens,
                 )
@@ -187,9 +230,8 @@ def generate_responses(
                 )
                 for row, i in enumerate(batch):
                     generated = sequences[row, width:].tolist()
-                    end = next((j for j, t in enumerate(generated) if t in stops), len(generated))
-                    generated = generated[:end]
-                    outputs[i] = tokenizer.decode(generated, skip_special_tokens=True).strip()
+                    end = _first_stop(generated, stop_ids)
+                    outputs[i] = generated[: end + 1]  # the stop token too, when there is one
     finally:
         model.generation_config = saved_config
         model.train(was_training)
