@@ -35,6 +35,7 @@ from egad.config import ConfigError
 from egad.entropy import fit_quantile_knots
 from egad.entropy_stream import EmaEntropyHistogram
 from egad.eval.metrics import response_sums
+from egad.eval.suite import scorer
 from egad.losses.features import FeatureProjector, feature_pairs
 from egad.models import (
     build_model,
@@ -393,6 +394,8 @@ class Trainer:
         agreement. Sharded across processes, summed, then divided."""
         self.module.eval()
         student = self.acc.unwrap_model(self.module).student
+        score = scorer(student, self.vocab)
+        score_t = scorer(self.teacher_model, self.vocab) if self.teacher_model is not None else None
         bs = self.cfg.train.per_device_batch_size
         idx = list(range(self.acc.process_index, len(self.dev_set), self.world))
         totals: dict[str, Tensor] = {}
@@ -402,12 +405,8 @@ class Trainer:
             )
             targets = D.shift_labels(batch["labels"])
             with self.acc.autocast():
-                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                t_logits = None
-                if self.teacher_model is not None:
-                    t_logits = self.teacher_model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
+                logits = score(batch)
+                t_logits = score_t(batch) if score_t is not None else None
             for k, v in response_sums(logits, targets, vocab_size=self.vocab, teacher_logits=t_logits).items():
                 totals[k] = totals.get(k, 0) + v
         keys = sorted(totals) or ["tokens"]

@@ -22,8 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from egad import data as D
 from egad.config import ConfigError
 from egad.eval.generate import generate_responses
-from egad.eval.metrics import entropy_buckets, token_metrics
+from egad.eval.metrics import HiddenLogits, entropy_buckets, token_metrics
 from egad.eval.rouge import rouge_l
+from egad.heads import HeadError, check_output_head, decoder_hidden, output_head
 from egad.model_files import resolve_model_source
 from egad.models import check_tokenizers, shared_vocab
 from egad.paths import default_data_dir  # noqa: F401  (egad eval's default)
@@ -148,6 +149,17 @@ def evaluate_set(
     return summary
 
 
+def scorer(model, vocab: int):
+    """batch -> the model's logits for teacher-forced scoring: its last hidden state and head when egad can reproduce
+    the head (only response positions are then projected: the (B, L, V) logits never exist), else its logits."""
+    try:
+        head = output_head(model)
+        check_output_head(model, head, vocab=vocab)
+    except HeadError:
+        return lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return lambda b: HiddenLogits(decoder_hidden(model, b["input_ids"], b["attention_mask"]), head)
+
+
 @torch.no_grad()
 def teacher_forced(model, tokenizer, examples, settings: EvalSettings, *, teacher=None) -> dict:
     """Response NLL / perplexity on the references; with a teacher, KL and top-1 agreement by entropy decile."""
@@ -161,6 +173,8 @@ def teacher_forced(model, tokenizer, examples, settings: EvalSettings, *, teache
     models = [model] + ([teacher] if teacher is not None else [])
     vocab = shared_vocab(tokenizer, *models)
     device = next(model.parameters()).device
+    score = scorer(model, vocab)
+    score_t = scorer(teacher, vocab) if teacher is not None else None
     parts: dict[str, list[torch.Tensor]] = {}
     counts: list[int] = []  # response tokens per example, in order: token_metrics keeps row order
     for start in tqdm(range(0, len(items), settings.batch_size), desc="teacher-forced", leave=False):
@@ -168,11 +182,10 @@ def teacher_forced(model, tokenizer, examples, settings: EvalSettings, *, teache
             k: v.to(device)
             for k, v in D.collate(items[start : start + settings.batch_size], tokenizer.pad_token_id).items()
         }
-        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         targets = D.shift_labels(batch["labels"])
         counts += (targets != -100).sum(-1).tolist()
-        t_logits = teacher(**kw).logits if teacher is not None else None
-        tok = token_metrics(model(**kw).logits, targets, vocab_size=vocab, teacher_logits=t_logits)
+        t_logits = score_t(batch) if teacher is not None else None
+        tok = token_metrics(score(batch), targets, vocab_size=vocab, teacher_logits=t_logits)
         for k, v in tok.items():
             parts.setdefault(k, []).append(v)
     tokens = {k: torch.cat(v) for k, v in parts.items()}
