@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from egad.lora import is_lora, merged_copy
 from egad.losses.features import FeatureProjector
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -57,7 +58,11 @@ def save_model_dir(
 ) -> None:
     """HF `save_pretrained` files (safetensors) + tokenizer, the feature projections beside them, and `prompt`
     (template and lengths the model was trained with), which `egad eval` then uses by default."""
-    model.save_pretrained(path, safe_serialization=True)
+    if is_lora(model):
+        merged_copy(model).save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path / "adapter", safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     if prompt:
         (path / PROMPT_FILE).write_text(json.dumps(prompt, indent=1))

@@ -129,6 +129,10 @@ def _student_source(student: StudentOutputs) -> tuple[Tensor, OutputHead | None]
     return student.logits.reshape(-1, student.logits.shape[-1]), None  # type: ignore[union-attr]
 
 
+def _trains(t: Tensor | None) -> bool:
+    return t is not None and t.requires_grad
+
+
 class _ChunkedLogitLoss(torch.autograd.Function):
     """(1 - alpha) CE + alpha KD summed over chunks; the input gradient is computed per chunk inside forward.
 
@@ -142,8 +146,9 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         head = run.head
         gx = torch.zeros_like(x_flat) if need_grad else None
         fp32 = {"dtype": torch.float32}
-        gw = torch.zeros(lm_w.shape, device=lm_w.device, **fp32) if need_grad and lm_w is not None else None
-        gb = torch.zeros(lm_b.shape, device=lm_b.device, **fp32) if need_grad and lm_b is not None else None
+        # A frozen head (a LoRA student's) gets no weight-sized gradient buffer.
+        gw = torch.zeros(lm_w.shape, device=lm_w.device, **fp32) if need_grad and _trains(lm_w) else None
+        gb = torch.zeros(lm_b.shape, device=lm_b.device, **fp32) if need_grad and _trains(lm_b) else None
         ce_total = x_flat.new_zeros((), dtype=torch.float32)
         kd_total = x_flat.new_zeros((), dtype=torch.float32)
         # Only the real-vocabulary rows of the head take part; slicing before requires_grad avoids a full-size zero
@@ -181,7 +186,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                             gh = gh * frozen.hidden_scale
                         gx.index_add_(0, idx, gh.to(gx.dtype))
                         xs = xc.float() * frozen.hidden_scale if frozen.hidden_scale != 1.0 else xc.float()
-                        gw[: run.vocab].addmm_(g.t(), xs)
+                        if gw is not None:
+                            gw[: run.vocab].addmm_(g.t(), xs)
                         if gb is not None:
                             gb[: run.vocab] += g.sum(0)
             ce_total += ce_sum.detach()

@@ -18,6 +18,7 @@ from egad.config import ConfigError, ObjectiveConfig, field_docs
 from egad.presets import PRESETS, preset
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 @dataclass
@@ -35,6 +36,9 @@ class ModelConfig:
     student_cut: int | list[int] | None = None
     """Cut the student from the teacher (prune, then distil): a layer count (evenly spaced, first and last kept) or
     0-based teacher layer indices; embeddings, final norm and head are copied too. config.yaml records the indices."""
+    lora: dict | None = None
+    """Train LoRA adapters instead of the whole student (peft): {r: 8, alpha: 16, dropout: 0.0, target_modules:
+    all-linear}; checkpoints hold the merged model and the adapter (adapter/)."""
     tokenizer: str | None = None
     """Tokenizer dir or hub id. Default: the student's, else the teacher's. Checked against the other model's."""
     train_tokenizer: dict | None = None
@@ -67,6 +71,15 @@ class ModelConfig:
             cut = [self.student_cut] if isinstance(self.student_cut, int) else list(self.student_cut)
             if not cut or min(cut) < (1 if isinstance(self.student_cut, int) else 0):
                 raise ConfigError(f"model.student_cut={self.student_cut!r}: a layer count >= 1 or indices >= 0")
+        if self.lora is not None:
+            unknown = sorted(set(self.lora) - set(LORA_DEFAULTS))
+            if unknown:
+                raise ConfigError(f"model.lora: unknown key(s) {unknown}; known: {sorted(LORA_DEFAULTS)}")
+            r = self.lora.get("r", LORA_DEFAULTS["r"])
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ConfigError(f"model.lora.r={r!r} must be an int >= 1")
+            if not 0 <= float(self.lora.get("dropout", 0.0)) < 1:
+                raise ConfigError(f"model.lora.dropout={self.lora.get('dropout')!r} must lie in [0, 1)")
         for name in ("teacher_dtype", "student_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}")

@@ -36,6 +36,7 @@ from egad.entropy import fit_quantile_knots
 from egad.entropy_stream import EmaEntropyHistogram
 from egad.eval.metrics import response_sums
 from egad.eval.suite import scorer
+from egad.lora import add_lora
 from egad.losses.features import FeatureProjector, feature_pairs
 from egad.models import (
     build_model,
@@ -184,8 +185,12 @@ class Trainer:
             # Checked once, by the cache, against this run's tokenizer, tokenized data, template and vocabulary.
             expect = run_identity(self.tokenizer, self.train_set, self.cfg.data, self.vocab)
             self.cache = TeacherCache(m.teacher_cache, expect=expect)
+        if m.lora is not None:
+            student = add_lora(student, m.lora)
         if self.cfg.train.gradient_checkpointing:
             student.gradient_checkpointing_enable()
+            if m.lora is not None:
+                student.enable_input_require_grads()  # the frozen embeddings would cut the checkpointed graph
         self.pairs: list[tuple[int, int]] = []
         projector = None
         if obj.uses_features:

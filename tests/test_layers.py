@@ -18,6 +18,7 @@ FLOORS: dict[int, list[str]] = {
         "egad.heads",
         "egad.paths",
         "egad.rollout",
+        "egad.lora",
         "egad.config",
         "egad.coerce",
         "egad.presets",
