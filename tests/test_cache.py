@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from egad import data as D
 from egad.data import shift_labels
 from egad.entropy import token_entropy
-from egad.teacher.cache import CacheError, TeacherCache, fingerprint_examples, tokenizer_sha256, write_cache
+from egad.paths import sha256_file
+from egad.teacher.cache import CacheError, TeacherCache, fingerprint_examples, reader, tokenizer_sha256, write_cache
 from egad.teacher.online import OnlineTeacher
 
 ARGS = {"template": "alpaca", "max_prompt_len": 48, "max_len": 96, "progress": False}
@@ -163,3 +166,87 @@ def test_bf16_teacher_pass_is_recorded_and_close_to_fp32(setup, tmp_path):
         write_cache(model, tok, items[:6], tmp_path / "bf16", k=8, **ARGS)
     with pytest.raises(CacheError, match="precision"):
         write_cache(model, tok, items[:6], tmp_path / "x", k=8, precision="fp16", **ARGS)
+
+
+# ---------------------------------------------------------------------------------------------------------- streaming
+@pytest.fixture(scope="module")
+def sharded(setup, tmp_path_factory):
+    """12 shards of 2 examples, with hidden states: many more shards than a small LRU holds."""
+    tok, items, model = setup
+    path = tmp_path_factory.mktemp("sharded")
+    m = write_cache(model, tok, items, path, k=4, layers=[1, 2], hidden_quantile=0.5, calib_examples=24,
+                    examples_per_shard=2, batch_size=8, **ARGS)  # fmt: skip
+    assert len(m["shards"]) == 12
+    return path
+
+
+def targets_of(tok, items, idx):
+    return shift_labels(D.collate([items[i] for i in idx], tok.pad_token_id)["labels"])
+
+
+def flip_byte(file):
+    """Modify a shard in place (no truncation: it may be mapped) and move its mtime on, as a later write would; a
+    same-size write within the filesystem's timestamp granularity is invisible to size + mtime."""
+    with open(file, "r+b") as fh:
+        fh.seek(-3, 2)
+        byte = fh.read(1)
+        fh.seek(-3, 2)
+        fh.write(bytes([byte[0] ^ 1]))
+    st = file.stat()
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_lru_is_bounded_and_matches_an_unbounded_reader(setup, sharded, monkeypatch):
+    tok, items, _ = setup
+    hashed = []
+    monkeypatch.setattr(reader, "sha256_file", lambda f: hashed.append(f.name) or sha256_file(f))
+    full, small = TeacherCache(sharded, max_shards=100), TeacherCache(sharded, max_shards=3)
+    held, opened = [], small._shard
+
+    def spy(i):
+        t = opened(i)
+        held.append(len(small.shards_held))
+        return t
+
+    small._shard = spy
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+    spans = []
+    for b in range(0, len(order), 8):
+        idx = order[b : b + 8]
+        spans.append(len({i // 2 for i in idx}))
+        targets = targets_of(tok, items, idx)
+        want, got = full.lookup(idx, targets), small.lookup(idx, targets)
+        for name in ("ids", "logprobs", "tail_logmass", "entropy", "feature_mask"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert all(torch.equal(g, w) for g, w in zip(got.features, want.features, strict=True))
+        assert got.feature_mask.any()
+    assert max(spans) > 3 and max(held) == 3 and len(full.shards_held) == 12
+    # Each shard is hashed once per reader, though the small one evicted and re-read most of them.
+    assert sorted(hashed) == sorted(2 * [f"shard-{i:05d}.safetensors" for i in range(12)])
+    assert len(held) > 12
+
+
+def test_shard_modified_after_verification_is_caught(setup, sharded, tmp_path):
+    tok, items, _ = setup
+    path = tmp_path / "cache"
+    shutil.copytree(sharded, path)
+    cache = TeacherCache(path, max_shards=1)
+    one, two = targets_of(tok, items, [0]), targets_of(tok, items, [2])
+    cache.lookup([0], one)  # verifies shard 0
+    cache.lookup([2], two)  # evicts it
+    st = (path / "shard-00001.safetensors").stat()
+    os.utime(path / "shard-00001.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, unchanged
+    cache.lookup([2], two)
+    flip_byte(path / "shard-00000.safetensors")
+    with pytest.raises(CacheError, match=r"shard-00000\.safetensors: sha256 mismatch .*rerun `egad cache`"):
+        cache.lookup([0], one)
+    assert cache.shards_held == [1]
+    flip_byte(path / "shard-00001.safetensors")  # while held
+    with pytest.raises(CacheError, match=r"shard-00001\.safetensors: sha256 mismatch"):
+        cache.lookup([2], two)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_max_shards(sharded, bad):
+    with pytest.raises(CacheError, match="max_shards"):
+        TeacherCache(sharded, max_shards=bad)

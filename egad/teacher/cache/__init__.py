@@ -22,6 +22,11 @@ same arguments verifies the listed shards and resumes after them (byte-identical
 same batch_size, which is not part of the identity: padding can move the last bits of the teacher's forward). Shard
 entries also carry `bytes` and `hidden_bytes`; the knots use every token up to KNOT_SAMPLES, a uniform sample beyond.
 
+`TeacherCache` streams: a shard is memory-mapped when a batch needs it and at most `max_shards` (default 4) are held,
+least recently used evicted first, so a reader's memory is a few shards whatever the cache's size or batch order (a
+rank reads only the shards holding its examples). A shard's sha256 is checked on its first read; its size, mtime and
+inode on every later use, and a changed file is hashed again (an evicted shard is not re-hashed otherwise).
+
 The hidden-state threshold must be known before the first shard is written, so it is the `hidden_quantile` quantile of
 the response-token entropies of the first `calib_examples` examples (one extra teacher pass over them), not of the
 whole data set: the fraction of tokens kept overall is only approximately 1 - hidden_quantile.

@@ -3,29 +3,43 @@
 from __future__ import annotations
 
 import bisect
-import hashlib
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as load_bytes
 from torch import Tensor
 
 from egad.data import shift_labels
+from egad.paths import sha256_file
 from egad.teacher.cache.format import IDENTITY, MANIFEST, CacheError, _first_difference, _identity, _read_manifest
 from egad.teacher.signal import TopKSignal
 
 
 # --------------------------------------------------------------------------------------------------------------- read
 class TeacherCache:
-    """A complete cache, read lazily: each shard is loaded (and its sha256 checked) on first use, then kept in memory.
+    """A complete cache, streamed: shards are memory-mapped on use, at most `max_shards` at a time (least recently
+    used evicted first), so a process's memory is bounded by a few shards whatever the cache's size, in any batch
+    order. Only the pages of a shard that batches touch become resident, and they are released when it is evicted
+    (lookups copy rows out, so no signal keeps a map alive). `egad cache` replaces files by renaming, which leaves a
+    live map intact; truncating a mapped shard in place would fault the reader.
 
-    `expect` maps identity fields (teacher_id, revision, weights_sha256, tokenizer_sha256, data_fingerprint, template,
-    k, vocab_size, layers, hidden_quantile) to the values the run needs; the first difference raises CacheError."""
+    With `verify`, a shard's sha256 is checked the first time it is read (streamed, nothing kept); its size, mtime and
+    inode are then re-checked on every use, and a changed file is hashed again, so a shard modified after verification
+    is still caught (CacheError naming the file). `expect` maps identity fields (teacher_id, revision, weights_sha256,
+    tokenizer_sha256, data_fingerprint, template, k, vocab_size, layers, hidden_quantile) to the values the run needs;
+    the first difference raises CacheError."""
 
-    def __init__(self, path: str | Path, *, expect: dict | None = None, verify: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, *, expect: dict | None = None, verify: bool = True, max_shards: int = 4
+    ) -> None:
         self.path = Path(path)
         self.verify = verify
+        if isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 1:
+            raise CacheError(f"max_shards={max_shards!r}: the reader must be allowed to hold at least 1 shard")
+        self.max_shards = max_shards
         m = _read_manifest(self.path)
         if not m.get("complete"):
             done = len(m.get("shards", []))
@@ -50,7 +64,8 @@ class TeacherCache:
         self.layers: list[int] = list(m["layers"])
         self.knots: Tensor | None = None if m["knots"] is None else torch.tensor(m["knots"], dtype=torch.float32)
         self._starts = [s["start"] for s in m["shards"]]
-        self._loaded: dict[int, dict[str, Tensor]] = {}
+        self._lru: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        self._verified: dict[int, tuple[int, int, int]] = {}  # shard -> _signature of the file its hash matched
 
     def __len__(self) -> int:
         return self.manifest["examples"]
@@ -65,14 +80,23 @@ class TeacherCache:
         return sum(s["hidden_bytes"] for s in self.manifest["shards"])
 
     def entropy_sample(self, n: int, seed: int = 0) -> Tensor:
-        """A uniform sample of at most n cached teacher entropies (reads only the entropy tensor of each shard)."""
-        parts = []
-        for s in self.manifest["shards"]:
-            with safe_open(str(self.path / s["file"]), "pt") as fh:
-                parts.append(fh.get_tensor("entropy"))
-        h = torch.cat(parts) if parts else torch.zeros(0)
-        order = torch.randperm(h.numel(), generator=torch.Generator().manual_seed(seed))[:n]
-        return h[order]
+        """A uniform sample (without replacement) of at most n cached teacher entropies, in token order; memory is n
+        values plus one shard's entropy tensor, whatever the cache's size."""
+        counts = [int(s["tokens"]) for s in self.manifest["shards"]]
+        total = sum(counts)
+        g = torch.Generator().manual_seed(seed)
+        if total <= 4 * n:
+            chosen = torch.randperm(total, generator=g)[:n].sort().values
+        else:  # a permutation of every token would cost 8 bytes each: draw, then drop the rare repeats
+            chosen = torch.randint(0, total, (n + n // 8 + 16,), generator=g).unique()[:n]
+        parts, start = [], 0
+        for s, count in zip(self.manifest["shards"], counts, strict=True):
+            lo, hi = torch.searchsorted(chosen, start), torch.searchsorted(chosen, start + count)
+            if hi > lo:
+                with safe_open(str(self.path / s["file"]), "pt") as fh:
+                    parts.append(fh.get_tensor("entropy")[chosen[lo:hi] - start].clone())
+            start += count
+        return torch.cat(parts) if parts else torch.zeros(0)
 
     def teacher_dims(self) -> tuple[int, int]:
         """(layers, hidden size) of the teacher that wrote the cache, for the feature branch's layer map."""
@@ -100,70 +124,131 @@ class TeacherCache:
         targets = shift_labels(batch["labels"])
         return self.lookup(batch["train_index"].tolist(), targets, device=batch["labels"].device)
 
+    @property
+    def shards_held(self) -> list[int]:
+        """The shards mapped now, least recently used first (at most `max_shards`)."""
+        return list(self._lru)
+
     def _shard(self, i: int) -> dict[str, Tensor]:
-        if i not in self._loaded:
-            s = self.manifest["shards"][i]
-            file = self.path / s["file"]
-            fix = "delete it and rerun `egad cache` with the same arguments to rewrite it"
-            if not file.is_file():
-                raise CacheError(f"{file}: missing; {fix}")
-            raw = file.read_bytes()
-            if self.verify and hashlib.sha256(raw).hexdigest() != s["sha256"]:
+        """Shard i's tensors, memory-mapped: its touched pages stay resident only while it is in the LRU."""
+        held = self._lru.get(i)
+        if held is not None and not self.verify:
+            self._lru.move_to_end(i)
+            return held
+        s = self.manifest["shards"][i]
+        file = self.path / s["file"]
+        fix = "delete it and rerun `egad cache` with the same arguments to rewrite it"
+        sig = _signature(file)
+        if sig is None:
+            self._lru.pop(i, None)
+            raise CacheError(f"{file}: missing; {fix}")
+        if held is not None and self._verified.get(i) == sig:
+            self._lru.move_to_end(i)
+            return held
+        self._lru.pop(i, None)  # if held, its file changed while mapped: verified again below
+        if self.verify and self._verified.get(i) != sig:
+            # Hashed block by block, once per version of the file: a new size, mtime or inode (modified or replaced
+            # after verification) means hashing it again, so a changed file is caught and a touched one is not.
+            self._verified.pop(i, None)
+            if sha256_file(file) != s["sha256"]:
                 raise CacheError(
                     f"{file}: sha256 mismatch with {MANIFEST}: the file is corrupted or was modified; {fix}"
                 )
-            try:
-                self._loaded[i] = load_bytes(raw)
-            except Exception as e:  # safetensors raises its own error types
-                raise CacheError(f"{file}: unreadable ({e}); {fix}") from None
-        return self._loaded[i]
+        while len(self._lru) >= self.max_shards:
+            self._lru.popitem(last=False)
+        try:
+            with safe_open(str(file), "pt") as fh:
+                names = [n for n in fh.keys() if n != "example_index"]  # noqa: SIM118 (not a dict); unused here
+                tensors = {name: fh.get_tensor(name) for name in names}  # views of one private map of the file
+        except Exception as e:  # safetensors raises its own error types
+            raise CacheError(f"{file}: unreadable ({e}); {fix}") from None
+        if self.verify:
+            if _signature(file) != sig:
+                raise CacheError(f"{file}: modified while it was being verified against {MANIFEST}; {fix}")
+            self._verified[i] = sig
+        self._lru[i] = tensors
+        return tensors
+
+    def _gather(self, i: int, items: list[tuple[int, int]], out: _Batch) -> None:
+        """Copy the rows of `items` ((batch row, example) pairs, all in shard i) into `out`. A function of its own so
+        that no view of the shard outlives the call: an evicted shard's map is then released at once."""
+        t = self._shard(i)
+        for b, ex in items:
+            j = ex - self._starts[i]
+            lo, hi = int(t["token_offsets"][j]), int(t["token_offsets"][j + 1])
+            pos = out.mask[b].nonzero().squeeze(-1)
+            if pos.numel() != hi - lo:
+                raise CacheError(
+                    f"{self.path}: example {ex} has {pos.numel()} response tokens in the batch but {hi - lo} cache "
+                    "rows: cache rows do not match the tokenized data: the data, template or tokenizer changed"
+                )
+            out.ids[b, pos] = t["topk_ids"][lo:hi].long()
+            out.logprobs[b, pos] = t["topk_logprobs"][lo:hi].float()
+            out.tail[b, pos] = t["tail_logmass"][lo:hi]
+            out.entropy[b, pos] = t["entropy"][lo:hi]
+            if self.layers:
+                rows = t["hidden_rows"]
+                a, z = int(torch.searchsorted(rows, lo)), int(torch.searchsorted(rows, hi))
+                at = pos[rows[a:z] - lo]
+                out.feature_mask[b, at] = True
+                if not out.feats:
+                    shape = out.tail.shape
+                    out.feats = [torch.zeros(*shape, t[f"hidden_{m}"].shape[-1]) for m in self.layers]
+                for f, m in zip(out.feats, self.layers, strict=True):
+                    f[b, at] = t[f"hidden_{m}"][a:z].float()
 
     def lookup(
         self, example_indices: list[int], targets: Tensor, *, device: torch.device | str | None = None
     ) -> TopKSignal:
         """The cached signal for a batch: example j of the batch is `example_indices[j]` (its position in the list the
         cache was written from), `targets` (B, L) as from `shift_labels`. Non-response positions hold ids 0,
-        log-probs 0, tail -inf, entropy 0 (the objective reads response positions only)."""
+        log-probs 0, tail -inf, entropy 0 (the objective reads response positions only). Rows are gathered shard by
+        shard, held ones first, so a batch may span more shards than the LRU holds."""
         bsz, length = targets.shape
         if len(example_indices) != bsz:
             raise ValueError(f"{len(example_indices)} example indices for {bsz} rows of targets")
-        mask = (targets != -100).cpu()
-        ids = torch.zeros(bsz, length, self.k, dtype=torch.long)
-        logprobs = torch.zeros(bsz, length, self.k)
-        tail = torch.full((bsz, length), float("-inf"))
-        entropy = torch.zeros(bsz, length)
-        feats: list[Tensor] = []
-        feature_mask = torch.zeros(bsz, length, dtype=torch.bool)
+        by_shard: dict[int, list[tuple[int, int]]] = {}
         for b, ex in enumerate(int(e) for e in example_indices):
             if not 0 <= ex < len(self):
                 raise CacheError(f"{self.path}: example {ex} is outside the cache's {len(self)} examples")
-            i = bisect.bisect_right(self._starts, ex) - 1
-            t = self._shard(i)
-            j = ex - self._starts[i]
-            lo, hi = int(t["token_offsets"][j]), int(t["token_offsets"][j + 1])
-            pos = mask[b].nonzero().squeeze(-1)
-            if pos.numel() != hi - lo:
-                raise CacheError(
-                    f"{self.path}: example {ex} has {pos.numel()} response tokens in the batch but {hi - lo} cache "
-                    "rows: cache rows do not match the tokenized data: the data, template or tokenizer changed"
-                )
-            ids[b, pos] = t["topk_ids"][lo:hi].long()
-            logprobs[b, pos] = t["topk_logprobs"][lo:hi].float()
-            tail[b, pos] = t["tail_logmass"][lo:hi]
-            entropy[b, pos] = t["entropy"][lo:hi]
-            if self.layers:
-                rows = t["hidden_rows"]
-                a, z = int(torch.searchsorted(rows, lo)), int(torch.searchsorted(rows, hi))
-                at = pos[rows[a:z] - lo]
-                feature_mask[b, at] = True
-                if not feats:
-                    feats = [torch.zeros(bsz, length, t[f"hidden_{m}"].shape[-1]) for m in self.layers]
-                for f, m in zip(feats, self.layers, strict=True):
-                    f[b, at] = t[f"hidden_{m}"][a:z].float()
+            by_shard.setdefault(bisect.bisect_right(self._starts, ex) - 1, []).append((b, ex))
+        out = _Batch(
+            mask=(targets != -100).cpu(),
+            ids=torch.zeros(bsz, length, self.k, dtype=torch.long),
+            logprobs=torch.zeros(bsz, length, self.k),
+            tail=torch.full((bsz, length), float("-inf")),
+            entropy=torch.zeros(bsz, length),
+            feature_mask=torch.zeros(bsz, length, dtype=torch.bool),
+        )
+        for i in sorted(by_shard, key=lambda i: i not in self._lru):
+            self._gather(i, by_shard[i], out)
 
         def move(x: Tensor) -> Tensor:
             return x if device is None else x.to(device)
 
-        features = [move(f) for f in feats] if self.layers else None
-        fmask = move(feature_mask) if self.layers else None
-        return TopKSignal(move(ids), move(logprobs), move(tail), move(entropy), features, self.vocab_size, fmask)
+        features = [move(f) for f in out.feats] if self.layers else None
+        fmask = move(out.feature_mask) if self.layers else None
+        signal = (move(out.ids), move(out.logprobs), move(out.tail), move(out.entropy))
+        return TopKSignal(*signal, features, self.vocab_size, fmask)
+
+
+@dataclass
+class _Batch:
+    """The tensors a lookup fills, shard by shard."""
+
+    mask: Tensor
+    ids: Tensor
+    logprobs: Tensor
+    tail: Tensor
+    entropy: Tensor
+    feature_mask: Tensor
+    feats: list[Tensor] = field(default_factory=list)
+
+
+def _signature(file: Path) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of a file, None when it is missing: what tells a verified file from a changed one."""
+    try:
+        st = file.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
