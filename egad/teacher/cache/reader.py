@@ -88,7 +88,8 @@ class TeacherCache:
         if total <= 4 * n:
             chosen = torch.randperm(total, generator=g)[:n].sort().values
         else:  # a permutation of every token would cost 8 bytes each: draw, then drop the rare repeats
-            chosen = torch.randint(0, total, (n + n // 8 + 16,), generator=g).unique()[:n]
+            drawn = torch.randint(0, total, (n + n // 8 + 16,), generator=g).unique()  # sorted: keep a random n
+            chosen = drawn[torch.randperm(drawn.numel(), generator=g)[:n]].sort().values
         parts, start = [], 0
         for s, count in zip(self.manifest["shards"], counts, strict=True):
             lo, hi = torch.searchsorted(chosen, start), torch.searchsorted(chosen, start + count)
