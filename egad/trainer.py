@@ -32,6 +32,7 @@ from transformers import get_cosine_schedule_with_warmup
 from egad import checkpoint as ckpt
 from egad import data as D
 from egad.config import ConfigError
+from egad.engines import check_engine_runs_here, engine_in_use
 from egad.entropy import fit_quantile_knots
 from egad.entropy_stream import EmaEntropyHistogram
 from egad.eval.metrics import response_sums
@@ -84,6 +85,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False) -> Trainer:
         cfg, t = self.cfg, self.cfg.train
+        check_engine_runs_here(torch.cuda.is_available())
         self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
         set_seed(t.seed)
         self.main = self.acc.is_main_process
@@ -114,7 +116,7 @@ class Trainer:
                 "dev_examples": len(self.dev_set),
                 "total_steps": self.total_steps,
                 "processes": self.world,
-                "engine": str(self.acc.distributed_type.value).lower(),
+                "engine": engine_in_use(self.acc),
                 "mixed_precision": self.acc.mixed_precision,
                 "teacher_source": type(self.source).__name__ if self.source is not None else None,
                 "vocab": self.vocab,

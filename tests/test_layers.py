@@ -19,6 +19,7 @@ FLOORS: dict[int, list[str]] = {
         "egad.paths",
         "egad.rollout",
         "egad.lora",
+        "egad.engines",
         "egad.config",
         "egad.coerce",
         "egad.presets",
