@@ -227,9 +227,12 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=0, help="0 = the objective's automatic choice")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant; the fastest is reported")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--autocast", action="store_true", help="run every variant under bf16 autocast (GPU check)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.autocast:
+        torch.autocast(device.type, dtype=torch.bfloat16).__enter__()  # for the whole run
     print(f"device={device} threads={torch.get_num_threads()} V={V_ROWS} (real {V_REAL}) d_S={D_S} d_T={D_T} K={K}")
     print(f"{'N':>6} {'variant':>8} {'peak MiB':>10} {'time s':>8} {'mem ratio':>10} {'time ratio':>11}")
     naive_seen: dict[int, tuple[float, int]] = {}
