@@ -137,3 +137,77 @@ def test_hierarchical_bootstrap_weights_give_the_token_mean():
     )
     with pytest.raises(ValueError, match="weights"):
         hierarchical_bootstrap(per_token_a, per_token_b, weights=[1, 2], n=10)
+
+
+def _setup(tmp_path, answers=None) -> G.Setup:
+    return G.Setup(X.TOY_QUICK, tmp_path / "dolly.jsonl", tmp_path, "teacher-dir", tmp_path / "cache",
+                   tmp_path / "teacher", tmp_path / "out", answers=answers)  # fmt: skip
+
+
+def test_student_data_cells_change_what_the_student_trains_on(tmp_path):
+    from egad.run_config import build_config
+
+    size = X.TOY_QUICK
+    answers = tmp_path / "answers.jsonl"
+    setup = _setup(tmp_path, answers)
+    gkd = build_config(G.cell_config(setup, G.cell("gkd"), 1))
+    assert gkd.train.on_policy == 0.5 and gkd.model.teacher_cache is None  # the teacher scores the samples online
+    assert gkd.objective.divergence == "jsd" and gkd.objective.jsd_beta == 0.5 and gkd.train.seed == 1
+    assert gkd.train.on_policy_max_new_tokens == size.max_len - size.max_prompt_len
+    on_policy = build_config(G.cell_config(setup, G.cell("egad_on_policy"), 0))
+    assert (
+        on_policy.objective.curriculum_mode
+        == build_config(G.cell_config(setup, G.cell("egad"), 0)).objective.curriculum_mode
+    )
+    assert on_policy.train.on_policy == 0.5 and on_policy.model.teacher_cache is None
+    seqkd = build_config(G.cell_config(setup, G.cell("seqkd"), 0))
+    assert seqkd.data.train == str(answers) and seqkd.train.on_policy == 0 and not seqkd.objective.uses_teacher
+    kd = build_config(G.cell_config(setup, G.cell("kd"), 0))
+    assert kd.model.teacher_cache == str(setup.cache) and kd.data.train == str(setup.dolly) and kd.train.on_policy == 0
+    with pytest.raises(ValueError, match="teacher's answers"):
+        G.cell_config(_setup(tmp_path), G.cell("seqkd"), 0)
+
+
+def test_cells_expand_grids_and_names_once():
+    assert G.expand_cells("real,student_data,kd") == G.REAL_CELLS + list(G.STUDENT_DATA)
+    assert G.expand_cells("sft, seqkd") == ["sft", "seqkd"]
+    assert set(G.expand_cells("student_data")) <= G.PRESETS_AND_DERIVED
+
+
+def test_train_minutes_read_timing_or_the_run_files(tmp_path):
+    import math
+    import os
+
+    run = tmp_path / "a" / "seed0"
+    (run / "final").mkdir(parents=True)
+    assert math.isnan(R.train_minutes(run))
+    (run / "config.yaml").write_text("x")
+    (run / "final" / "config.json").write_text("{}")
+    os.utime(run / "config.yaml", (1000.0, 1000.0))
+    os.utime(run / "final" / "config.json", (1000.0 + 90, 1000.0 + 90))
+    assert R.train_minutes(run) == pytest.approx(1.5)
+    (run / "timing.json").write_text(json.dumps({"train_min": 2.25, "eval_min": 7.0}))
+    assert R.train_minutes(run) == 2.25
+    row = R.Row("seqkd", "student data", [4.0, 4.2], [4.1, 4.3], {"dolly_test": [10.0, 12.0]}, [2.0, 3.0])
+    lines = R.table([row])
+    assert lines[0].endswith("| train min |") and lines[-1].endswith("| 2.5 ± 0.7 |")
+    missing = R.Row("kd", "baseline", [4.0], [4.1], {"dolly_test": [10.0]}, [math.nan])
+    assert R.table([missing])[-1].endswith("| — |")
+
+
+@pytest.mark.slow
+def test_student_data_cells_run_end_to_end(tmp_path, monkeypatch, dolly_path, egad_cache_dir):
+    monkeypatch.setenv("EGAD_CACHE_DIR", str(egad_cache_dir))
+    out = tmp_path / "study"
+    argv = ["--quick", "--no-tune", "--cells", "kd,student_data", "--out", str(out),
+            "--data", str(dolly_path.parent.parent)]  # fmt: skip
+    driver.main(argv)
+    answers = [json.loads(x) for x in (out / "teacher-answers.jsonl").read_text().splitlines()]
+    assert len(answers) == X.TOY_QUICK.student_steps * X.TOY_QUICK.batch and all(a["split"] == "train" for a in answers)
+    text = (out / "results.md").read_text()
+    for cell in G.STUDENT_DATA:
+        assert f"| student data | `{cell}` |" in text
+        assert json.loads((out / cell / "seed0" / "timing.json").read_text())["train_min"] > 0
+    setup_events = [json.loads(x) for x in (out / "gkd" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert setup_events[0]["teacher_source"] == "OnlineTeacher"
+    assert "| `egad_on_policy` - `gkd` |" in text and "generated once in" in text

@@ -20,6 +20,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -47,7 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--results", default=None, help="Markdown output (default docs/results.md, quick: OUT/results.md)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
-        "--cells", default=None, help=f"a grid ({', '.join(G.GRIDS)}; default toy) or comma-separated cells"
+        "--cells",
+        default=None,
+        help=f"grids ({', '.join(G.GRIDS)}; default toy) and cells, comma-separated: real,student_data",
     )
     ap.add_argument("--tune", default=None, help="comma-separated dev-sweep knobs (default: all; names: see grid.TUNE)")
     ap.add_argument("--no-tune", action="store_true", help="skip the dev sweep of EGAD's knobs")
@@ -128,6 +131,33 @@ def eval_cut(setup: G.Setup) -> dict | None:
     }
 
 
+def teacher_answers(setup: G.Setup) -> Path:
+    """The teacher's sampled answers to the training prompts the cells train on, for sequence-level KD: the first
+    `train_examples` of the train split, or as many as one run consumes (steps x batch) when the scale uses all of
+    them. Generated once (resumable), its minutes kept beside it for the results."""
+    from egad.eval.answer import answer_dataset
+
+    size, path = setup.size, setup.out / "teacher-answers.jsonl"
+    if not path.is_file():
+        t0 = time.perf_counter()
+        answer_dataset(
+            str(setup.teacher),
+            str(setup.dolly),
+            path,
+            split="train",
+            template=size.template,
+            seed=0,
+            max_prompt_len=size.max_prompt_len,
+            max_len=size.max_len,
+            max_new_tokens=size.max_len - size.max_prompt_len,
+            max_examples=size.train_examples or size.student_steps * size.batch,
+            mixed_precision=size.mixed_precision,
+        )
+        timing = {"minutes": (time.perf_counter() - t0) / 60}
+        path.with_suffix(".timing.json").write_text(json.dumps(timing))
+    return path
+
+
 def tune(setup: G.Setup, knobs: dict[str, dict]) -> tuple[list[str], dict]:
     """Dev NLL (seed 0) of each knob setting against the EGAD defaults; the best setting, or {} if the defaults win."""
     dev = {"defaults": load_run(G.run_dir(setup, G.Cell("egad", "egad"), 0)).best_dev_nll}
@@ -154,10 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     setup, teacher_run = setup_study(args)
     seeds = list(range(1 if args.quick else args.seeds))
     grid = args.cells or ("quick" if args.quick else "toy")
-    cells = G.GRIDS[grid] if grid in G.GRIDS else grid.split(",")
+    cells = G.expand_cells(grid)
     unknown = [c for c in cells if c not in G.PRESETS_AND_DERIVED]
     if unknown:
         raise ConfigError(f"--cells: unknown cell(s) {unknown}; a grid ({', '.join(G.GRIDS)}) or preset names")
+    if any(G.cell(c).needs_answers for c in cells):
+        setup = replace(setup, answers=teacher_answers(setup))
     names = args.tune.split(",") if args.tune else list(G.TUNE)[: 2 if args.quick else None]
     bad = [k for k in names if k not in G.TUNE]
     if bad:
@@ -173,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "baseline": [c for c in cells if c in G.BASELINES],
         "component": [c for c in cells if c in G.COMPONENTS and c not in G.BASELINES],
         "control": [c for c in cells if c in G.CONTROLS],
+        "student data": [c for c in cells if c in G.STUDENT_DATA],
     }
     tuning, chosen = tune(setup, knobs) if knobs else ([], {})
     if chosen:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -43,12 +45,22 @@ CONTROLS = [
 # Cells that are a preset plus overrides. kd_alpha0.8 gives KD the KD:CE ratio that EA-KD's unnormalised weights
 # (mean about 4 on this data) give it, so that EA-KD's gain can be told apart from a heavier KD term.
 DERIVED = {"kd_alpha0.8": ("kd", {"alpha": 0.8})}
-PRESETS_AND_DERIVED = set(PRESETS) | set(DERIVED)
+# Cells that change what the student trains on rather than the loss (issue: on-policy, seq-KD). The on-policy cells
+# need the teacher online (a cache cannot hold the student's samples); `seqkd` is SFT on the teacher's sampled answers
+# to the same training prompts (TEACHER_ANSWERS, generated once per study).
+TEACHER_ANSWERS = "teacher_answers"
+STUDENT_DATA = {
+    # GKD (Agarwal et al. 2024): lambda = 0.5 of the batches on-policy, JSD with beta = 0.5, KD's alpha as in `kd`.
+    "gkd": ("jsd", {"jsd_beta": 0.5}, {"train.on_policy": 0.5}),
+    "egad_on_policy": ("egad", {}, {"train.on_policy": 0.5}),
+    "seqkd": ("sft", {}, {"data.train": TEACHER_ANSWERS}),
+}
+PRESETS_AND_DERIVED = set(PRESETS) | set(DERIVED) | set(STUDENT_DATA)
 GRID = list(dict.fromkeys(BASELINES + COMPONENTS + CONTROLS))
 QUICK_CELLS = ["sft", "kd", "egad_c1", "egad"]
 # The real-teacher grid (issue: real pretrained LLMs): the baselines users ask for, and the 2^3 component grid.
 REAL_CELLS = ["sft", "kd", "rkl", "ea_kd", "adakd_idts", "se_kd_student", "feat_kd_all", *COMPONENTS]
-GRIDS = {"toy": GRID, "quick": QUICK_CELLS, "real": REAL_CELLS}
+GRIDS = {"toy": GRID, "quick": QUICK_CELLS, "real": REAL_CELLS, "student_data": list(STUDENT_DATA)}
 # Spec section 8 sweeps, one knob at a time from the EGAD defaults, judged on dev NLL only (seed 0, no test eval).
 TUNE = {
     "w_min=0": {"w_min": 0.0},
@@ -71,12 +83,22 @@ TUNED = "egad_dev_tuned"
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: a preset plus overrides, under a folder name."""
+    """One grid cell: a preset plus objective overrides, and dotted run-config overrides (`run`), under a folder
+    name."""
 
     name: str
     preset: str
     overrides: dict = field(default_factory=dict)
     test_eval: bool = True
+    run: dict = field(default_factory=dict)
+
+    @property
+    def on_policy(self) -> bool:
+        return float(self.run.get("train.on_policy", 0.0)) > 0
+
+    @property
+    def needs_answers(self) -> bool:
+        return self.run.get("data.train") == TEACHER_ANSWERS
 
 
 @dataclass(frozen=True)
@@ -90,11 +112,21 @@ class Setup:
     cache: Path
     teacher: Path  # its model folder
     out: Path
+    answers: Path | None = None  # the teacher's answers to the training prompts, for cells that train on them
 
 
 def cell(name: str) -> Cell:
+    if name in STUDENT_DATA:
+        preset, overrides, run = STUDENT_DATA[name]
+        return Cell(name, preset, overrides, run=run)
     preset, overrides = DERIVED.get(name, (name, {}))
     return Cell(name, preset, overrides)
+
+
+def expand_cells(spec: str) -> list[str]:
+    """A grid name, or comma-separated grid names and cell names, as the list of cells (in order, once each)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    return list(dict.fromkeys(c for n in names for c in GRIDS.get(n, [n])))
 
 
 def sampling_seed(train_seed: int) -> int:
@@ -115,24 +147,56 @@ def is_done(setup: Setup, cell: Cell, seed: int) -> bool:
     return (d / "eval" / "summary.json").is_file() if cell.test_eval else (d / "final" / "config.json").is_file()
 
 
-def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
-    """Train and evaluate one (cell, seed); a finished one is skipped, so the study resumes where it stopped."""
-    size, out = setup.size, run_dir(setup, cell, seed)
-    if is_done(setup, cell, seed):
-        return out
-    raw = X.base_run(size, setup.dolly, out, setup.teacher_spec)
+def cell_config(setup: Setup, cell: Cell, seed: int) -> dict:
+    """The raw run config of one (cell, seed): the scale's base run, the shared student and cache, the cell's preset
+    and overrides."""
+    size = setup.size
+    raw = X.base_run(size, setup.dolly, run_dir(setup, cell, seed), setup.teacher_spec)
     # The teacher is named for a student cut from it; with the cache it never runs.
     raw["model"].update(
         X.model_fields("student", size.student), teacher=setup.teacher_spec, teacher_cache=str(setup.cache)
     )
     raw["objective"] = {"preset": cell.preset, "feat_layers": size.feat_layers, **cell.overrides}
     raw["train"].update(max_steps=size.student_steps, seed=seed, eval_every=size.student_steps, eval_at_start=False)
+    if cell.on_policy:
+        # The student's samples are as long as a dataset response may be; the teacher scores them online.
+        raw["model"]["teacher_cache"] = None
+        raw["train"]["on_policy_max_new_tokens"] = size.max_len - size.max_prompt_len
+    for key, value in cell.run.items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    if cell.needs_answers:
+        if setup.answers is None:
+            raise ValueError(f"cell {cell.name} trains on the teacher's answers, but the study generated none")
+        raw["data"]["train"] = str(setup.answers)
+    return raw
+
+
+def timing_path(setup: Setup, cell: Cell, seed: int) -> Path:
+    return run_dir(setup, cell, seed) / "timing.json"
+
+
+def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
+    """Train and evaluate one (cell, seed); a finished one is skipped, so the study resumes where it stopped. The
+    training and evaluation minutes go to the run's timing.json (a run resumed after an interruption counts only the
+    part this call did)."""
+    size, out = setup.size, run_dir(setup, cell, seed)
+    if is_done(setup, cell, seed):
+        return out
+    timing = timing_path(setup, cell, seed)
+    minutes = json.loads(timing.read_text()) if timing.is_file() else {}
     if not (out / "final" / "config.json").is_file():
-        X.train_run(raw)
+        t0 = time.perf_counter()
+        X.train_run(cell_config(setup, cell, seed))
+        minutes["train_min"] = (time.perf_counter() - t0) / 60
+        timing.write_text(json.dumps(minutes))
     if cell.test_eval:
         seeds = [sampling_seed(seed)]
         teacher = setup.teacher if size.test_kl else None
+        t0 = time.perf_counter()
         X.evaluate(out / "final", out / "eval", scale=size, data_dir=setup.data_dir, seeds=seeds, teacher=teacher)
+        minutes["eval_min"] = (time.perf_counter() - t0) / 60
+        timing.write_text(json.dumps(minutes))
     return out
 
 

@@ -3,6 +3,7 @@ discussion, which is kept from the existing page when the study is regenerated."
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -29,10 +30,23 @@ class Row:
     dev_nll: list[float]
     test_nll: list[float]
     rouge: dict[str, list[float]]  # eval set -> per training seed
+    train_min: list[float]  # training wall minutes per seed (nan: not recorded)
 
     def mean(self, metric: str) -> float:
         vals = self.rouge["dolly_test"] if metric == "rouge" else getattr(self, metric)
         return statistics.fmean(vals)
+
+
+def train_minutes(run: Path) -> float:
+    """Training wall minutes of one run: its timing.json (written by the study), or else the span from the run's
+    config.yaml (written at setup) to its final model (runs from before timing.json; nan when neither is there)."""
+    timing = run / "timing.json"
+    if timing.is_file() and "train_min" in json.loads(timing.read_text()):
+        return float(json.loads(timing.read_text())["train_min"])
+    start, end = run / "config.yaml", run / "final" / "config.json"
+    if start.is_file() and end.is_file():
+        return (end.stat().st_mtime - start.stat().st_mtime) / 60
+    return math.nan
 
 
 def aggregate(out: Path, groups: dict[str, list[str]], seeds: list[int]) -> list[Row]:
@@ -52,6 +66,7 @@ def aggregate(out: Path, groups: dict[str, list[str]], seeds: list[int]) -> list
                     dev_nll=[r.best_dev_nll for r in runs],
                     test_nll=[r.evals["dolly_test"]["nll"] for r in runs],
                     rouge=rouge,
+                    train_min=[train_minutes(out / cell / f"seed{s}") for s in seeds],
                 )
             )
     return rows
@@ -68,12 +83,12 @@ def _num(x: float) -> str:
 
 def table(rows: list[Row], teacher: dict | None = None, cut: dict | None = None) -> list[str]:
     sets = [s for s in ["dolly_test"] + OTHER_SETS if all(s in r.rouge for r in rows)]
-    head = ["group", "cell", "dev NLL", "test NLL"] + [f"{s} ROUGE-L" for s in sets]
+    head = ["group", "cell", "dev NLL", "test NLL"] + [f"{s} ROUGE-L" for s in sets] + ["train min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, ref in (("**teacher**", teacher), ("the untrained cut student", cut)):
         if ref:
             vals = [_num(ref["dev_nll"]), _num(ref["test_nll"])]
-            vals += [ms(ref["rouge"][s]) if s in ref["rouge"] else "—" for s in sets]
+            vals += [ms(ref["rouge"][s]) if s in ref["rouge"] else "—" for s in sets] + ["—"]
             lines.append(f"| | {label} | " + " | ".join(vals) + " |")
     best = {
         "dev_nll": min(r.mean("dev_nll") for r in rows),
@@ -83,7 +98,9 @@ def table(rows: list[Row], teacher: dict | None = None, cut: dict | None = None)
         dev, test = ms(r.dev_nll, 3), ms(r.test_nll, 3)
         dev = f"**{dev}**" if r.mean("dev_nll") == best["dev_nll"] else dev
         test = f"**{test}**" if r.mean("test_nll") == best["test_nll"] else test
-        lines.append("| " + " | ".join([r.group, f"`{r.cell}`", dev, test] + [ms(r.rouge[s]) for s in sets]) + " |")
+        minutes = "—" if any(math.isnan(m) for m in r.train_min) else ms(r.train_min, 1)
+        cells = [r.group, f"`{r.cell}`", dev, test] + [ms(r.rouge[s]) for s in sets] + [minutes]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -105,7 +122,13 @@ def kept_discussion(path: Path) -> list[str]:
     return [DISCUSSION + tail.split("\n## ", 1)[0].rstrip()]
 
 
-GROUP_COLOURS = {"baseline": "tab:gray", "component": "tab:blue", "control": "tab:orange", "dev-tuned": "tab:green"}
+GROUP_COLOURS = {
+    "baseline": "tab:gray",
+    "component": "tab:blue",
+    "control": "tab:orange",
+    "dev-tuned": "tab:green",
+    "student data": "tab:red",
+}
 
 
 def plot(rows: list[Row], teacher: dict | None, path: Path) -> Path:
@@ -152,6 +175,7 @@ def _comparisons(rows: list[Row], compare_fn) -> list[str]:
     baselines = [r for r in rows if r.group == "baseline"]
     best = min(baselines, key=lambda r: r.mean("dev_nll")).cell if baselines else None
     pairs = [(a, b) for a in ("egad", "egad_dev_tuned") for b in dict.fromkeys(("kd", best)) if a in by and b in by]
+    pairs += [p for p in (("egad_on_policy", "gkd"), ("egad_on_policy", "egad")) if p[0] in by and p[1] in by]
     if not pairs:
         return []
     lines = [
@@ -210,6 +234,25 @@ def _effects(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _student_data_text(rows: list[Row], size, out: Path) -> str:
+    cells = {r.cell for r in rows if r.group == "student data"}
+    parts = []
+    if cells & {"gkd", "egad_on_policy"}:
+        parts.append(
+            " `gkd` (JSD, beta 0.5) and `egad_on_policy` train half their batches (`train.on_policy: 0.5`) on the "
+            f"student's own samples (temperature 1, at most {size.max_len - size.max_prompt_len} new tokens, ending "
+            "at the end-of-turn token), scored by the teacher online; the other half on the dataset's responses"
+        )
+    if "seqkd" in cells:
+        timing = out / "teacher-answers.timing.json"
+        once = f", generated once in {json.loads(timing.read_text())['minutes']:.1f} min" if timing.is_file() else ""
+        parts.append(
+            " `seqkd` is SFT on the teacher's sampled answers to the same training prompts "
+            f"(`egad generate`, temperature 1{once}, not in its train minutes)"
+        )
+    return ";".join(parts) + "." if parts else ""
+
+
 def page(
     rows,
     teacher,
@@ -236,6 +279,7 @@ def page(
     runs, command = invocations, invocations[-1]["command"]
     wall = sum(r["minutes"] for r in runs)
     dolly_n = "all 500" if size.test_examples is None else f"the first {size.test_examples}"
+    student_data = _student_data_text(rows, size, setup.out)
     text = [
         "# Results: EGAD vs baselines on Dolly",
         "",
@@ -252,7 +296,10 @@ def page(
         f"teacher's tokenizer and the `{size.template}` template"
         + (f", {size.train_examples} Dolly train examples" if size.train_examples else "")
         + ". Every cell reads the same offline teacher cache (k = 64, hidden states of every token, so each routing "
-        "rule picks its own).",
+        "rule picks its own)" + (" except the `student data` group:" if student_data else ".") + student_data,
+        "- **Train min:** the training wall minutes per run (mean ± std over seeds; two runs shared the 2 cores at a "
+        "time, so compare them with each other, not with other machines); evaluation is the same for every cell and "
+        "not included.",
         f"- **Seeds:** training seeds {seeds}; training seed s samples with generation seed "
         f"{', '.join(str(sampling_seed(s)) for s in seeds)}. Every figure is mean ± std over training seeds.",
         f"- **Evaluation:** dev NLL on {size.dev_examples} Dolly dev examples (also the checkpoint choice); Dolly test "
@@ -288,6 +335,14 @@ def page(
             *index,
             "| Controls | `egad_reverse_curriculum`, `egad_direct_temp`, "
             "`egad_random_route`, `egad_feat_only`; `kd_alpha0.8` (KD at alpha = 0.8) | spec section 9; this study |",
+            *(
+                [
+                    "| Student data | `gkd`, `egad_on_policy` (on-policy); `seqkd` (the teacher's answers) | "
+                    "GKD, arXiv 2306.13649; sequence-level KD, arXiv 1606.07947 |"
+                ]
+                if any(r.group == "student data" for r in rows)
+                else []
+            ),
             "",
         ]
     return "\n".join(text)
