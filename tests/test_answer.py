@@ -56,3 +56,27 @@ def test_cli_writes_minillm_fields_greedy(tmp_path, tiny_model_dir, dolly_path):
     assert len(rows) == 3 and all({"instruction", "input", "output"} <= set(r) and r["split"] == "seqkd" for r in rows)
     bad = CliRunner().invoke(app, [*args[:7], "--fields", "csv"])
     assert bad.exit_code == 2 and "fields" in bad.output
+
+
+def test_empty_answers_are_left_out_and_resume_still_counts_them(tmp_path, tiny_model_dir, dolly_path, monkeypatch):
+    import egad.eval.answer as A
+
+    def every_other_empty(model, tokenizer, prompts, **kw):
+        return ["" if i % 2 else " \n" if i % 3 == 0 else f"answer {i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(A, "generate_responses", every_other_empty)
+    kw = dict(split="train", max_examples=7, max_new_tokens=5, block=4, max_prompt_len=48, max_len=96)
+    out = answer_dataset(str(tiny_model_dir), str(dolly_path), tmp_path / "a.jsonl", **kw)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    # block 1 answers i = 0..3, block 2 i = 0..2: only the non-blank ones (i = 2 in each block) stay
+    assert [r["response"] for r in rows] == ["answer 2", "answer 2"]
+    assert len(D.load_records(out, "train")[0]) == 2
+    # a run stopped after the first block resumes from its 4 lines, blanks included, and answers only the rest
+    calls = []
+    monkeypatch.setattr(A, "generate_responses", lambda m, t, prompts, **k: calls.append(len(prompts)) or
+                        every_other_empty(m, t, prompts))  # fmt: skip
+    partial = tmp_path / "b.jsonl.partial"
+    partial.write_text("".join(json.dumps({"instruction": "x", "context": "", "response": r, "split": "train"}) + "\n"
+                               for r in ["", "", "kept", ""]))  # fmt: skip
+    again = answer_dataset(str(tiny_model_dir), str(dolly_path), tmp_path / "b.jsonl", **kw)
+    assert calls == [3] and len(again.read_text().splitlines()) == 2 and not partial.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from egad.eval.generate import generate_responses
 from egad.eval.suite import load_model
 
 FIELDS = ("dolly", "minillm")
+logger = logging.getLogger("egad.eval")
 
 
 def _row(ex: D.Example, answer: str, fields: str, split: str) -> dict:
@@ -101,8 +103,26 @@ def answer_dataset(
             os.fsync(f.fileno())
     if not partial.is_file():  # nothing to answer: an empty split is an error of the data, not an empty file
         partial.write_text("")
-    os.replace(partial, out)
+    _finish(partial, out, fields)
     return out
+
+
+def _finish(partial: Path, out: Path, fields: str) -> None:
+    """OUT from the partial file, without the empty answers: the data reader refuses an empty response, and an
+    answer that ends the turn at once teaches nothing but the end. The partial file keeps them, because resuming
+    counts its lines."""
+    lines = partial.read_text().splitlines()
+    key = "response" if fields == "dolly" else "output"
+    kept = [line for line in lines if json.loads(line)[key].strip()]
+    if len(kept) < len(lines):
+        logger.warning(
+            "%d of %d answers were empty (the model ended its turn at once) and are left out of %s",
+            len(lines) - len(kept), len(lines), out,
+        )  # fmt: skip
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, out)
+    partial.unlink()
 
 
 __all__ = ["FIELDS", "answer_dataset"]
