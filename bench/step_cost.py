@@ -10,6 +10,7 @@ SFT, so the fused path is compared with its own baseline).
 
     python bench/step_cost.py                       # both shapes, about 10 minutes on 2 cores
     python bench/step_cost.py --shapes tiny --steps 6
+    python bench/step_cost.py --clock cpu --threads 1   # a rough reading on a busy machine
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def run_shape(name: str, args) -> dict[str, float]:
                     for i, group in enumerate(groups):
                         batch = D.collate(group, 0)
                         batch["train_index"] = torch.tensor([it["index"] for it in group])
-                        t0 = time.perf_counter()
+                        t0 = CLOCKS[args.clock]()
                         with autocast(args.bf16):
                             if source == "online":
                                 signal = online[method].signal(batch)
@@ -156,13 +157,18 @@ def run_shape(name: str, args) -> dict[str, float]:
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                         if i:  # the first step warms up the kernels
-                            times.append(time.perf_counter() - t0)
+                            times.append(CLOCKS[args.clock]() - t0)
                     key = f"{name}/{tag}/{method}/{source}"
                     results[key] = statistics.median(times)
                     print(f"{key:<32} {results[key]:.3f} s", flush=True)
         return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# CPU seconds of this process: with --threads 1 they hardly move when other jobs share the machine, where wall
+# seconds do (a rough reading while, say, a study runs; the recorded figures are wall time on a quiet machine).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def autocast(bf16: bool):
@@ -175,7 +181,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (plus one warm-up)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall, or this process's CPU seconds")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = {}
     for name in args.shapes.split(","):
         rows.update(run_shape(name, args))

@@ -203,7 +203,8 @@ def test_student_data_cells_run_end_to_end(tmp_path, monkeypatch, dolly_path, eg
             "--data", str(dolly_path.parent.parent)]  # fmt: skip
     driver.main(argv)
     answers = [json.loads(x) for x in (out / "teacher-answers.jsonl").read_text().splitlines()]
-    assert len(answers) == X.TOY_QUICK.student_steps * X.TOY_QUICK.batch and all(a["split"] == "train" for a in answers)
+    asked = X.TOY_QUICK.student_steps * X.TOY_QUICK.batch  # the prompts the cells train on; empty answers left out
+    assert asked / 2 < len(answers) <= asked and all(a["split"] == "train" and a["response"].strip() for a in answers)
     text = (out / "results.md").read_text()
     for cell in G.STUDENT_DATA:
         assert f"| student data | `{cell}` |" in text
