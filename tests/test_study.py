@@ -206,6 +206,8 @@ def test_student_data_cells_run_end_to_end(tmp_path, monkeypatch, dolly_path, eg
     asked = X.TOY_QUICK.student_steps * X.TOY_QUICK.batch  # the prompts the cells train on; empty answers left out
     assert asked / 2 < len(answers) <= asked and all(a["split"] == "train" and a["response"].strip() for a in answers)
     text = (out / "results.md").read_text()
+    kd = out / "kd" / "seed0"
+    assert (kd / "final" / "config.json").is_file() and not list(kd.glob("checkpoint-*"))  # resume state dropped
     for cell in G.STUDENT_DATA:
         assert f"| student data | `{cell}` |" in text
         assert json.loads((out / cell / "seed0" / "timing.json").read_text())["train_min"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -190,6 +191,10 @@ def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
         X.train_run(cell_config(setup, cell, seed))
         minutes["train_min"] = (time.perf_counter() - t0) / 60
         timing.write_text(json.dumps(minutes))
+    # A finished cell never resumes, and its last step checkpoint (weights plus optimizer state, about 4x final/ on
+    # the real scale) filled the disk at 46 cells: only final/ and best/ stay.
+    for done_state in out.glob("checkpoint-*"):
+        shutil.rmtree(done_state)
     if cell.test_eval:
         seeds = [sampling_seed(seed)]
         teacher = setup.teacher if size.test_kl else None
