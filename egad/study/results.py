@@ -41,8 +41,9 @@ def train_minutes(run: Path) -> float:
     """Training wall minutes of one run: its timing.json (written by the study), or else the span from the run's
     config.yaml (written at setup) to its final model (runs from before timing.json; nan when neither is there)."""
     timing = run / "timing.json"
-    if timing.is_file() and "train_min" in json.loads(timing.read_text()):
-        return float(json.loads(timing.read_text())["train_min"])
+    recorded = json.loads(timing.read_text()) if timing.is_file() else {}
+    if "train_min" in recorded:
+        return float(recorded["train_min"])
     start, end = run / "config.yaml", run / "final" / "config.json"
     if start.is_file() and end.is_file():
         return (end.stat().st_mtime - start.stat().st_mtime) / 60
