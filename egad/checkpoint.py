@@ -54,21 +54,40 @@ PROMPT_FILE = "egad_prompt.json"
 
 
 def save_model_dir(
-    path: Path, model, tokenizer, projector: FeatureProjector | None, pairs, prompt: dict | None = None
+    path: Path,
+    model,
+    tokenizer,
+    projector: FeatureProjector | None,
+    pairs,
+    prompt: dict | None = None,
+    state: dict | None = None,
 ) -> None:
     """HF `save_pretrained` files (safetensors) + tokenizer, the feature projections beside them, and `prompt`
-    (template and lengths the model was trained with), which `egad eval` then uses by default."""
+    (template and lengths the model was trained with), which `egad eval` then uses by default. `state`: the
+    training module's full state dict (keys `student.*`, `projector.*`) where the live parameters are shards."""
+    student_state = projector_state = None
+    if state is not None:
+        # A gathered state holds tied weights under every name (the head and the embeddings); keep the name that
+        # save_pretrained keeps, the first one registered, so the files equal an unsharded run's.
+        unique = {n for n, _ in model.named_parameters()}
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - unique
+        student_state = {
+            k.removeprefix("student."): v
+            for k, v in state.items()
+            if k.startswith("student.") and k.removeprefix("student.") not in tied
+        }
+        projector_state = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
     if is_lora(model):
         merged_copy(model).save_pretrained(path, safe_serialization=True)
         model.save_pretrained(path / "adapter", safe_serialization=True)
     else:
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, state_dict=student_state)
     tokenizer.save_pretrained(path)
     if prompt:
         (path / PROMPT_FILE).write_text(json.dumps(prompt, indent=1))
     if projector is not None:
         save_file(
-            {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()},
+            {k: v.detach().contiguous().cpu() for k, v in (projector_state or projector.state_dict()).items()},
             str(path / "feature_projector.safetensors"),
         )
         (path / "feature_projector.json").write_text(

@@ -50,6 +50,9 @@ class ModelConfig:
     """Teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16."""
     student_dtype: str = "float32"
     """Student master-weights dtype (use train.mixed_precision for bf16 compute)."""
+    teacher_placement: str = "auto"
+    """The frozen teacher under several processes: replicate (a full copy per process), shard (its parameters spread
+    over the processes: DeepSpeed ZeRO-3 or FSDP2 only), or auto (shard where the engine shards the student)."""
     revision: str | None = None
     """Hub revision for teacher and student."""
     trust_remote_code: bool = False
@@ -80,6 +83,10 @@ class ModelConfig:
                 raise ConfigError(f"model.lora.r={r!r} must be an int >= 1")
             if not 0 <= float(self.lora.get("dropout", 0.0)) < 1:
                 raise ConfigError(f"model.lora.dropout={self.lora.get('dropout')!r} must lie in [0, 1)")
+        if self.teacher_placement not in ("auto", "replicate", "shard"):
+            raise ConfigError(
+                f"model.teacher_placement={self.teacher_placement!r} is not one of ['auto', 'replicate', 'shard']"
+            )
         for name in ("teacher_dtype", "student_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}")

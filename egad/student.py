@@ -31,7 +31,9 @@ class DistillationModule(nn.Module):
         if fused:
             check_output_head(student, output_head(student), vocab=vocab or output_head(student).rows)
 
-    def forward(self, input_ids, attention_mask, targets, teacher: TeacherSignal | None, cfg, **kw):
+    def forward(self, input_ids, attention_mask, targets=None, teacher: TeacherSignal | None = None, cfg=None, **kw):
+        if cfg is None:  # scoring: the student's logits, through this module so that a sharding engine gathers
+            return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
         hooks = capture_hidden(self.student, self.student_layers) if self.student_layers else nullcontext([])
         with hooks as feats:
             if self.fused:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -31,8 +30,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from egad import checkpoint as ckpt
 from egad import data as D
+from egad import engines
 from egad.config import ConfigError
-from egad.engines import check_engine_runs_here, engine_in_use
 from egad.entropy import fit_quantile_knots
 from egad.entropy_stream import EmaEntropyHistogram
 from egad.eval.metrics import response_sums
@@ -85,8 +84,13 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False) -> Trainer:
         cfg, t = self.cfg, self.cfg.train
-        check_engine_runs_here(torch.cuda.is_available())
-        self.acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+        self.acc = engines.make_accelerator(t.mixed_precision)
+        self.engine = engines.engine_in_use(self.acc)
+        self.sharded = self.engine in engines.SHARDING
+        self._check_engine()
+        engines.configure_deepspeed(
+            self.acc, micro_batch=t.per_device_batch_size, grad_accum=t.grad_accum, grad_clip=t.grad_clip
+        )
         set_seed(t.seed)
         self.main = self.acc.is_main_process
         with self.acc.main_process_first():
@@ -116,7 +120,9 @@ class Trainer:
                 "dev_examples": len(self.dev_set),
                 "total_steps": self.total_steps,
                 "processes": self.world,
-                "engine": engine_in_use(self.acc),
+                "engine": self.engine,
+                "teacher_placement": self.placement if self.teacher_model is not None else None,
+                **self._teacher_sizes(),
                 "mixed_precision": self.acc.mixed_precision,
                 "teacher_source": type(self.source).__name__ if self.source is not None else None,
                 "vocab": self.vocab,
@@ -124,6 +130,31 @@ class Trainer:
             }
         )
         return self
+
+    def _check_engine(self) -> None:
+        """What egad does not support under a sharding engine, refused before anything is loaded."""
+        t, m = self.cfg.train, self.cfg.model
+        if not self.sharded:
+            return
+        unsupported = {
+            "train.on_policy > 0 (sampling needs the whole student on each process)": t.on_policy > 0,
+            "model.lora (the adapter is merged on save from full weights)": m.lora is not None,
+            "train.fused_lm_head (the head is read outside its module's forward)": t.fused_lm_head,
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ConfigError(
+                f"{self.engine} shards the student across processes; this run also sets {'; '.join(bad)}. "
+                "Turn those off, or train under DDP / DeepSpeed ZeRO-2"
+            )
+
+    def _teacher_sizes(self) -> dict:
+        if self.teacher_model is None:
+            return {}
+        return {
+            "teacher_params": engines.full_numel(self.teacher_model),
+            "teacher_params_local": engines.local_numel(self.teacher_model),
+        }
 
     def _calibrate(self) -> None:
         obj = self.cfg.objective
@@ -170,13 +201,15 @@ class Trainer:
                     f"objective preset {self.cfg.method!r} distils from a teacher: set model.teacher (a folder, hub "
                     "id, .gguf file or shortcut), model.teacher_config or model.teacher_cache, or use preset sft"
                 )
-            teacher = freeze(self._build("teacher")).to(dev)
+            with engines.whole_models(self.acc):
+                teacher = freeze(self._build("teacher")).to(dev)
         if m.student_cut is not None:
             layers = cut_layers(m.student_cut, len(decoder_layers(teacher)))
             student = cut_student(teacher, layers, dtype=resolve_dtype(m.student_dtype, dev))
             self.cfg.model.student_cut = layers  # the resolved indices go into config.yaml
         else:
-            student = self._build("student")
+            with engines.whole_models(self.acc):
+                student = self._build("student")
         if m.student is None:  # built here: its saved tokenizer must reload identically
             check_tokenizer_roundtrip(self.tokenizer, student)
         if m.teacher_cache:
@@ -203,12 +236,24 @@ class Trainer:
             if self.cache is not None:
                 self.cache.require_layers([p[1] for p in self.pairs])
             projector = FeatureProjector(ds, dt, len(self.pairs)).to(dev)
+        self.placement = engines.resolve_placement(m.teacher_placement, self.engine)
+        self._teacher_engine = None
+        if teacher is not None and self.placement == "shard":
+            layers = decoder_layers(teacher)
+            teacher, self._teacher_engine = engines.shard_teacher(teacher, self.acc, layers, self.engine)
         self.teacher_model = teacher
         self.source: TeacherSource | None = self.cache
         if teacher is not None and obj.uses_teacher:
             fused = (
                 self.cfg.train.fused_lm_head if self.cfg.train.fused_teacher is None else self.cfg.train.fused_teacher
             )
+            if self.placement == "shard" and fused:
+                if self.cfg.train.fused_teacher:
+                    raise ConfigError(
+                        "train.fused_teacher reads the teacher's head outside its forward, which a sharded teacher "
+                        "cannot serve: set train.fused_teacher false or model.teacher_placement replicate"
+                    )
+                fused = False
             self.source = OnlineTeacher(teacher, [p[1] for p in self.pairs], fused=fused, vocab=self.vocab)
         layers = [p[0] for p in self.pairs]
         self.module = DistillationModule(student, projector, layers, self.cfg.train.fused_lm_head, vocab=self.vocab)
@@ -247,7 +292,8 @@ class Trainer:
         decay, no_decay = [], []
         for name, p in student.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+                ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat: read the full shape
+                (no_decay if ndim < 2 or "norm" in name.lower() else decay).append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if projector is not None:
             groups.append({"params": list(projector.parameters()), "weight_decay": 0.0, "lr": t.lr * t.proj_lr_mult})
@@ -374,7 +420,7 @@ class Trainer:
                     knots=self.knots,
                     generator=gen,
                 )
-                self.acc.backward(loss)
+                self._backward(loss, sync)
             for k, v in metrics.items():
                 # Loss terms add up over the window: each process's sum is world x its share of the global mean, so
                 # the mean over processes below is the exact global value. Token statistics are averaged.
@@ -394,26 +440,50 @@ class Trainer:
         reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
         return dict(zip(sums, reduced.tolist(), strict=True)), n_global
 
+    def _backward(self, loss: Tensor, sync: bool) -> None:
+        """DeepSpeed steps inside backward at the window's end: tell it where the window ends (accelerate reads its
+        sync flag), and keep it from dividing the loss by the window length, which egad's token count already
+        does."""
+        if self.acc.distributed_type.value != "DEEPSPEED":
+            self.acc.backward(loss)
+            return
+        self.acc.gradient_state._set_sync_gradients(sync)
+        self.acc.backward(loss, scale_wrt_gas=False)
+        self.acc.gradient_state._set_sync_gradients(True)
+
     # ------------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Dev response NLL (perplexity) of the student, and with a teacher: its NLL, KL(teacher || student), top-1
         agreement. Sharded across processes, summed, then divided."""
         self.module.eval()
-        student = self.acc.unwrap_model(self.module).student
-        score = scorer(student, self.vocab)
-        score_t = scorer(self.teacher_model, self.vocab) if self.teacher_model is not None else None
+        if self.sharded:  # through the wrapper, which gathers the sharded weights for the forward
+            score = lambda b: self.module(b["input_ids"], b["attention_mask"])  # noqa: E731
+        else:
+            score = scorer(self.acc.unwrap_model(self.module).student, self.vocab)
+        score_t = None
+        if self.teacher_model is not None:
+            teacher = self.teacher_model
+            score_t = (
+                (lambda b: teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
+                if self.placement == "shard"
+                else scorer(teacher, self.vocab)
+            )
         bs = self.cfg.train.per_device_batch_size
         idx = list(range(self.acc.process_index, len(self.dev_set), self.world))
+        # Every process runs the same number of forwards (a sharding engine gathers weights collectively in each):
+        # one whose share has run out scores a stand-in batch and drops the result.
+        n_batches = math.ceil(math.ceil(len(self.dev_set) / self.world) / bs)
         totals: dict[str, Tensor] = {}
-        for start in range(0, len(idx), bs):
-            batch = self._to_device(
-                D.collate([self.dev_set[i] for i in idx[start : start + bs]], self.tokenizer.pad_token_id)
-            )
+        for b in range(n_batches):
+            part = idx[b * bs : (b + 1) * bs]
+            batch = self._to_device(D.collate([self.dev_set[i] for i in part or [0]], self.tokenizer.pad_token_id))
             targets = D.shift_labels(batch["labels"])
             with self.acc.autocast():
                 logits = score(batch)
                 t_logits = score_t(batch) if score_t is not None else None
+            if not part:
+                continue
             for k, v in response_sums(logits, targets, vocab_size=self.vocab, teacher_logits=t_logits).items():
                 totals[k] = totals.get(k, 0) + v
         keys = sorted(totals) or ["tokens"]
@@ -440,14 +510,26 @@ class Trainer:
             self._save_model_dir(self.out / "best", extra={"step": self.step, **ev})
 
     # ------------------------------------------------------------ checkpoints
+    def _gathered_state(self) -> dict | None:
+        """Under a sharding engine, the full weights of the student and projector, gathered from every process (a
+        collective: all must call it); None where each process already holds them whole."""
+        if not self.sharded:
+            return None
+        state = self.acc.get_state_dict(self.module)
+        return {k: v.detach().cpu() for k, v in state.items()} if self.main else None
+
+    def _write_model(self, path: Path, state: dict | None) -> None:
+        unwrapped = self.acc.unwrap_model(self.module)
+        ckpt.save_model_dir(
+            path, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs, self._prompt(), state=state
+        )
+
     def _save_model_dir(self, path: Path, extra: dict | None = None) -> None:
         self.acc.wait_for_everyone()
+        state = self._gathered_state()
         if self.main:
-            unwrapped = self.acc.unwrap_model(self.module)
             with ckpt.atomic_dir(path) as tmp:
-                ckpt.save_model_dir(
-                    tmp, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs, self._prompt()
-                )
+                self._write_model(tmp, state)
                 if extra:
                     (tmp / "eval.json").write_text(json.dumps(extra, indent=1))
         self.acc.wait_for_everyone()
@@ -468,9 +550,9 @@ class Trainer:
         # warn about) the shared tensor, and the loadable HF copy is written beside it anyway.
         self.acc.save_state(str(tmp / "state"), safe_serialization=False)
         self.acc.wait_for_everyone()
+        state = self._gathered_state()
         if self.main:
-            unwrapped = self.acc.unwrap_model(self.module)
-            ckpt.save_model_dir(tmp, unwrapped.student, self.tokenizer, unwrapped.projector, self.pairs, self._prompt())
+            self._write_model(tmp, state)
             state = {
                 "step": self.step,
                 "best_dev_nll": self.best_dev_nll,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from conftest import REPO, tiny_run_overrides
 
 from egad.config import ConfigError
-from egad.engines import check_engine_runs_here, requested_engine
+from egad.engines import check_engine_runs_here, requested_engine, resolve_placement
+
+ENGINE_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP", "FSDP_VERSION")
 
 
 @pytest.mark.parametrize(
@@ -18,33 +16,77 @@ from egad.engines import check_engine_runs_here, requested_engine
     [
         ({}, "ddp"),
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed-zero3"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "deepspeed-zero2"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "fsdp2"),
         ({"ACCELERATE_USE_FSDP": "true"}, "fsdp1"),
     ],
 )
 def test_requested_engine_is_read_from_the_launcher(monkeypatch, env, engine):
-    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+    for key in ENGINE_ENV:
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert requested_engine() == engine
-    if engine == "ddp":
-        check_engine_runs_here(False)
-    else:
-        with pytest.raises(ConfigError, match=f"asks for {engine}.*silently train plain DDP"):
+    check_engine_runs_here(True)
+    if engine == "fsdp1":  # the one engine with no CPU path
+        with pytest.raises(ConfigError, match="asks for fsdp1, which cannot run on a CPU.*fsdp_version: 2"):
             check_engine_runs_here(False)
+    else:
+        check_engine_runs_here(False)
+
+
+def test_an_unsupported_deepspeed_stage_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(ConfigError, match="deepspeed-zero1; egad supports DeepSpeed ZeRO stages 2 and 3"):
         check_engine_runs_here(True)
 
 
-@pytest.mark.slow
-def test_an_fsdp_launch_on_the_cpu_exits_with_the_reason(tmp_path, tiny_tokenizer_dir):
-    over = tiny_run_overrides(tiny_tokenizer_dir, tmp_path / "r", **{"train.max_steps": 1, "data.dev": None})
-    args = [f"--{k}={v}" for k, v in over.items() if not isinstance(v, dict) and v is not None]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "-m", "egad.cli", "train",
-           "-c", str(REPO / "configs" / "tiny.yaml"), *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "asks for fsdp2" in proc.stderr and "Traceback" not in proc.stderr.split("asks for fsdp2")[0][-200:]
-    assert not (tmp_path / "r" / "final").exists()
+@pytest.mark.parametrize(
+    ("placement", "engine", "expected"),
+    [
+        ("auto", "ddp-cpu", "replicate"),
+        ("auto", "single-process", "replicate"),
+        ("auto", "deepspeed-zero2", "replicate"),
+        ("auto", "deepspeed-zero3", "shard"),
+        ("auto", "fsdp2", "shard"),
+        ("replicate", "fsdp2", "replicate"),
+        ("shard", "deepspeed-zero3", "shard"),
+    ],
+)
+def test_teacher_placement_follows_the_engine(placement, engine, expected):
+    assert resolve_placement(placement, engine) == expected
+
+
+@pytest.mark.parametrize("engine", ["ddp-cpu", "deepspeed-zero2", "single-process"])
+def test_sharding_the_teacher_needs_a_sharding_engine(engine):
+    with pytest.raises(ConfigError, match=f"teacher_placement=shard needs a sharding engine.*uses {engine}"):
+        resolve_placement("shard", engine)
+
+
+def test_an_unknown_placement_is_refused_by_the_config():
+    from egad.run_config import ModelConfig
+
+    with pytest.raises(ConfigError, match="teacher_placement='sharded' is not one of"):
+        ModelConfig(teacher_config={"model_type": "llama"}, student_cut=1, teacher_placement="sharded")
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"train.on_policy": 0.5}, "train.on_policy"),
+        ({"model.lora": {"r": 4}}, "model.lora"),
+        ({"train.fused_lm_head": True}, "train.fused_lm_head"),
+    ],
+)
+def test_what_a_sharded_student_cannot_do_is_refused_up_front(override, named, tiny_tokenizer_dir, tmp_path):
+    from egad.run_config import load_config
+    from egad.trainer import Trainer
+
+    over = tiny_run_overrides(tiny_tokenizer_dir, tmp_path, **override)
+    trainer = Trainer(load_config(REPO / "configs" / "tiny.yaml", over))
+    trainer.engine, trainer.sharded = "fsdp2", True
+    with pytest.raises(ConfigError, match=f"fsdp2 shards the student.*{named}"):
+        trainer._check_engine()
+    trainer.engine, trainer.sharded = "deepspeed-zero2", False
+    trainer._check_engine()

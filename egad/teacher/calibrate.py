@@ -36,16 +36,16 @@ def calibrate_entropy(
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = examples[rank::world]
     calib = EntropyQuantileCalibrator(max_samples=max_samples)
-    # Every process must take part in each gather, so all loop over the longest shard.
+    # Every process takes part in each gather, and runs the teacher as often as the others (a sharded teacher gathers
+    # its weights collectively in every forward): one whose share has run out scores a stand-in and drops it.
     n_batches = -(-((len(examples) + world - 1) // world) // batch_size)
     for b in tqdm(range(n_batches), desc="calibrating teacher entropy", disable=not accelerator.is_main_process):
         chunk = mine[b * batch_size : (b + 1) * batch_size]
-        if chunk:
-            batch = {k: v.to(accelerator.device) for k, v in D.collate(chunk, pad_id).items()}
-            with accelerator.autocast():
-                h = response_entropies(teacher, batch, vocab)
-        else:
-            h = torch.zeros(0, device=accelerator.device)
+        batch = {k: v.to(accelerator.device) for k, v in D.collate(chunk or examples[:1], pad_id).items()}
+        with accelerator.autocast():
+            h = response_entropies(teacher, batch, vocab)
+        if not chunk:
+            h = h[:0]
         gathered = accelerator.gather(accelerator.pad_across_processes(h, pad_index=-1.0))
         calib.update(gathered[gathered >= 0].float().cpu())
     return torch.as_tensor(calib.samples)
