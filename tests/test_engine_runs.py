@@ -70,9 +70,9 @@ def _launch(engine: str, processes: int) -> list[str]:
                    "--dynamo_backend", "no", "-m", "egad.cli"]  # fmt: skip
 
 
-def _train(out: Path, tok: Path, engine: str, processes: int, resume: bool = False) -> list[dict]:
+def _train(out: Path, tok: Path, engine: str, processes: int, resume: bool = False, **extra) -> list[dict]:
     cmd = _launch(engine, processes) + ["train", "-c", str(REPO / "configs" / "tiny.yaml")]
-    cmd += _cli_args(_overrides(tok, out, processes)) + (["--resume"] if resume else [])
+    cmd += _cli_args({**_overrides(tok, out, processes), **extra}) + (["--resume"] if resume else [])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1" if engine == "ddp" else "0", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -156,3 +156,23 @@ def test_fsdp1_on_the_cpu_exits_with_the_reason(tmp_path, tiny_tokenizer_dir):
     assert proc.returncode != 0
     assert "asks for fsdp1, which cannot run on a CPU" in proc.stderr
     assert not (tmp_path / "r" / "final").exists()
+
+
+def test_a_teacher_cache_under_zero3_equals_one_process(tmp_path, tiny_tokenizer_dir):
+    """The cached signals (top-k and hidden states), read by each process for its own examples only."""
+    _needs("deepspeed-zero3")
+    cache = tmp_path / "cache"
+    over = _overrides(tiny_tokenizer_dir, tmp_path / "unused", 1)
+    cmd = [sys.executable, "-m", "egad.cli", "cache", "-c", str(REPO / "configs" / "tiny.yaml"), "--out", str(cache),
+           "--k", "16", "--hidden-quantile", "0.5", "--examples-per-shard", "100", *_cli_args(over)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _train(tmp_path / "one", tiny_tokenizer_dir, "ddp", 1, **{"model.teacher_cache": str(cache)})
+    two = _train(tmp_path / "two", tiny_tokenizer_dir, "deepspeed-zero3", 2, **{"model.teacher_cache": str(cache)})
+    assert two[0]["teacher_source"] == "TeacherCache" and two[0]["engine"] == "deepspeed-zero3"
+    for key in ("loss", "kd", "feat", "grad_norm", "dev_nll"):
+        torch.testing.assert_close(_series(two, key), _series(one, key), atol=1e-4, rtol=1e-4, msg=key)
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=WEIGHT_ATOL, rtol=0, msg=k)
