@@ -172,6 +172,19 @@ def shard_teacher(teacher: nn.Module, accelerator, layers: nn.ModuleList, engine
     raise ConfigError(f"cannot shard the teacher under {engine}")
 
 
+def share_head(module: nn.Module, head, engine: str) -> None:
+    """The fused loss reads the student's head weights inside the training module's forward but outside the head's
+    own forward. ZeRO-3 gathers a parameter only for its owner's forward unless it is registered as used elsewhere.
+    (FSDP2 needs nothing: the head belongs to the root module, whose weights are gathered for its whole forward.)"""
+    if engine != "deepspeed-zero3":
+        return
+    import deepspeed
+
+    for param in (head.weight, head.bias):
+        if param is not None:
+            deepspeed.zero.register_external_parameter(module, param)
+
+
 def local_numel(model: nn.Module) -> int:
     """Parameter elements this process holds: its shard under ZeRO-3 or FSDP2, everything otherwise."""
     total = 0
@@ -202,5 +215,6 @@ __all__ = [
     "requested_engine",
     "resolve_placement",
     "shard_teacher",
+    "share_head",
     "whole_models",
 ]

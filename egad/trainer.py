@@ -36,6 +36,7 @@ from egad.entropy import fit_quantile_knots
 from egad.entropy_stream import EmaEntropyHistogram
 from egad.eval.metrics import response_sums
 from egad.eval.suite import scorer
+from egad.heads import output_head
 from egad.lora import add_lora
 from egad.losses.features import FeatureProjector, feature_pairs
 from egad.models import (
@@ -139,7 +140,6 @@ class Trainer:
         unsupported = {
             "train.on_policy > 0 (sampling needs the whole student on each process)": t.on_policy > 0,
             "model.lora (the adapter is merged on save from full weights)": m.lora is not None,
-            "train.fused_lm_head (the head is read outside its module's forward)": t.fused_lm_head,
         }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
@@ -257,6 +257,8 @@ class Trainer:
             self.source = OnlineTeacher(teacher, [p[1] for p in self.pairs], fused=fused, vocab=self.vocab)
         layers = [p[0] for p in self.pairs]
         self.module = DistillationModule(student, projector, layers, self.cfg.train.fused_lm_head, vocab=self.vocab)
+        if self.cfg.train.fused_lm_head:
+            engines.share_head(self.module, output_head(student), self.engine)
 
     def _build(self, side: str):
         m = self.cfg.model

@@ -176,3 +176,24 @@ def test_a_teacher_cache_under_zero3_equals_one_process(tmp_path, tiny_tokenizer
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=WEIGHT_ATOL, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def fused_reference(tmp_path_factory, tiny_tokenizer_dir):
+    out = tmp_path_factory.mktemp("one-fused") / "run"
+    return out, _train(out, tiny_tokenizer_dir, "ddp", 1, **{"train.fused_lm_head": True})
+
+
+@pytest.mark.parametrize("engine", ["deepspeed-zero3", "fsdp2"])
+def test_the_fused_head_under_a_sharded_student_equals_one_process(engine, fused_reference, tmp_path,
+                                                                   tiny_tokenizer_dir):  # fmt: skip
+    """The fused loss reads the head's weights outside the head's forward: the engine must gather them for it."""
+    _needs(engine)
+    one_dir, one = fused_reference
+    two = _train(tmp_path / "two", tiny_tokenizer_dir, engine, 2, **{"train.fused_lm_head": True})
+    for key in ("loss", "kd", "grad_norm", "dev_nll"):
+        torch.testing.assert_close(_series(two, key), _series(one, key), atol=1e-4, rtol=1e-4, msg=f"{engine}: {key}")
+    a = load_file(str(one_dir / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{engine}: {k}")

@@ -76,7 +76,6 @@ def test_an_unknown_placement_is_refused_by_the_config():
     [
         ({"train.on_policy": 0.5}, "train.on_policy"),
         ({"model.lora": {"r": 4}}, "model.lora"),
-        ({"train.fused_lm_head": True}, "train.fused_lm_head"),
     ],
 )
 def test_what_a_sharded_student_cannot_do_is_refused_up_front(override, named, tiny_tokenizer_dir, tmp_path):
