@@ -560,6 +560,9 @@ class Trainer:
                 "best_dev_nll": self.best_dev_nll,
                 "total_steps": self.total_steps,
                 "method": self.cfg.method,
+                "engine": self.engine,
+                "processes": self.world,
+                "global_batch": self.global_micro * self.cfg.train.grad_accum,
             }
             if self.knots is not None:
                 save_file({"knots": self.knots.contiguous().cpu()}, str(tmp / "entropy_knots.safetensors"))
@@ -591,6 +594,7 @@ class Trainer:
                 f"{path} was written by a run of {state.get('total_steps')} steps; this config gives "
                 f"{self.total_steps}. Resume with the same train.max_steps / epochs / batch sizes"
             )
+        self._check_resumable(path, state)
         self.acc.load_state(str(path / "state"))
         self.step, self.best_dev_nll = step, state["best_dev_nll"]
         if (path / "entropy_knots.safetensors").is_file():
@@ -599,6 +603,23 @@ class Trainer:
             self.hist = EmaEntropyHistogram()
             self.hist.load_state_dict(torch.load(path / "entropy_hist.pt"))
         log.info("resumed from %s at step %d", path, step)
+
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        """A checkpoint resumes only under the launch that wrote it: the same global batch (else the data windows
+        differ), and for a sharding engine the same engine and process count (its state is stored in shards)."""
+        batch = self.global_micro * self.cfg.train.grad_accum
+        if state.get("global_batch", batch) != batch:
+            raise ConfigError(
+                f"{path} was written with a global batch of {state['global_batch']} (batch x accumulation x "
+                f"processes); this launch gives {batch}. Resume with the same batch size, accumulation and processes"
+            )
+        engine, world = state.get("engine", self.engine), state.get("processes", self.world)
+        sharded = engine in engines.SHARDING or engine.startswith("deepspeed") or self.sharded
+        if sharded and (engine != self.engine or world != self.world):
+            raise ConfigError(
+                f"{path} holds the sharded state of {engine} on {world} processes; this launch is {self.engine} on "
+                f"{self.world}. Resume with the accelerate config and process count that wrote it"
+            )
 
     def _log(self, row: dict) -> None:
         self.log.write(row, self.step)

@@ -91,6 +91,9 @@ def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir):
     split = tmp_path / "split"
     first = run(tiny_run_overrides(tiny_tokenizer_dir, split, **common), stop_at=4)
     assert first.step == 4 and not (split / "final").exists()
+    other_batch = tiny_run_overrides(tiny_tokenizer_dir, split, **{**common, "train.grad_accum": 1})
+    with pytest.raises(ConfigError, match="global batch of 8.*this launch gives 4"):
+        run(other_batch, resume=True)
     second = run(tiny_run_overrides(tiny_tokenizer_dir, split, **common), resume=True)
     assert second.step == 8
     a = load_file(str(straight / "final" / "model.safetensors"))
