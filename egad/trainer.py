@@ -253,6 +253,7 @@ class Trainer:
                         "train.fused_teacher reads the teacher's head outside its forward, which a sharded teacher "
                         "cannot serve: set train.fused_teacher false or model.teacher_placement replicate"
                     )
+                log.info("the sharded teacher hands over its logits: its fused head is off")
                 fused = False
             self.source = OnlineTeacher(teacher, [p[1] for p in self.pairs], fused=fused, vocab=self.vocab)
         layers = [p[0] for p in self.pairs]
