@@ -128,6 +128,89 @@ def test_student_buckets_match_float64_reference(temperature: str) -> None:
     torch.testing.assert_close(s32.grad.double(), s64.grad, atol=REF_ATOL, rtol=REF_RTOL)
 
 
+def _ref_bucket_logits(s: Tensor, ids: Tensor, tau: float | Tensor) -> Tensor:
+    """float64 (N, k+1) bucket logits (s_ids / tau, logsumexp over the rest / tau) by a plain masked logsumexp."""
+    u = s.double() / (tau.double()[:, None] if isinstance(tau, Tensor) and tau.dim() else tau)
+    in_top = torch.zeros(u.shape, dtype=torch.bool).scatter_(-1, ids, True)
+    return torch.cat([u.gather(-1, ids), torch.logsumexp(u.masked_fill(in_top, -math.inf), -1, keepdim=True)], -1)
+
+
+@pytest.mark.parametrize("temperature", ["1.0", "1.7", "0-d", "per-token"])
+@pytest.mark.parametrize(("n", "v", "k"), [(37, 131, 13), (3, 5, 1), (9, 11, 10), (1, 64, 7)])
+def test_student_bucket_fast_path_matches_float64_reference(n: int, v: int, k: int, temperature: str) -> None:
+    # The in-place forward / hand-written backward of _StudentBuckets against float64 autograd, on odd shapes.
+    s, t = _logits(n, v, seed=n * v + k, scale=4.0)
+    ids = _signal(t, k)[0]
+    tau = torch.tensor(1.3) if temperature == "0-d" else _temperature(temperature, n, seed=k)
+    upstream = torch.randn(n, k + 1, generator=torch.Generator().manual_seed(k))
+    s32 = s.clone().requires_grad_()
+    out = sparse._StudentBuckets.apply(s32, ids, tau)
+    (out * upstream).sum().backward()
+    s64 = s.double().requires_grad_()
+    expected = _ref_bucket_logits(s64, ids, tau)
+    (expected * upstream.double()).sum().backward()
+    assert out.dtype == torch.float32 and out.shape == (n, k + 1)
+    torch.testing.assert_close(out.double(), expected.detach(), atol=REF_ATOL, rtol=REF_RTOL)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, atol=REF_ATOL, rtol=REF_RTOL)
+
+
+@pytest.mark.parametrize("temperature", ["1.0", "per-token"])
+def test_student_bucket_fast_path_masked_entries_match_autograd_path(temperature: str) -> None:
+    # -inf entries, rows whose rest is all -inf or at the finite floor, a k = V row: the fast path gives the values
+    # and gradients of the plain-autograd version (finite everywhere, no tail gradient where the tail is -inf).
+    n, v, k = 23, 41, 6
+    s, t = _logits(n, v, seed=31)
+    ids = _signal(t, k)[0]
+    in_top = torch.zeros(n, v, dtype=torch.bool).scatter_(-1, ids, True)
+    s[torch.rand(n, v, generator=torch.Generator().manual_seed(32)) < 0.3] = -math.inf
+    s[0] = s[0].masked_fill(~in_top[0], -math.inf)  # nothing left in the tail
+    s[1] = s[1].masked_fill(~in_top[1], torch.finfo(torch.float32).min)  # only the floor left
+    s[2, ids[2, 0]] = -math.inf  # a cached id at -inf
+    tau = _temperature(temperature, n, seed=33)
+    upstream = torch.randn(n, k + 1, generator=torch.Generator().manual_seed(34))
+    fast, slow = s.clone().requires_grad_(), s.clone().requires_grad_()
+    out = sparse._StudentBuckets.apply(fast, ids, tau)
+    expected = sparse._student_buckets_autograd(slow, ids, tau)
+    (out.masked_fill(out == -math.inf, 0) * upstream).sum().backward()
+    (expected.masked_fill(expected == -math.inf, 0) * upstream).sum().backward()
+    assert out[0, -1] == -math.inf and (out[1, -1] == -math.inf) == (temperature == "1.0")
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(fast.grad).all()
+    rows = torch.arange(n) != 1
+    torch.testing.assert_close(fast.grad[rows], slow.grad[rows], atol=1e-6, rtol=1e-6)
+    # Row 1 at tau > 1: the tail is finite (the floor / tau) and its gradient is spread evenly over the v - k equal
+    # entries. (The autograd path rounds floor + log(v - k) back to the floor there and gives each entry all of it.)
+    want = 0.0 if temperature == "1.0" else upstream[1, -1] / tau[1] / (v - k)
+    torch.testing.assert_close(fast.grad[1][~in_top[1]], torch.full((v - k,), float(want)), atol=1e-6, rtol=1e-6)
+    # The full k = V case: every row's tail is -inf and passes nothing.
+    full = s.clone().requires_grad_()
+    all_ids = torch.arange(v).expand(n, v)
+    out = student_bucket_logprobs(full, all_ids, temperature=tau)
+    assert (out[:, -1] == -math.inf).all()
+
+
+def test_student_bucket_fast_path_edges() -> None:
+    s, t = _logits(12, 30, seed=41)
+    ids = _signal(t, 5)[0]
+    # bf16 logits: fp32 out, a bf16 gradient equal to the fp32 path's on the same (upcast) values.
+    s_low = s.bfloat16().requires_grad_()
+    s_ref = s.bfloat16().float().requires_grad_()
+    student_bucket_logprobs(s_low, ids, temperature=1.5).sum().backward()
+    student_bucket_logprobs(s_ref, ids, temperature=1.5).sum().backward()
+    assert s_low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(s_low.grad, s_ref.grad.bfloat16(), atol=0, rtol=0)
+    # A temperature that needs a gradient takes the autograd path and gets one.
+    tau = (1.0 + torch.rand(12, generator=torch.Generator().manual_seed(42))).requires_grad_()
+    student_bucket_logprobs(s, ids, temperature=tau).sum().backward()
+    assert tau.grad is not None and torch.isfinite(tau.grad).all()
+    # The scratch buffer is handed out once: a second backward through the same graph is refused, not wrong.
+    x = s.clone().requires_grad_()
+    out = student_bucket_logprobs(x, ids, temperature=2.0)
+    out[:, -1].sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out[:, -1].sum().backward()
+
+
 def test_teacher_buckets_treat_tail_as_one_pseudo_token() -> None:
     n, v, k = 64, 97, 9
     _, t = _logits(n, v, seed=17)
