@@ -5,8 +5,9 @@ k = 64; EGAD's with the hidden states of the top-20% entropy tokens); the studen
 online teacher is then fused too). Each step is forward + backward + AdamW on one batch of Dolly train, bf16
 autocast optional. Two shapes: the tiny config's (`configs/tiny.yaml`: V = 4,096, teacher 256 x 4, student
 128 x 2) and SmolLM2-135M's (V = 49,152, hidden 576, a 30-layer teacher and a 6-layer student, both built from a
-config: no weights needed). Prints the median step time of each variant and its ratio to SFT (unfused and fused
-SFT, so the fused path is compared with its own baseline).
+config: no weights needed). The variants of one head take their steps in turn, on the same batches (step i of each,
+then step i + 1), so a load that drifts over minutes reaches them all alike. Prints the median step time of each
+variant and its ratio to SFT (unfused and fused SFT, so the fused path is compared with its own baseline).
 
     python bench/step_cost.py                       # both shapes, about 10 minutes on 2 cores
     python bench/step_cost.py --shapes tiny --steps 6
@@ -125,6 +126,7 @@ def run_shape(name: str, args) -> dict[str, float]:
                 "kd": OnlineTeacher(teacher, fused=fused, vocab=vocab),
                 "egad": OnlineTeacher(teacher, [t for _, t in pairs], fused=fused, vocab=vocab),
             }
+            variants = {}
             for method in ("sft", "kd", "egad"):
                 for source in ("online", "cached") if method != "sft" else ("none",):
                     if student0 is not None:
@@ -138,29 +140,30 @@ def run_shape(name: str, args) -> dict[str, float]:
                     module = DistillationModule(student.train(), projector, layers, fused, vocab=vocab)
                     opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
                     cfg = preset("sft") if method == "sft" else obj[method]
-                    times = []
-                    for i, group in enumerate(groups):
-                        batch = D.collate(group, 0)
-                        batch["train_index"] = torch.tensor([it["index"] for it in group])
-                        t0 = CLOCKS[args.clock]()
-                        with autocast(args.bf16):
-                            if source == "online":
-                                signal = online[method].signal(batch)
-                            elif source == "cached":
-                                signal = caches[method].signal(batch)
-                            else:
-                                signal = None
-                            loss, _, _ = module(batch["input_ids"], batch["attention_mask"],
-                                                D.shift_labels(batch["labels"]), signal, cfg, progress=0.5,
-                                                vocab_size=vocab, knots=knots)  # fmt: skip
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                        if i:  # the first step warms up the kernels
-                            times.append(CLOCKS[args.clock]() - t0)
-                    key = f"{name}/{tag}/{method}/{source}"
-                    results[key] = statistics.median(times)
-                    print(f"{key:<32} {results[key]:.3f} s", flush=True)
+                    src = online[method] if source == "online" else caches[method] if source == "cached" else None
+                    variants[f"{name}/{tag}/{method}/{source}"] = (module, opt, cfg, src)
+            # Interleaved: step i of every variant, then step i + 1. On a shared machine the load drifts over
+            # minutes; variants timed one after another would each see a different load, and their ratios with it.
+            times: dict[str, list[float]] = {key: [] for key in variants}
+            for i, group in enumerate(groups):
+                batch = D.collate(group, 0)
+                batch["train_index"] = torch.tensor([it["index"] for it in group])
+                for key, (module, opt, cfg, src) in variants.items():
+                    t0 = CLOCKS[args.clock]()
+                    with autocast(args.bf16):
+                        signal = src.signal(batch) if src is not None else None
+                        loss, _, _ = module(batch["input_ids"], batch["attention_mask"],
+                                            D.shift_labels(batch["labels"]), signal, cfg, progress=0.5,
+                                            vocab_size=vocab, knots=knots)  # fmt: skip
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if i:  # the first step warms up the kernels
+                        times[key].append(CLOCKS[args.clock]() - t0)
+            for key in variants:
+                results[key] = statistics.median(times[key])
+                print(f"{key:<32} {results[key]:.3f} s", flush=True)
+            del variants
         return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
