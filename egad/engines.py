@@ -19,7 +19,6 @@ from torch import nn
 from egad.config import ConfigError
 
 SHARDING = ("deepspeed-zero3", "fsdp2")
-PLACEMENTS = ("auto", "replicate", "shard")
 log = logging.getLogger("egad.engines")
 
 
@@ -128,9 +127,8 @@ def whole_models(accelerator):
 
 
 def resolve_placement(placement: str, engine: str) -> str:
-    """model.teacher_placement: `auto` shards the teacher where the engine shards the student."""
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"model.teacher_placement={placement!r} is not one of {list(PLACEMENTS)}")
+    """model.teacher_placement (validated by the config): `auto` shards the teacher where the engine shards the
+    student."""
     if placement == "auto":
         return "shard" if engine in SHARDING else "replicate"
     if placement == "shard" and engine not in SHARDING:
@@ -185,6 +183,12 @@ def share_head(module: nn.Module, head, engine: str) -> None:
             deepspeed.zero.register_external_parameter(module, param)
 
 
+def stores_shards(engine: str) -> bool:
+    """Whether the engine's checkpoint state is written per process (DeepSpeed, FSDP), so that only the same engine
+    on the same number of processes can load it."""
+    return engine.startswith(("deepspeed", "fsdp"))
+
+
 def local_numel(model: nn.Module) -> int:
     """Parameter elements this process holds: its shard under ZeRO-3 or FSDP2, everything otherwise."""
     total = 0
@@ -204,7 +208,6 @@ def full_numel(model: nn.Module) -> int:
 
 
 __all__ = [
-    "PLACEMENTS",
     "SHARDING",
     "check_engine_runs_here",
     "configure_deepspeed",
@@ -216,5 +219,6 @@ __all__ = [
     "resolve_placement",
     "shard_teacher",
     "share_head",
+    "stores_shards",
     "whole_models",
 ]

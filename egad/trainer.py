@@ -280,11 +280,12 @@ class Trainer:
         self.dev_set = D.tokenized_split(d, self.tokenizer, "dev")[0] if d.dev else []
         self.world = self.acc.num_processes
         self.global_micro = t.per_device_batch_size * self.world
-        self.steps_per_epoch = len(self.train_set) // (self.global_micro * t.grad_accum)
+        self.global_batch = self.global_micro * t.grad_accum
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"{len(self.train_set)} training examples cannot fill one step of "
-                f"{self.global_micro * t.grad_accum} (batch x accumulation x processes): lower "
+                f"{self.global_batch} (batch x accumulation x processes): lower "
                 "train.per_device_batch_size or train.grad_accum, or use more data"
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
@@ -447,7 +448,7 @@ class Trainer:
         """DeepSpeed steps inside backward at the window's end: tell it where the window ends (accelerate reads its
         sync flag), and keep it from dividing the loss by the window length, which egad's token count already
         does."""
-        if self.acc.distributed_type.value != "DEEPSPEED":
+        if not self.engine.startswith("deepspeed"):
             self.acc.backward(loss)
             return
         self.acc.gradient_state._set_sync_gradients(sync)
@@ -563,7 +564,7 @@ class Trainer:
                 "method": self.cfg.method,
                 "engine": self.engine,
                 "processes": self.world,
-                "global_batch": self.global_micro * self.cfg.train.grad_accum,
+                "global_batch": self.global_batch,
             }
             if self.knots is not None:
                 save_file({"knots": self.knots.contiguous().cpu()}, str(tmp / "entropy_knots.safetensors"))
@@ -608,14 +609,14 @@ class Trainer:
     def _check_resumable(self, path: Path, state: dict) -> None:
         """A checkpoint resumes only under the launch that wrote it: the same global batch (else the data windows
         differ), and for a sharding engine the same engine and process count (its state is stored in shards)."""
-        batch = self.global_micro * self.cfg.train.grad_accum
+        batch = self.global_batch
         if state.get("global_batch", batch) != batch:
             raise ConfigError(
                 f"{path} was written with a global batch of {state['global_batch']} (batch x accumulation x "
                 f"processes); this launch gives {batch}. Resume with the same batch size, accumulation and processes"
             )
         engine, world = state.get("engine", self.engine), state.get("processes", self.world)
-        sharded = engine in engines.SHARDING or engine.startswith("deepspeed") or self.sharded
+        sharded = engines.stores_shards(engine) or engines.stores_shards(self.engine)
         if sharded and (engine != self.engine or world != self.world):
             raise ConfigError(
                 f"{path} holds the sharded state of {engine} on {world} processes; this launch is {self.engine} on "
