@@ -288,10 +288,12 @@ def losses(
     import torch
 
     from egad.entropy import fit_quantile_knots, token_entropy
+    from egad.losses.divergences import hellinger_from_logprobs
     from egad.losses.features import FeatureProjector
     from egad.objective import StudentOutputs, distillation_loss
     from egad.presets import preset
     from egad.teacher.signal import DenseSignal
+    from egad.token_plan import PlanState
 
     g = torch.Generator().manual_seed(seed)
     sharp = torch.exp(torch.randn(1, tokens, 1, generator=g) * 1.2 + 1.0)  # per-token teacher confidence
@@ -301,8 +303,15 @@ def losses(
     ds, dt, k = 64, 128, 2
     fs0 = [torch.randn(1, tokens, ds, generator=g) for _ in range(k)]
     ft = [torch.randn(1, tokens, dt, generator=g) for _ in range(k)]
-    knots = fit_quantile_knots(token_entropy(zt[0]), 1001)
     h = token_entropy(zt[0])
+    # The run-level CDFs of every signal a rule ranks by, from this synthetic batch itself.
+    state = PlanState(
+        knots=fit_quantile_knots(h, 1001),
+        student_knots=fit_quantile_knots(token_entropy(zs0[0]), 1001),
+        hellinger_knots=fit_quantile_knots(
+            hellinger_from_logprobs(zs0[0].log_softmax(-1), zt[0].log_softmax(-1)), 1001
+        ),
+    )
     typer.echo(
         f"N={tokens} V={vocab}; teacher entropy (nats): p10 {h.quantile(0.1):.2f}  p50 {h.median():.2f}  "
         f"p90 {h.quantile(0.9):.2f}"
@@ -327,9 +336,8 @@ def losses(
                 targets,
                 cfg,
                 progress=s,
-                knots=knots,
+                state=state,
                 projector=proj,
-                generator=torch.Generator().manual_seed(0),
             )
             out.loss.backward()
             ms = (time.perf_counter() - t0) * 1e3

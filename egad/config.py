@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 from egad.curriculum import CURRICULUM_MODES, PACING_KINDS
 from egad.errors import EgadError
-from egad.losses.divergences import DIVERGENCES
+from egad.losses.divergences import DIVERGENCES, NO_TAU2
 from egad.losses.features import FEATURE_LOSSES
 from egad.routing import ROUTE_MODES
 from egad.temperature import TAU2_MODES, TEMP_MODES
@@ -38,6 +38,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "layer_map": ("uniform", "last"),
     "hard_branch": ("feat_plus_logits", "feat_only"),
     "feat_weight_schedule": ("constant", "follow_lambda"),
+}
+
+
+# The signal each hard-selection weighting ranks tokens by.
+SELECT_SIGNAL = {
+    "select_teacher_entropy": "entropy",
+    "select_student_entropy": "student_entropy",
+    "select_hellinger": "hellinger",
 }
 
 
@@ -113,10 +121,10 @@ class ObjectiveConfig:
     edt_theta: float = 1.0
     """EDT exponent numerator theta (larger: colder on low-entropy tokens)."""
     tau2: str = "per_token"
-    """tau^2 convention: per_token, none, normalized (tau^2 / batch mean)."""
+    """tau^2 convention: per_token, none, normalized (tau^2 / its run-level mean)."""
 
-    route_mode: str = "batch_topk"
-    """C3 router: none, batch_topk, global_quantile, abs, random (control), all (feature KD everywhere)."""
+    route_mode: str = "global_quantile"
+    """C3 router: global_quantile (u >= 1 - rho, per token), none, batch_topk (batch rule), abs, random, all."""
     rho: float = 0.2
     """Fraction of tokens routed to the hard (feature) branch."""
     h_abs: float = 1.0
@@ -193,8 +201,48 @@ class ObjectiveConfig:
 
     @property
     def needs_knots(self) -> bool:
-        """True when the difficulty needs an entropy CDF from knots (cdf_mode global or ema_hist)."""
-        return self.needs_difficulty and self.difficulty == "quantile" and self.cdf_mode in ("global", "ema_hist")
+        """True when some rule reads the run-level teacher-entropy CDF (knots from calibration or a stream)."""
+        return "entropy" in self.cdfs_needed
+
+    @property
+    def signals_needed(self) -> set[str]:
+        """The per-token signals the plan of `cfg` reads: entropy (teacher, tau = 1), entropy_ea, student_entropy,
+        hellinger. Plain KD and SFT need none."""
+        need: set[str] = set()
+        if self.needs_difficulty or (self.route_mode in ("abs", "global_quantile") and self.uses_features):
+            need.add("entropy")
+        if self.weighting == "select_teacher_entropy":
+            need.add("entropy")
+        if self.temp_mode in ("idts", "edt"):
+            need.add("hellinger" if self.temp_signal == "hellinger" else "entropy")
+        if self.weighting == "ea_kd":
+            need.update({"entropy", "student_entropy"} if self.ea_temperature == 1.0 else {"entropy_ea", "student_ea"})
+        if self.weighting == "select_student_entropy":
+            need.add("student_entropy")
+        if self.weighting == "select_hellinger":
+            need.add("hellinger")
+        return need
+
+    @property
+    def cdfs_needed(self) -> set[str]:
+        """The signals whose run-level CDF (knots) the plan of `cfg` reads."""
+        need: set[str] = set()
+        if self.needs_difficulty and self.difficulty == "quantile" and self.cdf_mode != "batch":
+            need.add("entropy")
+        if self.uses_features and self.route_mode in ("global_quantile", "abs"):
+            need.add("entropy")  # the quantile route, and the expected routed share that normalises the feature term
+        if self.weighting == "curriculum" and self.curriculum_mode == "tilt" and self.difficulty == "normalized":
+            need.add("entropy")  # E[exp(beta d)] over the run's d
+        if self.tau2 == "normalized" and self.divergence not in NO_TAU2 and self.temp_mode != "const":
+            if self.temp_mode in ("idts", "edt"):
+                need.add("hellinger" if self.temp_signal == "hellinger" else "entropy")
+            elif self.difficulty == "normalized":
+                need.add("entropy")
+        if self.temp_mode == "idts":
+            need.add("hellinger" if self.temp_signal == "hellinger" else "entropy")  # the run-level median
+        if self.weighting in SELECT_SIGNAL:
+            need.add(SELECT_SIGNAL[self.weighting])
+        return need
 
 
 def _check_range(

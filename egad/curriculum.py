@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["CURRICULUM_MODES", "PACING_KINDS", "curriculum_weights", "pacing"]
+__all__ = ["CURRICULUM_MODES", "PACING_KINDS", "curriculum_weights", "pacing", "tilt_normaliser", "training_progress"]
 
 PACING_KINDS = ("linear", "sqrt", "cosine", "step", "reverse")
 CURRICULUM_MODES = ("linear_interp", "tilt", "competence", "static_easy", "static_hard")
@@ -64,8 +64,28 @@ def pacing(s: float, kind: str = "linear", *, s0: float = 0.0, s1: float = 1.0, 
     return 0.0 if s < 0.5 else 1.0  # step
 
 
+def tilt_normaliser(beta: float) -> float:
+    """``E[exp(beta d)]`` for ``d`` uniform on [0, 1] (the entropy quantile): ``(e^beta - 1) / beta``, 1 at 0."""
+    return math.exp(_log_tilt_normaliser(beta))
+
+
+def _log_tilt_normaliser(beta: float) -> float:
+    # log((e^b - 1) / b), written so that neither a large |b| overflows nor a small one loses digits.
+    if beta == 0.0:
+        return 0.0
+    if beta > 0.0:
+        return beta + math.log(-math.expm1(-beta)) - math.log(beta)
+    return math.log(-math.expm1(beta)) - math.log(-beta)
+
+
 def curriculum_weights(
-    d: Tensor, lam: float, *, mode: str = "linear_interp", w_min: float = 0.2, beta_max: float = 2.0
+    d: Tensor,
+    lam: float,
+    *,
+    mode: str = "linear_interp",
+    w_min: float = 0.2,
+    beta_max: float = 2.0,
+    tilt_norm: float | None = None,
 ) -> Tensor:
     """Per-token curriculum weights ``w_t`` (fp32) from difficulty ``d_t`` in [0, 1] and position ``lam``.
 
@@ -73,8 +93,10 @@ def curriculum_weights(
       ``w = w_min + (1 - w_min) * 2 * [(1 - lam) * (1 - d) + lam * d]``. With ``d`` uniform on [0, 1] (the entropy
       quantile), ``E[w] = 1`` for every ``lam``; ``lam = 0`` favours confident tokens, ``lam = 0.5`` is flat and
       ``lam = 1`` favours uncertain ones; the range is ``[w_min, 2 - w_min]``.
-    * ``tilt`` [OURS]: ``beta = beta_max * (2 * lam - 1)``, ``w = exp(beta * d) / mean(exp(beta * d))`` with the mean
-      over the given vector, so ``mean(w) = 1`` exactly; the extreme weight ratio is ``e^{|beta|} <= e^{beta_max}``.
+    * ``tilt`` [OURS]: ``beta = beta_max * (2 * lam - 1)``, ``w = exp(beta * d) / E[exp(beta * d)]`` with the
+      expectation a run-level constant, never the batch's mean: ``tilt_norm`` when given (the caller's estimate over
+      the run's distribution of ``d``), else :func:`tilt_normaliser`, exact for ``d`` uniform on [0, 1] (the entropy
+      quantile). The mean weight is then 1 over the run's tokens; the extreme weight ratio is ``e^{|beta|}``.
     * ``competence`` [SRC: Platanios et al. 2019 competence; per-token gating OURS]: ``w = 1[d <= lam]``; pass the
       competence ``c(s) = pacing(s, 'sqrt', c0=0.3)`` as ``lam``.
     * ``static_easy`` / ``static_hard`` (spec section 9 controls; AKD-like / EA-KD-like): ``linear_interp`` frozen at
@@ -112,8 +134,17 @@ def curriculum_weights(
     if mode == "linear_interp":
         return w_min + (1.0 - w_min) * 2.0 * ((1.0 - lam) * (1.0 - x) + lam * x)
     if mode == "tilt":
-        z = (beta_max * (2.0 * lam - 1.0)) * x
-        # Shifting by the max cancels in the ratio and keeps exp finite for any beta_max.
-        e = torch.exp(z - z.max())
-        return e / e.mean()
+        beta = beta_max * (2.0 * lam - 1.0)
+        if tilt_norm is not None and not tilt_norm > 0.0:
+            raise ValueError(f"tilt_norm={tilt_norm!r} must be > 0")
+        log_norm = _log_tilt_normaliser(beta) if tilt_norm is None else math.log(tilt_norm)
+        return torch.exp((beta * x.double()) - log_norm).float()
     return (x <= lam).float()  # competence
+
+
+def training_progress(step: int, total_steps: int) -> float:
+    """``s`` of optimizer step ``step`` (0-based) in a run of ``total_steps``: ``step / (total_steps - 1)``, so the
+    first step sees ``s = 0`` and the last ``s = 1`` (a one-step run: 1)."""
+    if total_steps <= 1:
+        return 1.0
+    return min(max(step / (total_steps - 1), 0.0), 1.0)

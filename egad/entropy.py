@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "batch_mid_rank",
     "fit_quantile_knots",
+    "knot_quantile",
     "normalized_entropy",
     "quantile_cdf",
     "token_entropy",
@@ -239,3 +240,20 @@ def batch_mid_rank(entropy: Tensor) -> Tensor:
     n_lt = torch.searchsorted(s, h, right=False)
     n_le = torch.searchsorted(s, h, right=True)
     return ((n_lt + n_le).double() / (2 * n)).float()
+
+
+def knot_quantile(knots: Tensor, p: Tensor | float) -> Tensor:
+    """The quantile function the knots define: ``Q(p)``, linear between knot ``j`` at ``j/(K-1)`` and knot ``j+1``.
+
+    The inverse of :func:`quantile_cdf` off ties. ``p`` is clipped to [0, 1]. Returns fp32 of ``p``'s shape (a 0-d
+    tensor for a float ``p``), on the knots' device.
+    """
+    _check_vector(knots, "knots")
+    k = knots.numel()
+    if k < 2:
+        raise ValueError(f"knots must hold K >= 2 values, got K={k}")
+    q = knots.detach().double()
+    pos = torch.as_tensor(p, dtype=torch.float64, device=q.device).clamp(0.0, 1.0) * (k - 1)
+    lo = pos.floor().long().clamp(0, k - 2)
+    frac = pos - lo.double()
+    return (q[lo] + frac * (q[lo + 1] - q[lo])).float()

@@ -174,15 +174,29 @@ class EmaEntropyHistogram:
 
     def update(self, h: Tensor) -> None:
         """Absorb a 1-D batch of entropies (already masked to response tokens); an empty batch is a no-op."""
+        self.absorb(self.bin_counts(h))
+
+    def bin_counts(self, h: Tensor) -> Tensor:
+        """Raw bin counts (float64, ``(num_bins,)``) of a 1-D batch, on its device. Counts add across micro-batches
+        and processes, so a window's histogram is the same however the window was split (sum, then `absorb`)."""
         _check_vector(h, "h")
-        if h.numel() == 0:
-            return
-        device = self._counts.device if self._counts is not None else h.device
-        x = self._to_log(h.detach().to(device))
+        x = self._to_log(h.detach())
         width = (self.log_max - self.log_min) / self.num_bins
         # x == log_max lands in the last bin; NaN would index out of range, so map it there too rather than crash.
         idx = ((x - self.log_min) / width).floor().nan_to_num(self.num_bins - 1).long().clamp(0, self.num_bins - 1)
-        batch = torch.bincount(idx, minlength=self.num_bins).double() / idx.numel()
+        return torch.bincount(idx, minlength=self.num_bins).double()
+
+    def absorb(self, counts: Tensor) -> None:
+        """One EMA update from raw bin counts (e.g. a window's, summed over its micro-batches and processes); all
+        zeros is a no-op."""
+        counts = counts.detach().double().reshape(-1)
+        if counts.numel() != self.num_bins:
+            raise ValueError(f"counts has {counts.numel()} bins, expected num_bins={self.num_bins}")
+        total = float(counts.sum())
+        if total <= 0:
+            return
+        device = self._counts.device if self._counts is not None else counts.device
+        batch = counts.to(device) / total
         if self._counts is None:
             self._counts = batch
         else:

@@ -2,10 +2,13 @@
 
     L = (1 - alpha) CE + alpha KD + beta_f feat                                     (spec section 6)
     KD   = (1/N) sum_t w_t tau_t^2 D(p^(tau_t), q^(tau_t))
-    feat = (1/(rho N)) sum_{t routed} l_feat(t)
+    feat = (1/(rho_e N)) sum_{t routed} l_feat(t)
 
-N is the response-token count of the whole accumulation window on all processes (`num_tokens`), so micro-batches
-add up exactly to the big batch. The loss's own vocabulary-sized work (softmaxes, divergences, the gradient w.r.t.
+N is the response-token count of the whole accumulation window on all processes (`num_tokens`) and rho_e the share
+of tokens the router sends to the feature branch under the run-level CDF (`expected_route_share`), so micro-batches
+add up exactly to the big batch. Each token's plan (weight, temperature, route) depends on the token alone and on
+run-level state (egad.token_plan), so it is made chunk by chunk from the same teacher projection as the divergence:
+one teacher head GEMM per chunk. The loss's own vocabulary-sized work (softmaxes, divergences, the gradient w.r.t.
 the logits) runs in chunks of `chunk_size` tokens inside the forward, as Liger-Kernel's chunked losses do, so its
 working set is a few (chunk x V) fp32 tensors whatever N is.
 
@@ -25,11 +28,19 @@ from torch import Tensor
 
 from egad.config import ObjectiveConfig
 from egad.data import shift_labels  # noqa: F401  (re-exported: the objective's targets come from it)
-from egad.entropy import token_entropy
 from egad.heads import OutputHead
 from egad.losses.features import FeatureProjector, feature_loss
-from egad.teacher.signal import TeacherSignal
-from egad.token_plan import token_plan
+from egad.teacher.signal import TeacherSignal, chunk_signals
+from egad.token_plan import (
+    PlanConstants,
+    PlanState,
+    batch_decisions,
+    batch_rules,
+    expected_route_share,
+    plan_constants,
+    signals_needed,
+    token_plan,
+)
 
 
 @dataclass
@@ -98,27 +109,9 @@ def _student_chunk(x: Tensor, head: OutputHead | None, vocab: int) -> Tensor:
 
 
 @torch.no_grad()
-def _token_signals(student: StudentOutputs, teacher: TeacherSignal, rows: Tensor, cfg: ObjectiveConfig, vocab: int):
-    """Pass 1 (no grad): teacher entropy at tau=1 and, when a rule needs them, student entropy and Hellinger."""
-    need_hs = cfg.weighting in ("ea_kd", "select_student_entropy")
-    need_hel = cfg.weighting == "select_hellinger" or cfg.temp_signal == "hellinger"
-    ea_tau = cfg.ea_temperature if cfg.weighting == "ea_kd" else 1.0
-    x_all, w = _student_source(student)
-    out: dict[str, list[Tensor]] = {"entropy": [], "entropy_ea": [], "student_entropy": [], "hellinger": []}
+def _entropies(teacher: TeacherSignal, rows: Tensor, cfg: ObjectiveConfig, vocab: int) -> Tensor:
     step = cfg.chunk_tokens(vocab)
-    for start in range(0, rows.numel(), step):
-        idx = rows[start : start + step]
-        t = teacher.chunk(idx, vocab)
-        out["entropy"].append(t.entropy())
-        if ea_tau != 1.0:
-            out["entropy_ea"].append(t.entropy(ea_tau))
-        if need_hs or need_hel:
-            zs = _student_chunk(x_all[idx], w, vocab)
-            if need_hs:
-                out["student_entropy"].append(token_entropy(zs, temperature=ea_tau))
-            if need_hel:
-                out["hellinger"].append(t.hellinger(zs))
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    return torch.cat([teacher.chunk(rows[i : i + step], vocab).entropy() for i in range(0, rows.numel(), step)])
 
 
 def _student_source(student: StudentOutputs) -> tuple[Tensor, OutputHead | None]:
@@ -233,25 +226,58 @@ class _Run:
     teacher: TeacherSignal | None
     targets: Tensor  # (N,) target ids of the response tokens
     rows: Tensor  # (N,) flat positions
-    plan: dict[str, Tensor | float] | None
+    keys: Tensor  # (N,) token keys of the hashed per-token draws
+    state: PlanState
+    consts: PlanConstants | None  # None: no plan (no teacher)
+    progress: float
     vocab: int
     head: OutputHead | None
     ce_scale: float
     kd_scale: float
     need_grad: bool
+    batch: dict[str, Tensor] = field(default_factory=dict)  # batch rules' decisions over the micro-batch (N,)
+    parts: list[dict[str, Tensor | float]] = field(default_factory=list)
+    teacher_chunks: int = 0
 
     def chunk_terms(self, zs: Tensor, idx: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
         zero = zs.new_zeros(())
         ce_sum = F.cross_entropy(zs, self.targets[sl], reduction="sum") if self.ce_scale else zero
+        if self.consts is None:
+            return ce_sum, zero
+        cfg = self.cfg
+        t = self.teacher.chunk(idx, self.vocab)  # the one teacher projection of this chunk
+        self.teacher_chunks += 1
+        sig = chunk_signals(t, zs, signals_needed(cfg), cfg.ea_temperature)
+        if not sig:
+            sig = {"n": zs.new_zeros(zs.shape[0])}  # plain KD: the plan is constant, only its length is needed
+        plan = token_plan(
+            sig,
+            cfg,
+            progress=self.progress,
+            vocab=self.vocab,
+            state=self.state,
+            keys=self.keys[sl],
+            consts=self.consts,
+            batch={k: v[sl] for k, v in self.batch.items()},
+        )
+        self.parts.append(plan)
         if not self.kd_scale:
             return ce_sum, zero
-        plan, cfg = self.plan, self.cfg
-        tau = plan["tau"][sl]  # type: ignore[index]
-        div = self.teacher.chunk(idx, self.vocab).divergence(cfg.divergence, zs, tau, **_div_kwargs(cfg))  # (C,)
-        coef = plan["weight"][sl] * plan["tau2"][sl]  # type: ignore[index]
+        div = t.divergence(cfg.divergence, zs, plan["tau"], **_div_kwargs(cfg))  # (C,)
+        coef = plan["weight"] * plan["tau2"]  # type: ignore[operator]
         if cfg.hard_branch == "feat_only":
-            coef = coef * (~plan["route"][sl]).float()  # type: ignore[index]
+            coef = coef * (~plan["route"]).float()  # type: ignore[operator]
         return ce_sum, (coef * div).sum()
+
+    def plan(self) -> dict[str, Tensor | float] | None:
+        """The whole micro-batch's plan, from its chunks."""
+        if not self.parts:
+            return None
+        out: dict[str, Tensor | float] = {"lambda": self.parts[0]["lambda"]}
+        for key, first in self.parts[0].items():
+            if isinstance(first, Tensor):
+                out[key] = torch.cat([p[key] for p in self.parts])  # type: ignore[misc]
+        return out
 
 
 def _div_kwargs(cfg: ObjectiveConfig) -> dict:
@@ -278,14 +304,22 @@ def distillation_loss(
     vocab_size: int | None = None,
     knots: Tensor | None = None,
     projector: FeatureProjector | None = None,
-    generator: torch.Generator | None = None,
+    state: PlanState | None = None,
+    token_keys: Tensor | None = None,
 ) -> ObjectiveOutput:
     """The EGAD objective (or any preset of it) on one micro-batch.
 
     targets: (B, L) next-token ids aligned with the logits (use `shift_labels` on HF labels), -100 where ignored.
     progress: training progress s in [0, 1] for the curriculum. num_tokens: response tokens of the whole accumulation
-    window on all processes (default: this batch's). knots: entropy quantile knots (cdf_mode global / ema_hist).
+    window on all processes (default: this batch's). knots: teacher-entropy quantile knots, or `state`: all the
+    run-level state the plan reads (egad.token_plan.PlanState). token_keys: (B, L) int64 keys naming each token
+    whatever batch it is in (the trainer uses example index and position), for hashed per-token draws; default the
+    flat positions.
     """
+    if state is None:
+        state = PlanState(knots=knots)
+    elif knots is not None:
+        raise ValueError("pass the teacher-entropy knots either as knots= or inside state=, not both")
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress={progress} must lie in [0, 1] (step / total_steps)")
     if cfg.uses_teacher and teacher is None:
@@ -303,15 +337,13 @@ def distillation_loss(
     denom = float(num_tokens) if num_tokens is not None else float(n_local)
     denom = max(denom, 1.0)
 
-    plan = None
-    if teacher is not None and n_local:
-        sig = _token_signals(student, teacher, rows, cfg, vocab)
-        plan = token_plan(sig, cfg, progress=progress, vocab=vocab, knots=knots, generator=generator)
-        mask = teacher.feature_mask_at(rows) if cfg.uses_features else None
-        if mask is not None:
-            # A cache stores hidden states for its hard tokens only: route among those.
-            plan["route"] = plan["route"] & mask.to(plan["route"].device)
-
+    consts = plan_constants(cfg, state, progress=progress, vocab=vocab) if teacher is not None and n_local else None
+    if token_keys is not None:
+        if token_keys.numel() != flat_targets.numel():
+            raise ValueError(f"token_keys {tuple(token_keys.shape)} do not match targets {tuple(targets.shape)}")
+        keys = token_keys.reshape(-1).to(rows.device)[rows]
+    else:
+        keys = rows
     head_params = [t for t in ((head.weight, head.bias) if head is not None else ()) if t is not None]
     need_grad = torch.is_grad_enabled() and (x_flat.requires_grad or any(t.requires_grad for t in head_params))
     kd_alpha = cfg.alpha if teacher is not None else 0.0
@@ -321,22 +353,33 @@ def distillation_loss(
         teacher,
         flat_targets[rows],
         rows,
-        plan,
+        keys,
+        state,
+        consts,
+        progress,
         vocab,
         head,
         ce_scale=(1 - cfg.alpha) / denom,
         kd_scale=kd_alpha / denom,
         need_grad=need_grad,
     )
+    if consts is not None and batch_rules(cfg):
+        # A batch rule ranks each token among the whole micro-batch: its entropies first, in a pass of their own.
+        run.batch = batch_decisions(_entropies(teacher, rows, cfg, vocab), cfg, state, vocab)
     loss, ce, kd = _apply_chunked(x_flat, head, run)
+    plan = run.plan()
+    if plan is not None and cfg.uses_features:
+        _check_stored_features(teacher, rows, plan, cfg)
 
     feat = loss.new_zeros(())
     if plan is not None and cfg.uses_features:
-        feat = _feature_term(student, teacher, rows, plan, cfg, projector, denom, progress)
+        share = expected_route_share(cfg, state)
+        feat = _feature_term(student, teacher, rows, plan, cfg, projector, share * denom)
         loss = loss + feat
     elif projector is not None and need_grad:
         loss = loss + 0.0 * sum(p.sum() for p in projector.parameters())  # keeps DDP's unused-parameter check happy
     metrics = _metrics(loss, ce / denom, kd / denom, feat, plan, n_local)
+    metrics["teacher_chunks"] = torch.tensor(float(run.teacher_chunks))
     tokens = {k: v for k, v in (plan or {}).items() if isinstance(v, Tensor)}
     return ObjectiveOutput(loss=loss, metrics=metrics, tokens=tokens)
 
@@ -350,6 +393,24 @@ def _apply_chunked(x_flat: Tensor, head: OutputHead | None, run: _Run) -> tuple[
     return _ChunkedLogitLoss.apply(x_flat, w, b, run)
 
 
+def _check_stored_features(teacher: TeacherSignal, rows: Tensor, plan: dict, cfg: ObjectiveConfig) -> None:
+    """A cache stores hidden states for its hard tokens only: a routed token without one is an error, never a
+    silently smaller feature term."""
+    mask = teacher.feature_mask_at(rows)
+    if mask is None:
+        return
+    missing = plan["route"] & ~mask.to(plan["route"].device)
+    if bool(missing.any()):
+        thr = getattr(teacher, "hidden_threshold", None)
+        where = f"entropy >= {thr:.4f} nats" if thr is not None else "its hard tokens"
+        raise ValueError(
+            f"{int(missing.sum())} routed token(s) have no stored hidden state: the teacher cache keeps hidden states "
+            f"for {where}, and the router (route_mode={cfg.route_mode!r}, rho={cfg.rho}) picked tokens below it. "
+            "Route by the cache's own threshold (route_mode 'global_quantile' with rho = 1 - the cache's "
+            "hidden_quantile reads it), lower objective.rho, or rebuild the cache with a lower --hidden-quantile"
+        )
+
+
 def _feature_term(
     student: StudentOutputs,
     teacher: TeacherSignal,
@@ -357,8 +418,7 @@ def _feature_term(
     plan: dict,
     cfg: ObjectiveConfig,
     projector: FeatureProjector | None,
-    denom: float,
-    progress: float,
+    budget: float,
 ) -> Tensor:
     if projector is None or not student.features:
         raise ValueError(
@@ -367,9 +427,9 @@ def _feature_term(
         )
     routed = rows[plan["route"]]
     beta = cfg.beta_f * (plan["lambda"] if cfg.feat_weight_schedule == "follow_lambda" else 1.0)
-    # Normalise by the routed budget of the whole window, rho N (spec: the routed count, which batch_topk makes
-    # ceil(rho N)), so that micro-batches and processes add up exactly.
-    budget = max(1.0, (1.0 if cfg.route_mode == "all" else cfg.rho) * denom)
+    # Normalised by the window's expected routed count rho_e N (a run-level share times the window's token count):
+    # the same for any split of the window, where the routed count of a micro-batch is not.
+    budget = max(1.0, budget)
     if routed.numel() == 0:
         return sum(p.sum() for p in projector.parameters()) * 0.0
     hs = [h.reshape(-1, h.shape[-1])[routed] for h in student.features]
@@ -381,14 +441,12 @@ def _metrics(loss, ce, kd, feat, plan, n_local: int) -> dict[str, Tensor]:
     """ce and kd are per-token means over num_tokens (before the alpha mix); feat is already weighted."""
     m = {"loss": loss.detach(), "ce": ce, "kd": kd, "feat": feat.detach(), "n_tokens": torch.tensor(float(n_local))}
     if plan is not None:
-        h = plan["entropy"]
-        q = torch.quantile(h, torch.tensor([0.1, 0.5, 0.9], device=h.device)) if h.numel() else torch.zeros(3)
+        if "entropy" in plan:
+            h = plan["entropy"]
+            q = torch.quantile(h, torch.tensor([0.1, 0.5, 0.9], device=h.device)) if h.numel() else torch.zeros(3)
+            m.update({"entropy_mean": h.mean(), "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2]})
         m.update(
             {
-                "entropy_mean": h.mean(),
-                "entropy_p10": q[0],
-                "entropy_p50": q[1],
-                "entropy_p90": q[2],
                 "lambda": torch.tensor(float(plan["lambda"])),
                 "weight_mean": plan["weight"].mean(),
                 "weight_min": plan["weight"].min(),

@@ -49,6 +49,7 @@ def token_temperature(
     score: Tensor | None = None,
     edt_t0: float = 2.0,
     edt_theta: float = 1.0,
+    median: float | None = None,
 ) -> Tensor:
     """Per-token temperature ``tau_t`` (fp32, ``(N,)``).
 
@@ -58,8 +59,9 @@ def token_temperature(
     * ``idts`` [SRC: AdaKD code, ``loss/losses.py::calculate_distillation_weight``]:
       ``tau = tau0 * exp(-kappa * tanh(log(score / median(score))))``, bounded in ``[tau0 e^-|kappa|,
       tau0 e^|kappa|]``. ``score`` is required (the teacher entropy or another difficulty score); it is floored at
-      1e-8 before the log and the median is ``torch.median`` over the given vector (the lower median when N is
-      even). A negative ``kappa`` flips the direction ("direct" IDTS).
+      1e-8 before the log. ``median`` is the run-level median of the score (from its calibrated or streamed
+      CDF); without it the lower median of the given vector is used, a batch rule that depends on the token's
+      batch-mates. A negative ``kappa`` flips the direction ("direct" IDTS).
     * ``edt`` [SRC: EDT, Zhang et al. 2024, page; clipping OURS]:
       ``tau = clip(edt_t0 * 0.8 ** (edt_theta / score), tau_min, tau_max)`` with ``score`` (the entropy, required)
       floored at 1e-8.
@@ -107,12 +109,13 @@ def token_temperature(
 
     sc = score.detach().to(device=x.device, dtype=torch.float32).clamp_min(_SCORE_FLOOR)  # type: ignore[union-attr]
     if mode == "idts":
-        return tau0 * torch.exp(-kappa * torch.tanh(torch.log(sc / sc.median())))
+        med = sc.median() if median is None else max(float(median), _SCORE_FLOOR)
+        return tau0 * torch.exp(-kappa * torch.tanh(torch.log(sc / med)))
     # edt: 0.8 ** (theta / H) underflows to 0 for H -> 0, which the clip turns into tau_min.
     return (edt_t0 * torch.pow(_EDT_BASE, edt_theta / sc)).clamp(tau_min, tau_max)
 
 
-def tau_squared_factor(tau: Tensor, mode: str = "per_token") -> Tensor:
+def tau_squared_factor(tau: Tensor, mode: str = "per_token", *, norm: float | None = None) -> Tensor:
     """Per-token multiplier of the divergence that compensates the ``1/tau^2`` gradient scale of KD.
 
     [SRC: Hinton et al. 2015, recalled; the per-token form matches AdaKD's code, which multiplies each token's loss
@@ -120,7 +123,8 @@ def tau_squared_factor(tau: Tensor, mode: str = "per_token") -> Tensor:
 
     * ``per_token`` (default): ``tau**2``;
     * ``none``: ones;
-    * ``normalized`` [OURS]: ``tau**2 / mean(tau**2)`` over the given vector (mean exactly 1).
+    * ``normalized`` [OURS]: ``tau**2 / E[tau**2]``; ``norm`` is the run-level ``E[tau**2]`` (from the run's
+      calibrated distribution); without it the mean over the given vector is used, a batch rule.
 
     Returns:
         ``(N,)`` fp32.
@@ -134,4 +138,6 @@ def tau_squared_factor(tau: Tensor, mode: str = "per_token") -> Tensor:
     if mode == "none":
         return torch.ones_like(t)
     t2 = t * t
-    return t2 if mode == "per_token" else t2 / t2.mean()
+    if mode == "per_token":
+        return t2
+    return t2 / (t2.mean() if norm is None else float(norm))

@@ -5,9 +5,13 @@ gradient clipping and accumulation; evaluate() gives dev response NLL and teache
 writes HF-format folders atomically.
 
 Exactness across accumulation and processes: every optimizer step consumes one window of `grad_accum` global
-micro-batches; each process takes its slice of each (egad.data.shard), the KD and CE sums are divided by the
-response-token count of the whole window on all processes, and the DDP gradient mean is undone by the world size.
-So one process with batch B and P processes with batch B/P compute the same update.
+micro-batches; each process takes its slice of each (egad.data.shard), the KD, CE and feature sums are divided by
+the response-token count of the whole window on all processes, and the DDP gradient mean is undone by the world
+size. Each token's plan (weight, temperature, route) depends on the token and on run-level state only (the step,
+the entropy CDFs, which streams update once per window from counts summed over it), never on its batch-mates. So one
+process with batch B, one with batch B/k and k-step accumulation, and P processes with batch B/P compute the same
+update up to float summation order; tests/test_split_exactness.py checks it for every preset. The two batch rules
+left as options (cdf_mode 'batch', route_mode 'batch_topk') are refused wherever a window is split.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from egad import checkpoint as ckpt
 from egad import data as D
 from egad import engines
 from egad.config import ConfigError
+from egad.curriculum import training_progress
 from egad.entropy import fit_quantile_knots
 from egad.entropy_stream import EmaEntropyHistogram
 from egad.eval.metrics import response_sums
@@ -53,13 +58,15 @@ from egad.models import (
     shared_vocab,
 )
 from egad.rollout import is_on_policy, sample_batch, sampling_seed
+from egad.routing import hashed_uniform
 from egad.run_config import RunConfig
 from egad.run_log import RunLog
 from egad.student import DistillationModule
 from egad.teacher.cache import TeacherCache, run_identity
-from egad.teacher.calibrate import calibrate_entropy
+from egad.teacher.calibrate import STUDENT_SIGNALS, calibrate_entropy, calibrate_signals
 from egad.teacher.online import OnlineTeacher
 from egad.teacher.signal import TeacherSource
+from egad.token_plan import PlanState, cdfs_needed, check_window_exact
 
 log = logging.getLogger("egad.trainer")
 
@@ -73,6 +80,14 @@ def _adamw(groups: list[dict], **kw) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kw)
 
 
+def _token_keys(batch: dict[str, Tensor]) -> Tensor:
+    """(B, L) int64: a key per token that names it whatever batch it is in, its example's position in the training
+    split and its position in the sequence (right padding keeps positions fixed)."""
+    ids = batch["input_ids"]
+    index = batch["train_index"].to(ids.device).long()
+    return index[:, None] * 2**24 + torch.arange(ids.shape[1], device=ids.device)[None, :]
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -80,7 +95,10 @@ class Trainer:
         self.step = 0
         self.best_dev_nll = math.inf
         self.knots: Tensor | None = None
-        self.hist: EmaEntropyHistogram | None = None
+        # Streamed CDFs by signal: the teacher entropy under cdf_mode ema_hist, the student-side signals a rule ranks
+        # tokens by. Each absorbs one window's counts per optimizer step.
+        self.streams: dict[str, EmaEntropyHistogram] = {}
+        self.route_threshold: float | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False) -> Trainer:
@@ -97,6 +115,7 @@ class Trainer:
         with self.acc.main_process_first():
             self.tokenizer = resolve_tokenizer(self.cfg.model, self.cfg.data)
         self._setup_data()
+        check_window_exact(cfg.objective, grad_accum=t.grad_accum, processes=self.world)
         self._setup_models()
         if self.main:  # after the models: a cut student's chosen layers are part of the config
             self.out.mkdir(parents=True, exist_ok=True)
@@ -161,28 +180,65 @@ class Trainer:
         if self.cache is not None:
             self.knots = self.cache.knots.to(self.acc.device)  # exact: over every cached token
             if obj.cdf_mode == "ema_hist":
-                self.hist = EmaEntropyHistogram()
-                self.hist.update(self.cache.knots)
+                self.streams["entropy"] = EmaEntropyHistogram()
+                self.streams["entropy"].update(self.cache.knots)
             self._save_knots(self.cache.entropy_sample(20000))
-            return
-        if not (self.source is not None and obj.needs_knots):
+        elif self.source is not None and obj.needs_knots:
+            n = min(self.cfg.train.calib_examples, len(self.train_set))
+            samples = calibrate_entropy(
+                self.source,
+                self.train_set[:n],
+                self.acc,
+                pad_id=self.tokenizer.pad_token_id,
+                batch_size=self.cfg.train.per_device_batch_size,
+                vocab=self.vocab,
+            )
+            if obj.cdf_mode == "ema_hist":
+                self.streams["entropy"] = EmaEntropyHistogram()
+                self.streams["entropy"].update(samples)
+                self.knots = self.streams["entropy"].knots()
+            else:
+                self.knots = fit_quantile_knots(samples)
+            keep = torch.randperm(samples.numel(), generator=torch.Generator().manual_seed(0))[:20000]
+            self._save_knots(samples[keep])
+        self._calibrate_student_signals()
+
+    def _calibrate_student_signals(self) -> None:
+        """Start the streamed CDFs of the student-side signals from the untrained student on the calibration set."""
+        need = [s for s in STUDENT_SIGNALS if s in cdfs_needed(self.cfg.objective)]
+        if not need or self.source is None:
             return
         n = min(self.cfg.train.calib_examples, len(self.train_set))
-        samples = calibrate_entropy(
+        self.module.eval()
+        values = calibrate_signals(
             self.source,
+            self._student_scorer(),
             self.train_set[:n],
             self.acc,
+            signals=need,
             pad_id=self.tokenizer.pad_token_id,
             batch_size=self.cfg.train.per_device_batch_size,
             vocab=self.vocab,
         )
-        if obj.cdf_mode == "ema_hist":
-            self.hist = EmaEntropyHistogram()
-            self.hist.update(samples)
-            self.knots = self.hist.knots()
-        else:
-            self.knots = fit_quantile_knots(samples)
-        self._save_knots(samples[torch.randperm(samples.numel(), generator=torch.Generator().manual_seed(0))[:20000]])
+        self.module.train()
+        for name in need:
+            self.streams[name] = EmaEntropyHistogram()
+            self.streams[name].update(values[name])
+
+    def _student_scorer(self):
+        if self.sharded:  # through the wrapper, which gathers the sharded weights for the forward
+            return lambda b: self.module(b["input_ids"], b["attention_mask"])
+        return scorer(self.acc.unwrap_model(self.module).student, self.vocab)
+
+    def _plan_state(self) -> PlanState:
+        s = self.streams
+        return PlanState(
+            knots=self.knots,
+            student_knots=s["student_entropy"].knots().to(self.acc.device) if "student_entropy" in s else None,
+            hellinger_knots=s["hellinger"].knots().to(self.acc.device) if "hellinger" in s else None,
+            route_threshold=self.route_threshold,
+            seed=int(hashed_uniform(torch.tensor([self.step]), self.cfg.train.seed).item() * 2**32),
+        )
 
     def _save_knots(self, sample: Tensor) -> None:
         """The knots and a sample of the teacher entropies they came from, for the report's histogram."""
@@ -220,6 +276,7 @@ class Trainer:
             # Checked once, by the cache, against this run's tokenizer, tokenized data, template and vocabulary.
             expect = run_identity(self.tokenizer, self.train_set, self.cfg.data, self.vocab)
             self.cache = TeacherCache(m.teacher_cache, expect=expect)
+            self.route_threshold = self._cache_route_threshold()
         if m.lora is not None:
             student = add_lora(student, m.lora)
         if self.cfg.train.gradient_checkpointing:
@@ -260,6 +317,29 @@ class Trainer:
         self.module = DistillationModule(student, projector, layers, self.cfg.train.fused_lm_head, vocab=self.vocab)
         if self.cfg.train.fused_lm_head:
             engines.share_head(self.module, output_head(student), self.engine)
+
+    def _cache_route_threshold(self) -> float | None:
+        """The router reads the cache's hidden-state threshold when the two select the same share, so that every
+        routed token has its stored hidden state; a router asking for more than the cache stores is refused here."""
+        obj, man = self.cfg.objective, self.cache.manifest
+        hq, thr = man.get("hidden_quantile"), man.get("hidden_threshold")
+        if not obj.uses_features or obj.route_mode == "none" or not hq:
+            return None  # no features needed, or hidden states stored for every token
+        stored = 1.0 - hq
+        if obj.route_mode != "global_quantile":
+            raise ConfigError(
+                f"{self.cache.path} stores hidden states for the top {stored:.0%} of tokens by entropy "
+                f"(hidden_quantile {hq}, threshold {thr:.4f} nats); route_mode={obj.route_mode!r} may route "
+                "others. Use route_mode global_quantile, or rebuild the cache with --hidden-quantile 0 (every token)"
+            )
+        if obj.rho > stored + 1e-9:
+            raise ConfigError(
+                f"objective.rho={obj.rho} routes the top {obj.rho:.0%} of tokens to the feature branch, but "
+                f"{self.cache.path} stores hidden states for the top {stored:.0%} only (hidden_quantile {hq}, "
+                f"threshold {thr:.4f} nats). Set objective.rho <= {stored:g}, or rebuild the cache with "
+                f"--hidden-quantile {1 - obj.rho:g}"
+            )
+        return float(thr) if abs(obj.rho - stored) <= 1e-9 else None
 
     def _build(self, side: str):
         m = self.cfg.model
@@ -397,11 +477,10 @@ class Trainer:
         ]
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
         n_global = float(self.acc.reduce(torch.tensor(float(n_local), device=self.acc.device), "sum"))
-        progress = self.step / self.total_steps
+        progress = training_progress(self.step, self.total_steps)
+        state = self._plan_state()
         sums: dict[str, float] = {}
-        gen = torch.Generator(device=self.acc.device).manual_seed(
-            t.seed * 1_000_003 + self.step * 97 + self.acc.process_index
-        )
+        streamed: dict[str, list[Tensor]] = {name: [] for name in self.streams}
         self.module.train()
         for i, batch in enumerate(window):
             sync = i == len(window) - 1
@@ -421,8 +500,8 @@ class Trainer:
                     progress=progress,
                     num_tokens=n_global / self.world,
                     vocab_size=self.vocab,
-                    knots=self.knots,
-                    generator=gen,
+                    state=state,
+                    token_keys=_token_keys(batch),
                 )
                 self._backward(loss, sync)
             for k, v in metrics.items():
@@ -430,8 +509,9 @@ class Trainer:
                 # the mean over processes below is the exact global value. Token statistics are averaged.
                 w = 1.0 if k in ("loss", "ce", "kd", "feat") else 1.0 / len(window)
                 sums[k] = sums.get(k, 0.0) + float(v) * w
-            if self.hist is not None and "entropy" in tokens:
-                self.hist.update(tokens["entropy"].detach().float().cpu())
+            for name, parts in streamed.items():
+                if name in tokens:
+                    parts.append(tokens[name].detach().float())
         if t.on_policy > 0:
             sums["on_policy"] = sum(on_policy) / len(on_policy)
         if t.grad_clip > 0:
@@ -439,10 +519,20 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.hist is not None:
-            self.knots = self.hist.knots()
+        self._absorb_window(streamed)
         reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
         return dict(zip(sums, reduced.tolist(), strict=True)), n_global
+
+    def _absorb_window(self, streamed: dict[str, list[Tensor]]) -> None:
+        """One update per stream from the window's bin counts summed over its micro-batches and processes: the same
+        whatever the split (an update per micro-batch would make the CDF depend on it)."""
+        for name, parts in streamed.items():
+            hist = self.streams[name]
+            values = torch.cat(parts) if parts else torch.zeros(0, device=self.acc.device)
+            counts = hist.bin_counts(values.to(self.acc.device))
+            hist.absorb(self.acc.reduce(counts, "sum").cpu())
+        if "entropy" in self.streams:
+            self.knots = self.streams["entropy"].knots().to(self.acc.device)
 
     def _backward(self, loss: Tensor, sync: bool) -> None:
         """DeepSpeed steps inside backward at the window's end: tell it where the window ends (accelerate reads its
@@ -568,8 +658,8 @@ class Trainer:
             }
             if self.knots is not None:
                 save_file({"knots": self.knots.contiguous().cpu()}, str(tmp / "entropy_knots.safetensors"))
-            if self.hist is not None:
-                torch.save(self.hist.state_dict(), tmp / "entropy_hist.pt")
+            if self.streams:
+                torch.save({k: h.state_dict() for k, h in self.streams.items()}, tmp / "signal_streams.pt")
             # trainer_state.json is written last: its presence marks the checkpoint complete.
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             ckpt.commit_dir(tmp, final)
@@ -601,9 +691,14 @@ class Trainer:
         self.step, self.best_dev_nll = step, state["best_dev_nll"]
         if (path / "entropy_knots.safetensors").is_file():
             self.knots = load_file(str(path / "entropy_knots.safetensors"))["knots"].to(self.acc.device)
-        if (path / "entropy_hist.pt").is_file():
-            self.hist = EmaEntropyHistogram()
-            self.hist.load_state_dict(torch.load(path / "entropy_hist.pt"))
+        saved = {}
+        if (path / "signal_streams.pt").is_file():
+            saved = torch.load(path / "signal_streams.pt")
+        elif (path / "entropy_hist.pt").is_file():  # written before the student-side streams existed
+            saved = {"entropy": torch.load(path / "entropy_hist.pt")}
+        for name, sd in saved.items():
+            self.streams[name] = EmaEntropyHistogram()
+            self.streams[name].load_state_dict(sd)
         log.info("resumed from %s at step %d", path, step)
 
     def _check_resumable(self, path: Path, state: dict) -> None:

@@ -75,3 +75,25 @@ def tiny_run_overrides(tok_dir: Path, out_dir: Path, **extra) -> dict:
     }
     o.update(extra)
     return o
+
+
+def plan_state(teacher_logits, student_logits, num_knots: int = 101, **kw):
+    """A PlanState whose CDFs (teacher entropy, student entropy, Hellinger) are fitted on these logits themselves:
+    what a test needs to run presets that rank tokens by a student-side signal."""
+    import torch
+
+    from egad.entropy import fit_quantile_knots, token_entropy
+    from egad.losses.divergences import hellinger_from_logprobs
+    from egad.token_plan import PlanState
+
+    v = min(teacher_logits.shape[-1], student_logits.shape[-1])  # the shared vocabulary: padded rows sliced away
+    zt = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :v].float()
+    zs = student_logits.detach().reshape(-1, student_logits.shape[-1])[:, :v].float()
+    with torch.no_grad():
+        hel = hellinger_from_logprobs(zs.log_softmax(-1), zt.log_softmax(-1))
+        return PlanState(
+            knots=fit_quantile_knots(token_entropy(zt), num_knots),
+            student_knots=fit_quantile_knots(token_entropy(zs), num_knots),
+            hellinger_knots=fit_quantile_knots(hel, num_knots),
+            **kw,
+        )

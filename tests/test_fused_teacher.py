@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import plan_state
 
-from egad.entropy import fit_quantile_knots, token_entropy
 from egad.heads import OutputHead
 from egad.losses.features import FeatureProjector
 from egad.objective import StudentOutputs, distillation_loss
@@ -40,15 +40,20 @@ def test_fused_teacher_equals_its_logits(name, softcap):
     fs = [torch.randn(B, L, DS, generator=g, requires_grad=True)]
     ft = [torch.randn(B, L, DT, generator=g)]
     logits = head.logits(hidden)  # what the model itself would return, (B, L, V + 3)
-    knots = fit_quantile_knots(token_entropy(logits.reshape(-1, V + 3)[:, :V]), 101)
+    state = plan_state(logits[..., :V], zs[..., :V])
     cfg = preset(name, chunk_size=11, feat_layers=1)
     proj = FeatureProjector(DS, DT, 1)
-    kw = dict(progress=0.4, knots=knots, projector=proj, vocab_size=V)
+    kw = dict(progress=0.4, state=state, projector=proj, vocab_size=V)
     dense = distillation_loss(StudentOutputs(logits=zs, features=fs), DenseSignal(logits, ft), targets, cfg, **kw)
     fused = distillation_loss(StudentOutputs(logits=zs, features=fs), FusedSignal(hidden, head, ft), targets, cfg, **kw)
     torch.testing.assert_close(fused.loss, dense.loss, atol=1e-5, rtol=1e-5)
-    for k in ("entropy", "weight", "tau"):
-        torch.testing.assert_close(fused.tokens[k], dense.tokens[k], atol=1e-5, rtol=1e-5)
+    assert fused.tokens.keys() == dense.tokens.keys()
+    for k in ("entropy", "hellinger", "student_entropy", "weight", "tau"):
+        if k in dense.tokens:
+            torch.testing.assert_close(fused.tokens[k], dense.tokens[k], atol=1e-5, rtol=1e-5)
+    # One teacher projection per chunk: the plan and the divergence share it.
+    n_chunks = -(-int((targets != -100).sum()) // 11)
+    assert fused.metrics["teacher_chunks"].item() == n_chunks
     params = [zs, *fs, *proj.parameters()]
     got = torch.autograd.grad(fused.loss, params, allow_unused=True)
     want = torch.autograd.grad(dense.loss, params, allow_unused=True)

@@ -127,7 +127,7 @@ def test_short_run_evaluates_and_saves_a_loadable_model(tmp_path):
         student,
         teacher,
         _args(tmp_path, "run", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, optim="adamw_torch"),
-        objective=preset("egad", cdf_mode="batch"),
+        objective=preset("egad", cdf_mode="batch", route_mode="batch_topk"),  # batch rules: one window, one batch
         train_dataset=_examples(),
         eval_dataset=_examples(4),
         data_collator=_collate,

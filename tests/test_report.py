@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from egad.entropy import fit_quantile_knots, token_entropy
-from egad.eval.report import plan_curve
+from egad.eval.report import curve_state, plan_curve
 from egad.losses.features import FeatureProjector
 from egad.objective import StudentOutputs, distillation_loss
 from egad.presets import PRESETS, preset
@@ -38,13 +38,13 @@ def test_report_curve_equals_the_trained_plan(name, progress):
         targets,
         cfg,
         progress=progress,
-        knots=knots,
+        state=curve_state(knots),
         vocab_size=V,
         projector=FeatureProjector(8, 8, 1),
     )
     if not cfg.uses_teacher:
         return  # SFT has no plan to draw
-    curve = plan_curve(cfg, out.tokens["entropy"], knots=knots, progress=progress, vocab=V)
+    curve = plan_curve(cfg, h, knots=knots, progress=progress, vocab=V)
     torch.testing.assert_close(curve["weight"], out.tokens["weight"], atol=0, rtol=0)
     torch.testing.assert_close(curve["tau"], out.tokens["tau"], atol=0, rtol=0)
     assert curve["lambda"] == pytest.approx(float(out.metrics["lambda"]))

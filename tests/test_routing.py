@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from egad.routing import route_count, route_tokens, topk_mask
+from egad.routing import hashed_uniform, route_count, route_tokens, topk_mask
 
 # ---------------------------------------------------------------------------------------------------------------------
 # naive references
@@ -75,44 +75,52 @@ def test_topk_mask_validation_and_empty():
 
 @pytest.mark.parametrize("n", [1, 9, 10, 100, 1001])
 @pytest.mark.parametrize("rho", [0.1, 0.2, 0.3, 1.0])
-def test_batch_topk_and_random_counts_exact(n, rho):
+def test_batch_topk_counts_exact(n, rho):
     g = torch.Generator().manual_seed(n)
     d = torch.rand(n, generator=g)
     k = math.ceil(round(rho * n, 9))
     top = route_tokens(d, mode="batch_topk", rho=rho)
-    rnd = route_tokens(d, mode="random", rho=rho, generator=torch.Generator().manual_seed(0))
-    assert int(top.sum()) == k and int(rnd.sum()) == k
+    assert int(top.sum()) == k
     if 0 < k < n:  # the routed tokens are exactly the k largest d
         assert d[top].min() >= d[~top].max()
 
 
-def test_batch_topk_default_is_top_20_percent():
+def test_default_route_is_the_run_level_quantile():
     d = torch.arange(10, dtype=torch.float32) / 10
-    assert route_tokens(d).tolist() == [False] * 8 + [True] * 2
+    assert route_tokens(d).tolist() == [False] * 8 + [True] * 2  # u >= 0.8
 
 
-def test_random_reproducible_and_differs_from_topk():
-    g = torch.Generator().manual_seed(1)
-    d = torch.rand(500, generator=g)
-    a = route_tokens(d, mode="random", rho=0.2, generator=torch.Generator().manual_seed(42))
-    b = route_tokens(d, mode="random", rho=0.2, generator=torch.Generator().manual_seed(42))
-    c = route_tokens(d, mode="random", rho=0.2, generator=torch.Generator().manual_seed(43))
-    top = route_tokens(d, mode="batch_topk", rho=0.2)
-    assert torch.equal(a, b)
+def test_random_route_is_a_function_of_each_token_key_and_seed():
+    """A token's draw follows it into any batch: the same keys in another order, or among other tokens, get the same
+    routes; another seed gives others."""
+    keys = torch.arange(1000, 1500) * 2**24 + 7
+    a = route_tokens(torch.zeros(500), mode="random", rho=0.2, keys=keys, seed=42)
+    perm = torch.randperm(500, generator=torch.Generator().manual_seed(0))
+    b = route_tokens(torch.zeros(500), mode="random", rho=0.2, keys=keys[perm], seed=42)
+    assert torch.equal(a[perm], b)
+    half = route_tokens(torch.zeros(250), mode="random", rho=0.2, keys=keys[250:], seed=42)
+    assert torch.equal(a[250:], half)
+    c = route_tokens(torch.zeros(500), mode="random", rho=0.2, keys=keys, seed=43)
     assert not torch.equal(a, c)
-    assert not torch.equal(a, top)
-    # a random choice overlaps the top 20% in about 20% of its picks, far from all of them
-    assert (a & top).sum().item() < 0.5 * top.sum().item()
 
 
-def test_random_is_roughly_uniform_over_positions():
-    n, gen = 50, torch.Generator().manual_seed(7)
-    hits = torch.zeros(n)
-    trials = 400
-    for _ in range(trials):
-        hits += route_tokens(torch.zeros(n), mode="random", rho=0.2, generator=gen).float()
-    # each position is picked with probability 0.2: hits ~ Binomial(400, 0.2), sd = 8
-    assert (hits - 0.2 * trials).abs().max().item() < 5 * 8
+def test_hashed_uniform_matches_a_pure_python_hash_and_is_uniform():
+    def mix(x: int) -> int:
+        for _ in range(2):
+            x ^= x >> 16
+            x = (x * 0x45D9F3B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    keys = [0, 1, 2**24 + 5, 2**40 + 3, 12345678901]
+    seed = 2**35 + 99
+    want = []
+    for k in keys:
+        h = mix((k & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF))
+        want.append(mix(h ^ (k >> 32) ^ (seed >> 32)) / 2**32)
+    assert hashed_uniform(torch.tensor(keys), seed).tolist() == want
+    u = hashed_uniform(torch.arange(20000) * 2**24, seed=3)
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert ((counts - 2000).abs() < 5 * math.sqrt(2000 * 0.9)).all()  # each decile ~ Binomial(20000, 0.1)
 
 
 def test_global_quantile_threshold():
@@ -136,13 +144,13 @@ def test_none_and_all():
 
 @pytest.mark.parametrize("mode", ["none", "all", "batch_topk", "global_quantile", "abs", "random"])
 def test_empty_batch(mode):
-    out = route_tokens(torch.zeros(0), mode=mode, entropy=torch.zeros(0), generator=torch.Generator().manual_seed(0))
+    out = route_tokens(torch.zeros(0), mode=mode, entropy=torch.zeros(0))
     assert out.shape == (0,) and out.dtype == torch.bool
 
 
 def test_route_tokens_validation():
     d = torch.rand(4)
-    with pytest.raises(ValueError, match=r"mode='foo' is not one of \['none', 'all', 'batch_topk'"):
+    with pytest.raises(ValueError, match=r"mode='foo' is not one of \['none', 'all', 'global_quantile'"):
         route_tokens(d, mode="foo")
     for rho in (0.0, -0.1, 1.01, math.nan):
         with pytest.raises(ValueError, match="rho"):
@@ -156,9 +164,10 @@ def test_route_tokens_validation():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_routes_with_cpu_generator():
+def test_cuda_routes_equal_cpu():
     d = torch.rand(100, generator=torch.Generator().manual_seed(3))
+    keys = torch.arange(100)
     for mode in ("batch_topk", "random"):
-        cpu = route_tokens(d, mode=mode, generator=torch.Generator().manual_seed(0))
-        gpu = route_tokens(d.cuda(), mode=mode, generator=torch.Generator().manual_seed(0))
+        cpu = route_tokens(d, mode=mode, keys=keys, seed=5)
+        gpu = route_tokens(d.cuda(), mode=mode, keys=keys.cuda(), seed=5)
         assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)

@@ -133,7 +133,7 @@ def test_adapter_loss_equals_the_objective_on_full_logits(name, tokenizer, tmp_p
     )
     model = trainer.model
     assert (getattr(model, PROJECTOR_ATTR, None) is not None) == preset(name).uses_features
-    trainer.state.global_step, trainer.state.max_steps = 1, 4  # progress 0.25: the curriculum is not at its start
+    trainer.state.global_step, trainer.state.max_steps = 1, 4  # progress 1/3: the curriculum is not at its start
     inputs = _trl_inputs(len(tokenizer), tokenizer.pad_token_id)
     model.train()
     loss = trainer.compute_loss(model, inputs)
@@ -156,7 +156,7 @@ def test_adapter_loss_equals_the_objective_on_full_logits(name, tokenizer, tmp_p
         DenseSignal(t_logits[:, at], [f[:, at] for f in t_feats] or None),
         targets,
         cfg,
-        progress=0.25,
+        progress=1 / 3,  # step 1 of steps 0..3
         num_tokens=float(inputs["num_items_in_batch"]),
         vocab_size=len(tokenizer),
         knots=knots,
@@ -184,6 +184,7 @@ def test_egad_preset_trains_on_policy(tokenizer, tmp_path):
         train_dataset=_prompts(),
         processing_class=tokenizer,
         objective=preset("egad", cdf_mode="ema_hist"),  # the running entropy CDF, kept by the adapter
+        entropy_knots=_knots(),  # where the running CDF starts
     )
     projector_before = [q.detach().clone() for q in trainer.egad.projector.parameters()]
     trainer.train()
@@ -193,7 +194,7 @@ def test_egad_preset_trains_on_policy(tokenizer, tmp_path):
     for key in ("egad/kd", "egad/ce", "egad/feat", "egad/weight_mean", "egad/tau_mean", "egad/routed_frac"):
         assert all(math.isfinite(row[key]) for row in logs), key
     assert all(row["egad/teacher_entropy"] > 0 for row in logs)
-    assert trainer.egad.hist is not None and trainer.egad.hist.num_updates >= 3
+    assert trainer.egad.streams["entropy"].num_updates >= 3  # the start, then once per finished window
     changed = [n for n, q in student.named_parameters() if n in before and not torch.equal(q.detach(), before[n])]
     assert len(changed) == len(before)  # every student weight (embeddings, blocks, norms; the head is tied)
     assert all(
@@ -210,7 +211,7 @@ def test_egad_preset_trains_on_policy(tokenizer, tmp_path):
 
 
 def test_missing_knots_is_a_clear_config_error(tokenizer, tmp_path):
-    with pytest.raises(ConfigError, match="entropy_knots=.*cdf_mode='batch'.*ema_hist"):
+    with pytest.raises(ConfigError, match="cdf_mode='global'.*entropy_knots=.*calibrate_entropy"):
         EgadDistillationTrainer(
             model=_model(tokenizer, 32, 2, 0),
             teacher_model=_model(tokenizer, 64, 2, 1),

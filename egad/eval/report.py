@@ -22,7 +22,7 @@ from torch import Tensor  # noqa: E402
 from egad.config import ObjectiveConfig  # noqa: E402
 from egad.presets import preset  # noqa: E402
 from egad.run_log import read_metrics  # noqa: E402
-from egad.token_plan import token_plan  # noqa: E402
+from egad.token_plan import PlanState, token_plan  # noqa: E402
 
 
 @dataclass
@@ -163,8 +163,15 @@ def plan_curve(cfg: ObjectiveConfig, entropy: Tensor, *, knots: Tensor | None, p
     teacher's, Hellinger distance 0), which is all the plot can know of the student. -> weight, tau (N,), lambda."""
     h = entropy.detach().float()
     sig = {"entropy": h, "student_entropy": h, "hellinger": torch.zeros_like(h)}
-    plan = token_plan(sig, cfg, progress=progress, vocab=vocab, knots=knots)
+    plan = token_plan(sig, cfg, progress=progress, vocab=vocab, state=curve_state(knots))
     return {"weight": plan["weight"], "tau": plan["tau"], "lambda": float(plan["lambda"])}
+
+
+def curve_state(knots: Tensor | None) -> PlanState:
+    """The run-level state of `plan_curve`'s student that matches the teacher: its entropy CDF is the teacher's, and
+    its Hellinger distance is 0 on every token."""
+    zero = None if knots is None else torch.zeros(2, dtype=knots.dtype)
+    return PlanState(knots=knots, student_knots=knots, hellinger_knots=zero)
 
 
 def _run_vocab(r: Run) -> int | None:

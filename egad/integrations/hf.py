@@ -33,15 +33,18 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, Trainer
 
 from egad.config import ConfigError, ObjectiveConfig
+from egad.curriculum import training_progress
 from egad.data import IGNORE_INDEX, shift_labels
 from egad.entropy_stream import EmaEntropyHistogram
 from egad.losses.features import FeatureProjector, feature_pairs
 from egad.models import copied_layers, freeze, model_dims, shared_vocab
 from egad.objective import ObjectiveOutput
 from egad.presets import preset
+from egad.routing import content_keys, hashed_uniform
 from egad.student import DistillationModule
+from egad.teacher.calibrate import STUDENT_SIGNALS
 from egad.teacher.online import OnlineTeacher
-from egad.teacher.signal import TeacherSignal
+from egad.token_plan import PlanState, cdfs_needed, check_window_exact
 
 # The student submodule that holds the feature projections, so that the trainer optimises, wraps and saves them.
 PROJECTOR_ATTR = "egad_projector"
@@ -70,21 +73,33 @@ def resolve_objective(objective: str | ObjectiveConfig) -> ObjectiveConfig:
     raise ConfigError(f"objective={objective!r} must be a preset name (egad.presets.PRESETS) or an ObjectiveConfig")
 
 
-def check_knots(cfg: ObjectiveConfig, knots: Tensor | None) -> Tensor | None:
-    """The calibrated knots as a 1-D fp32 CPU tensor; refuses, before any model is loaded, a rule that needs them
-    (cdf_mode global) when none were given."""
-    if knots is None:
-        if cfg.needs_knots and cfg.cdf_mode == "global":
+def check_knots(cfg: ObjectiveConfig, knots: Tensor | None, signal_knots: dict | None = None) -> Tensor | None:
+    """The calibrated knots as a 1-D fp32 CPU tensor; refuses, before any model is loaded, a rule that needs a CDF
+    (the teacher entropy's, or a student-side signal's) when none was given."""
+    for name in sorted(cdfs_needed(cfg) & set(STUDENT_SIGNALS)):
+        if not signal_knots or signal_knots.get(name) is None:
             raise ConfigError(
-                "this objective reads the teacher-entropy CDF with cdf_mode='global', which needs quantile knots from "
-                "a calibration pass: pass entropy_knots=egad.entropy.fit_quantile_knots(teacher_entropies), or use "
-                "cdf_mode='batch' (per micro-batch ranks) or cdf_mode='ema_hist' (a running histogram kept by the "
-                "trainer), e.g. objective=egad.presets.preset('egad', cdf_mode='ema_hist')"
+                f"this objective ranks tokens by their {name} against the run's CDF, which starts from the untrained "
+                f"student: pass signal_knots={{'{name}': knots}}, e.g. egad.entropy.fit_quantile_knots of "
+                f"egad.teacher.calibrate.calibrate_signals(..., signals=['{name}'])['{name}']"
+            )
+        _as_knots(signal_knots[name], f"signal_knots[{name!r}]")
+    if knots is None:
+        if cfg.needs_knots:
+            raise ConfigError(
+                f"this objective reads the teacher-entropy CDF (cdf_mode={cfg.cdf_mode!r}), which needs quantile knots "
+                "from a calibration pass (a running histogram starts from them too): pass "
+                "entropy_knots=egad.entropy.fit_quantile_knots(teacher_entropies), e.g. of "
+                "egad.teacher.calibrate.calibrate_entropy"
             )
         return None
+    return _as_knots(knots, "entropy_knots")
+
+
+def _as_knots(knots: Tensor, name: str) -> Tensor:
     knots = torch.as_tensor(knots).detach().float().cpu().reshape(-1)
     if knots.numel() < 2 or not bool(torch.isfinite(knots).all()) or bool((knots[1:] < knots[:-1]).any()):
-        raise ConfigError("entropy_knots must be a finite, nondecreasing 1-D tensor of at least 2 quantiles")
+        raise ConfigError(f"{name} must be a finite, nondecreasing 1-D tensor of at least 2 quantiles")
     return knots
 
 
@@ -129,12 +144,13 @@ def call_through(wrapper: nn.Module, inner: nn.Module, fn: Callable[..., Any], *
 
 class EgadObjective:
     """What both trainers add to their framework: the objective config, the feature branch's layer pairs and
-    projector, the entropy CDF and the metrics to log.
+    projector, the run-level state of the per-token plan and the metrics to log.
 
-    The CDF per cdf_mode: 'global' reads the knots given (required when a rule needs them), 'batch' none, and
-    'ema_hist' an `EmaEntropyHistogram` kept here: seeded with the given knots, or else with the teacher entropies of
-    the first micro-batch, updated with every training micro-batch's teacher entropies and read (`.knots()`) once per
-    optimizer step, as egad's own trainer does."""
+    The run-level state: the teacher-entropy knots given (required when a rule reads them); under cdf_mode 'ema_hist'
+    a running histogram started from them; and for rules on a student-side signal (student entropy, Hellinger) a
+    running histogram started from `signal_knots`. Each running histogram absorbs the counts of one whole optimizer
+    window, summed over processes, when the next step begins, as egad's own trainer does; so no token's plan depends
+    on how the window is split."""
 
     def __init__(
         self,
@@ -144,18 +160,22 @@ class EgadObjective:
         *,
         entropy_knots: Tensor | None,
         vocab: int | None,
+        signal_knots: dict[str, Tensor] | None = None,
     ) -> None:
         self.cfg = resolve_objective(objective)
         self.vocab = vocab
-        knots = check_knots(self.cfg, entropy_knots)
-        self.hist: EmaEntropyHistogram | None = None
-        if self.cfg.needs_knots and self.cfg.cdf_mode == "ema_hist":
-            self.hist = EmaEntropyHistogram()
-            if knots is not None:
-                self.hist.update(knots)
-        self.knots = knots if self.hist is None or knots is None else self.hist.knots()
-        self._knots_step: int | None = None
-        self._calls = 0
+        knots = check_knots(self.cfg, entropy_knots, signal_knots)
+        self.knots = knots
+        self.streams: dict[str, EmaEntropyHistogram] = {}
+        if self.cfg.needs_knots and self.cfg.cdf_mode == "ema_hist" and knots is not None:
+            self.streams["entropy"] = EmaEntropyHistogram()
+            self.streams["entropy"].update(knots)
+            self.knots = self.streams["entropy"].knots()
+        for name in sorted(cdfs_needed(self.cfg) & set(STUDENT_SIGNALS)):
+            self.streams[name] = EmaEntropyHistogram()
+            self.streams[name].update(_as_knots(signal_knots[name], name))  # type: ignore[index]
+        self._pending: dict[str, list[Tensor]] = {name: [] for name in self.streams}
+        self._step: int | None = None
         self.pairs: list[tuple[int, int]] = []
         self.projector: FeatureProjector | None = None
         if self.cfg.uses_features:
@@ -195,41 +215,50 @@ class EgadObjective:
 
     @staticmethod
     def progress(state) -> float:
-        """Training progress s = global_step / max_steps, in [0, 1] (0 before training starts)."""
-        return min(max(state.global_step / state.max_steps, 0.0), 1.0) if state.max_steps > 0 else 0.0
+        """Training progress s of the current optimizer step: 0 at the first, 1 at the last (egad.curriculum)."""
+        return training_progress(state.global_step, state.max_steps) if state.max_steps > 0 else 0.0
 
-    def generator(self, device: torch.device, seed: int, process: int) -> torch.Generator:
-        """A fresh seed per micro-batch and process for the stochastic rules (random routing)."""
-        self._calls += 1
-        return torch.Generator(device=device).manual_seed(seed * 1_000_003 + self._calls * 97 + process)
+    def check_split(self, grad_accum: int, processes: int) -> None:
+        check_window_exact(self.cfg, grad_accum=grad_accum, processes=processes)
 
-    def knots_for(self, step: int, teacher: TeacherSignal | None, targets: Tensor) -> Tensor | None:
-        """The knots the objective reads for a micro-batch of optimizer step `step`."""
-        if self.hist is None:
-            return self.knots
-        if self.hist.num_updates == 0:
-            if teacher is None:
-                return None
-            self.hist.update(self._teacher_entropies(teacher, targets))
-            if self.hist.num_updates == 0:  # a fully masked first micro-batch: nothing to seed from yet
-                return None
-            self._knots_step = None
-        if step != self._knots_step:
-            self.knots, self._knots_step = self.hist.knots(), step
-        return self.knots
+    def begin_step(self, step: int, accelerator) -> None:
+        """Called before each micro-batch, outside any wrapped forward (it may run a collective): when a new
+        optimizer step begins, the running histograms absorb the finished window's counts, summed over processes."""
+        if step == self._step:
+            return
+        if self._step is not None:
+            for name, parts in self._pending.items():
+                hist = self.streams[name]
+                values = torch.cat(parts) if parts else torch.zeros(0, device=accelerator.device)
+                counts = hist.bin_counts(values.to(accelerator.device))
+                if accelerator.num_processes > 1:
+                    counts = accelerator.reduce(counts, "sum")
+                hist.absorb(counts.cpu())
+                parts.clear()
+            if "entropy" in self.streams:
+                self.knots = self.streams["entropy"].knots()
+        self._step = step
 
-    @torch.no_grad()
-    def _teacher_entropies(self, teacher: TeacherSignal, targets: Tensor) -> Tensor:
-        rows = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(-1)
-        vocab = self.vocab or teacher.vocab_rows
-        step = self.cfg.chunk_tokens(vocab)
-        parts = [teacher.chunk(rows[i : i + step], vocab).entropy() for i in range(0, rows.numel(), step)]
-        return torch.cat(parts).float() if parts else torch.zeros(0)
+    def plan_state(self, step: int, seed: int, device: torch.device) -> PlanState:
+        """The run-level state the plan reads at optimizer step `step`."""
+        s = self.streams
+        return PlanState(
+            knots=None if self.knots is None else self.knots.to(device),
+            student_knots=s["student_entropy"].knots().to(device) if "student_entropy" in s else None,
+            hellinger_knots=s["hellinger"].knots().to(device) if "hellinger" in s else None,
+            seed=int(hashed_uniform(torch.tensor([step]), seed).item() * 2**32),
+        )
+
+    @staticmethod
+    def token_keys(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Per-token keys of the hashed draws (random routing), from the sequences' content (egad.routing)."""
+        return content_keys(input_ids, attention_mask)
 
     def observe(self, out_tokens: dict[str, Tensor]) -> None:
-        """Feed a training micro-batch's teacher entropies to the running histogram (cdf_mode ema_hist)."""
-        if self.hist is not None and "entropy" in out_tokens:
-            self.hist.update(out_tokens["entropy"].detach().float())
+        """Keep a training micro-batch's signals for the running histograms (absorbed per window)."""
+        for name, parts in self._pending.items():
+            if name in out_tokens:
+                parts.append(out_tokens[name].detach().float())
 
     def gathered_metrics(self, metrics: dict[str, Tensor], accelerator, *, window: float) -> dict[str, float]:
         """egad's metrics of one micro-batch, averaged over processes, by logged name.
@@ -279,6 +308,7 @@ class EgadTrainer(Trainer):
         *,
         objective: str | ObjectiveConfig = "egad",
         entropy_knots: Tensor | None = None,
+        signal_knots: dict[str, Tensor] | None = None,
         fused: bool = True,
         vocab_size: int | None = None,
         **kwargs: Any,
@@ -289,7 +319,9 @@ class EgadTrainer(Trainer):
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         if vocab_size is None and tokenizer is not None:
             vocab_size = shared_vocab(tokenizer, model, teacher_model)
-        self.egad = EgadObjective(objective, model, teacher_model, entropy_knots=entropy_knots, vocab=vocab_size)
+        self.egad = EgadObjective(
+            objective, model, teacher_model, entropy_knots=entropy_knots, vocab=vocab_size, signal_knots=signal_knots
+        )
         self.egad.attach_projector(model)
         teacher = freeze(teacher_model)
         # The student side of egad's own trainer: hooks on the mapped layers, fused or full logits, the objective.
@@ -307,6 +339,7 @@ class EgadTrainer(Trainer):
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (pc.tp_enabled or pc.cp_enabled or pc.sp_enabled):
             raise ConfigError("EgadTrainer normalises by whole sequences' tokens: tensor/sequence parallelism is off")
+        self.egad.check_split(self.args.gradient_accumulation_steps, self.accelerator.num_processes)
         # egad counts the window's targets itself (get_batch_samples); transformers' own count is not needed.
         self.model_accepts_loss_kwargs = False
         self.egad.check_optimizer(self.optimizer)
@@ -352,7 +385,9 @@ class EgadTrainer(Trainer):
                 teacher = call_through(
                     self.teacher_model, unwrapped_teacher, self._egad_teacher, input_ids, attention_mask
                 )
-            knots = self.egad.knots_for(self.state.global_step, teacher, targets)
+            if training:
+                self.egad.begin_step(self.state.global_step, self.accelerator)
+            state = self.egad.plan_state(self.state.global_step, self.args.seed, input_ids.device)
             unwrapped = self.accelerator.unwrap_model(model)
             loss, metrics, tokens = call_through(
                 model,
@@ -366,8 +401,8 @@ class EgadTrainer(Trainer):
                 progress=self.egad.progress(self.state),
                 num_tokens=num_tokens,
                 vocab_size=self.egad.vocab,
-                knots=knots,
-                generator=self.egad.generator(input_ids.device, self.args.seed, self.accelerator.process_index),
+                state=state,
+                token_keys=self.egad.token_keys(input_ids, attention_mask),
             )
         if training:
             self.egad.observe(tokens)

@@ -135,11 +135,12 @@ class EgadDistillationTrainer(DistillationTrainer):
         *,
         objective: str | ObjectiveConfig = "egad",
         entropy_knots: Tensor | None = None,
+        signal_knots: dict[str, Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         check_trl_version()
         cfg = resolve_objective(objective)
-        check_knots(cfg, entropy_knots)  # before TRL loads any model
+        check_knots(cfg, entropy_knots, signal_knots)  # before TRL loads any model
         if teacher_model is None:
             raise ConfigError("EgadDistillationTrainer needs teacher_model (a model id, folder or instance)")
         super().__init__(model, teacher_model, args, **kwargs)
@@ -147,8 +148,14 @@ class EgadDistillationTrainer(DistillationTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         vocab = output_head(core_model(student)).rows
         self.egad = EgadObjective(
-            cfg, core_model(student), core_model(teacher), entropy_knots=entropy_knots, vocab=vocab
+            cfg,
+            core_model(student),
+            core_model(teacher),
+            entropy_knots=entropy_knots,
+            vocab=vocab,
+            signal_knots=signal_knots,
         )
+        self.egad.check_split(self.args.gradient_accumulation_steps, self.accelerator.num_processes)
         for m in (student, teacher):
             check_output_head(core_model(m), output_head(core_model(m)), vocab=vocab)
         self.egad.attach_projector(student)
@@ -160,6 +167,8 @@ class EgadDistillationTrainer(DistillationTrainer):
         training = self.model.training
         if training and inputs.get("num_items_in_batch") is not None:
             num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if training:
+            self.egad.begin_step(self.state.global_step, self.accelerator)  # may run a collective: not inside forward
         unwrapped = self.accelerator.unwrap_model(model)
         loss, metrics = self._forward_redirection(
             model, unwrapped, self._compute_loss, unwrapped, inputs, num_items_in_batch
@@ -221,9 +230,9 @@ class EgadDistillationTrainer(DistillationTrainer):
             progress=egad.progress(self.state),
             num_tokens=num_items_in_batch,
             vocab_size=egad.vocab,
-            knots=egad.knots_for(self.state.global_step, teacher, targets),
+            state=egad.plan_state(self.state.global_step, self.args.seed, device),
             projector=getattr(unwrapped_student, PROJECTOR_ATTR, None),
-            generator=egad.generator(device, self.args.seed, self.accelerator.process_index),
+            token_keys=egad.token_keys(input_ids, attention_mask).to(device)[:, -k:],
         )
         if self.model.training:
             egad.observe(out.tokens)

@@ -245,3 +245,20 @@ class TopKSignal:
         if self.feature_mask is None:
             return None
         return self.feature_mask.reshape(-1)[flat_index.to(self.feature_mask.device)]
+
+
+@torch.no_grad()
+def chunk_signals(t: TeacherChunk, zs: Tensor, need: set[str], ea_tau: float) -> dict[str, Tensor]:
+    """The per-token signals of one chunk, from its teacher chunk and its student logits (C, V), no grad."""
+    sig: dict[str, Tensor] = {}
+    if "entropy" in need:
+        sig["entropy"] = t.entropy()
+    if "entropy_ea" in need:
+        sig["entropy_ea"] = t.entropy(ea_tau)
+    if "student_entropy" in need:
+        sig["student_entropy"] = token_entropy(zs.detach())
+    if "student_ea" in need:
+        sig["student_ea"] = token_entropy(zs.detach(), temperature=ea_tau)
+    if "hellinger" in need:
+        sig["hellinger"] = t.hellinger(zs.detach())
+    return sig
