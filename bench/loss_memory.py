@@ -171,41 +171,47 @@ def _naive_fits(n: int, seen: dict[int, tuple[float, int]]) -> bool:
     return peak * n / m < 0.8 * free
 
 
-def _both_fused(kind: str, n: int, device: torch.device, repeats: int):
-    """egad (fused student + fused teacher) or TRL's chunked loss on the same hidden states and heads."""
+def _both_fused_inputs(n: int, device: torch.device):
     g = torch.Generator().manual_seed(1)
     h_s0 = (torch.randn(1, n, D_S, generator=g) * 0.5).to(device)
     w_s0 = (torch.randn(V_ROWS, D_S, generator=g) * 0.03).to(device)
     h_t = (torch.randn(1, n, D_T_TRL, generator=g) * torch.exp(torch.randn(1, n, 1, generator=g))).to(device)
     w_t = (torch.randn(V_ROWS, D_T_TRL, generator=g) * 0.03).to(device)
     targets = torch.randint(0, V_REAL, (1, n), generator=g).to(device)
-    times, peak, value = [], 0, None
-    for _ in range(repeats):
-        h_s, w_s = h_s0.clone().requires_grad_(), w_s0.clone().requires_grad_()
-        with PeakMemory(device) as mem:
-            t0 = CLOCK[0]()
-            if kind == "egad":
-                cfg = preset("kd", alpha=1.0)
-                loss = distillation_loss(
-                    StudentOutputs(hidden=h_s, lm_head_weight=w_s),
-                    FusedSignal(h_t, OutputHead(w_t)),
-                    targets,
-                    cfg,
-                    vocab_size=V_REAL,
-                ).loss
-            else:
-                from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    with torch.no_grad():
+        h = torch.cat([token_entropy(OutputHead(w_t).logits(h_t[0, i : i + 512], V_REAL)) for i in range(0, n, 512)])
+    return h_s0, w_s0, h_t, w_t, targets, fit_quantile_knots(h, 1001)
 
-                # TRL projects all V rows (it has no real-vocabulary slice): give both sides the same rows.
-                mask = torch.ones(1, n, device=device)
-                loss = _chunked_divergence_loss(h_s, h_t, w_s[:V_REAL], w_t[:V_REAL], mask, beta=0.0)[0]
-            loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(CLOCK[0]() - t0)
-        peak, value = max(peak, mem.peak), float(loss.detach())
-        del h_s, w_s, loss
-    return min(times), peak, value
+
+def _both_fused(kind: str, inputs, device: torch.device):
+    """One timed forward + backward: egad's KD or full EGAD (fused student + fused teacher), or TRL's chunked loss
+    on the same hidden states and heads. -> (seconds, peak bytes, loss value, teacher GEMMs per chunk)."""
+    h_s0, w_s0, h_t, w_t, targets, knots = inputs
+    n = h_s0.shape[1]
+    h_s, w_s = h_s0.clone().requires_grad_(), w_s0.clone().requires_grad_()
+    gemms = float("nan")
+    with PeakMemory(device) as mem:
+        t0 = CLOCK[0]()
+        if kind in ("egad_kd", "egad_full"):
+            # KD at alpha 1 (pure forward KL), or the full EGAD preset with its feature branch off.
+            cfg = preset("kd", alpha=1.0) if kind == "egad_kd" else preset("egad", alpha=1.0, beta_f=0.0)
+            teacher = FusedSignal(h_t, OutputHead(w_t))
+            out = distillation_loss(
+                StudentOutputs(hidden=h_s, lm_head_weight=w_s), teacher, targets, cfg, vocab_size=V_REAL, knots=knots
+            )
+            loss = out.loss
+            gemms = teacher.projections / max(float(out.metrics["teacher_chunks"]), 1.0)
+        else:
+            from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+            # TRL projects all V rows (it has no real-vocabulary slice): give both sides the same rows.
+            mask = torch.ones(1, n, device=device)
+            loss = _chunked_divergence_loss(h_s, h_t, w_s[:V_REAL], w_t[:V_REAL], mask, beta=0.0)[0]
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = CLOCK[0]() - t0
+    return seconds, mem.peak, float(loss.detach()), gemms
 
 
 def trl_section(tokens: list[int], device: torch.device, repeats: int) -> None:
@@ -214,21 +220,36 @@ def trl_section(tokens: list[int], device: torch.device, repeats: int) -> None:
     except ImportError:
         print("\nTRL is not installed, so the egad-vs-TRL part is skipped: pip install 'egad[bench]'")
         return
-    print(f"\negad vs TRL {trl.__version__} _chunked_divergence_loss, both heads fused, forward KL, d_S={D_S} "
-          f"d_T={D_T_TRL}, V={V_REAL} rows")  # fmt: skip
-    print(f"{'N':>6} {'egad MiB':>9} {'TRL MiB':>8} {'egad s':>7} {'TRL s':>6} {'mem ratio':>10} {'time ratio':>11}"
-          f" {'egad loss':>10} {'TRL loss':>10} {'rel diff':>9}")  # fmt: skip
+    print(f"\negad vs TRL {trl.__version__} _chunked_divergence_loss, both heads fused, d_S={D_S} d_T={D_T_TRL}, "
+          f"V={V_REAL} rows; TRL: forward KL (beta 0) at tau 1; interleaved, fastest of {repeats} each")  # fmt: skip
+    print(f"{'N':>6} {'egad':>9} {'egad MiB':>9} {'TRL MiB':>8} {'egad s':>7} {'TRL s':>6} {'mem ratio':>10} "
+          f"{'time ratio':>11} {'egad loss':>10} {'TRL loss':>10} {'rel diff':>9} {'T GEMM/chunk':>13}")  # fmt: skip
     for n in tokens:
-        te, me, le = _both_fused("egad", n, device, repeats)
-        tt, mt, lt = _both_fused("trl", n, device, repeats)
-        print(f"{n:>6} {me / 2**20:>9.0f} {mt / 2**20:>8.0f} {te:>7.2f} {tt:>6.2f} {me / mt:>10.3f} {te / tt:>11.3f} "
-              f"{le:>10.5f} {lt:>10.5f} {abs(le - lt) / abs(lt):>9.1e}")  # fmt: skip
-    print("goals at N=4096: memory ratio <= 0.5, time ratio <= 0.6, loss values within 1e-4 relative")
+        inputs = _both_fused_inputs(n, device)
+        best: dict[str, tuple] = {}
+        for _ in range(repeats):  # interleaved, so a load that drifts reaches every variant alike
+            for kind in ("egad_kd", "egad_full", "trl"):
+                r = _both_fused(kind, inputs, device)
+                best[kind] = min(best.get(kind, r), r, key=lambda x: x[0])
+                best[kind] = (best[kind][0], max(best[kind][1], r[1]), r[2], r[3])
+        tt, mt, lt, _ = best["trl"]
+        for kind, label in (("egad_kd", "KD"), ("egad_full", "EGAD")):
+            te, me, le, gm = best[kind]
+            diff = f"{abs(le - lt) / abs(lt):>9.1e}" if kind == "egad_kd" else f"{'-':>9}"
+            print(f"{n:>6} {label:>9} {me / 2**20:>9.0f} {mt / 2**20:>8.0f} {te:>7.2f} {tt:>6.2f} {me / mt:>10.3f} "
+                  f"{te / tt:>11.3f} {le:>10.5f} {lt:>10.5f} {diff} {gm:>13.1f}")  # fmt: skip
+        del inputs
+        gc.collect()
+    print(
+        "goals (KD row): time ratio <= 0.9; memory ratio <= 0.35 at N=2048 and <= 0.2 at N=4096; loss rel diff "
+        "<= 1e-5; one teacher GEMM per chunk. The EGAD row (curriculum, per-token temperature, no features) has "
+        "another loss, so only its cost compares"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="response-token counts N")
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1024, 4096], help="N of the naive-vs-chunked part")
     ap.add_argument("--trl-tokens", type=int, nargs="*", default=[1024, 2048, 4096], help="N of the TRL part")
     ap.add_argument("--chunk-size", type=int, default=0, help="0 = the objective's automatic choice")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant; the fastest is reported")
