@@ -285,7 +285,9 @@ class EgadTrainer(Trainer):
 
     model: the student (a transformers causal LM). teacher_model: the teacher; it is frozen (eval mode, no grad) and
     placed by the accelerator. objective: a preset name or an ObjectiveConfig. entropy_knots: teacher-entropy
-    quantile knots for cdf_mode 'global' (egad.entropy.fit_quantile_knots); 'ema_hist' is kept by the trainer.
+    quantile knots (egad.entropy.fit_quantile_knots), required by every rule that reads them ('ema_hist' starts its
+    running histogram from them). signal_knots: {"student_entropy": ..., "hellinger": ...} knots of the untrained
+    student's signals, for the rules that rank tokens by them (streamed per window from there).
     fused: project the student's and teacher's heads per chunk of tokens (their full logits never exist); each
     head is checked once against the model's own logits and refused with egad.heads.HeadError if egad cannot
     reproduce it (pass fused=False for such a model). vocab_size: the shared real vocabulary; default

@@ -120,9 +120,12 @@ class EgadDistillationTrainer(DistillationTrainer):
 
     Arguments: TRL's (`model`, `teacher_model`, `args` positionally or by name, the rest by name), plus
     objective: a preset name ("egad", "kd", "egad_no_c3", ... egad.presets.PRESETS) or an ObjectiveConfig;
-    entropy_knots: teacher-entropy quantile knots (egad.entropy.fit_quantile_knots), required by cdf_mode 'global'
-    rules; cdf_mode 'ema_hist' is kept by the trainer and 'batch' needs none. Both heads are checked once against the
-    models' own logits; a head egad cannot reproduce is refused with egad.heads.HeadError.
+    entropy_knots: teacher-entropy quantile knots (egad.entropy.fit_quantile_knots), required by every rule that
+    reads the teacher-entropy CDF (under cdf_mode 'ema_hist' the running histogram starts from them); signal_knots:
+    {"student_entropy": knots, "hellinger": knots} for rules that rank tokens by a student-side signal
+    (egad.teacher.calibrate.calibrate_signals on the untrained student), streamed per window from there. Both heads
+    are checked once against the models' own logits; a head egad cannot reproduce is refused with
+    egad.heads.HeadError.
     """
 
     _tag_names = [*DistillationTrainer._tag_names, "egad"]
