@@ -724,7 +724,10 @@ class Trainer:
     def cleanup(self) -> None:
         if getattr(self, "log", None) is not None:
             self.log.close()
-        self.acc.end_training()
+        for tracker in self.acc.trackers:
+            tracker.finish()
+        # Not `end_training()`: it also destroys the process group, which the PartialState kept below still names, so
+        # a second run in a launched process would fail ("Default process group has not been initialized").
         # accelerate keeps its settings (mixed precision, accumulation) in process-wide singletons and refuses a
         # second Accelerator with other settings; forget them, so a later run in this process (a benchmark, the
         # demo, a notebook) may choose its own. The process group (PartialState) is kept.

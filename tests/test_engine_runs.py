@@ -38,7 +38,6 @@ WEIGHT_ATOL = 1e-5
 
 
 def _overrides(tok: Path, out: Path, processes: int) -> dict:
-    # Routing every token keeps each token's treatment independent of how the batch is split.
     return tiny_run_overrides(
         tok,
         out,
@@ -54,7 +53,6 @@ def _overrides(tok: Path, out: Path, processes: int) -> dict:
             "train.calib_examples": 17,
             "train.grad_clip": 0.5,
             "data.max_dev_examples": 9,
-            "objective.route_mode": "all",
             "train.lr": 3e-3,
         },
     )
