@@ -76,13 +76,23 @@ def test_end_to_end_tiny_run(tmp_path, tiny_tokenizer_dir):
     assert list((out / "tb").iterdir())
 
 
-def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir):
+@pytest.mark.parametrize(
+    "objective",
+    [
+        {"objective.preset": "egad"},
+        # Streamed CDFs: the Hellinger distance's (student-side, AdaKD) and the teacher entropy's (ema_hist), both
+        # saved in the checkpoint and resumed.
+        {"objective.preset": "adakd_idts", "objective.cdf_mode": "ema_hist", "objective.weighting": "curriculum"},
+    ],
+    ids=["egad", "streams"],
+)
+def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir, objective):
     common = {
         "train.max_steps": 8,
         "train.save_every": 4,
         "train.eval_every": 0,
         "data.dev": None,
-        "objective.preset": "egad",
+        **objective,
         "train.grad_accum": 2,
         "train.per_device_batch_size": 4,
     }
@@ -91,6 +101,9 @@ def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir):
     split = tmp_path / "split"
     first = run(tiny_run_overrides(tiny_tokenizer_dir, split, **common), stop_at=4)
     assert first.step == 4 and not (split / "final").exists()
+    if "objective.cdf_mode" in objective:
+        saved = torch.load(split / "checkpoint-4" / "signal_streams.pt")
+        assert set(saved) == {"entropy", "hellinger"} and saved["hellinger"]["num_updates"] == 5  # start + 4 windows
     other_batch = tiny_run_overrides(tiny_tokenizer_dir, split, **{**common, "train.grad_accum": 1})
     with pytest.raises(ConfigError, match="global batch of 8.*this launch gives 4"):
         run(other_batch, resume=True)
