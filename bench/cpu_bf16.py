@@ -70,7 +70,7 @@ def main() -> None:
     layers = even_layers(model_dims(teacher)[0], args.layers)
     report: dict[str, float] = {"tokens_per_batch": tokens, "student_layers": args.layers}
     source = OnlineTeacher(teacher)
-    cfg = preset("egad", feat_layers=2, cdf_mode="batch")
+    cfg = preset("egad", feat_layers=2, cdf_mode="batch", route_mode="batch_topk")  # no calibration pass
     prompts = [D.format_prompt(ex, args.template, tok) for ex in D.load_records(DOLLY, "dev", max_examples=16)[0]]
     stop = [D.end_of_turn_id(tok, args.template)]
     n_teacher, d_teacher = model_dims(teacher)

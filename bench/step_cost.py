@@ -35,6 +35,7 @@ from egad.presets import preset
 from egad.student import DistillationModule
 from egad.teacher.cache import TeacherCache, write_cache
 from egad.teacher.online import OnlineTeacher
+from egad.token_plan import PlanState
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly" / "dolly.jsonl"
@@ -141,20 +142,24 @@ def run_shape(name: str, args) -> dict[str, float]:
                     opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
                     cfg = preset("sft") if method == "sft" else obj[method]
                     src = online[method] if source == "online" else caches[method] if source == "cached" else None
-                    variants[f"{name}/{tag}/{method}/{source}"] = (module, opt, cfg, src)
+                    # From a cache, the router reads the cache's hidden-state threshold (as the trainer does), so
+                    # that every routed token has its stored hidden state.
+                    thr = caches[method].manifest.get("hidden_threshold") if source == "cached" else None
+                    state = PlanState(knots=knots, route_threshold=thr)
+                    variants[f"{name}/{tag}/{method}/{source}"] = (module, opt, cfg, src, state)
             # Interleaved: step i of every variant, then step i + 1. On a shared machine the load drifts over
             # minutes; variants timed one after another would each see a different load, and their ratios with it.
             times: dict[str, list[float]] = {key: [] for key in variants}
             for i, group in enumerate(groups):
                 batch = D.collate(group, 0)
                 batch["train_index"] = torch.tensor([it["index"] for it in group])
-                for key, (module, opt, cfg, src) in variants.items():
+                for key, (module, opt, cfg, src, state) in variants.items():
                     t0 = CLOCKS[args.clock]()
                     with autocast(args.bf16):
                         signal = src.signal(batch) if src is not None else None
                         loss, _, _ = module(batch["input_ids"], batch["attention_mask"],
                                             D.shift_labels(batch["labels"]), signal, cfg, progress=0.5,
-                                            vocab_size=vocab, knots=knots)  # fmt: skip
+                                            vocab_size=vocab, state=state)  # fmt: skip
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
