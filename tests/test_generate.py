@@ -3,12 +3,15 @@ with a tiny random Qwen2 and the session's BPE tokenizer."""
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
 import torch
 import transformers
 
 from egad.data import format_prompt, load_records
-from egad.eval.generate import generate_responses
+from egad.eval.generate import generate_ids, generate_responses, prompt_seeds
 
 
 @pytest.fixture(scope="module")
@@ -124,20 +127,31 @@ def test_left_truncation_and_left_padding(model, tok, prompts, recorder):
     assert input_ids[tiny_row, keep - n_tiny :].tolist() == ids_of(tok, tiny)
 
 
-def test_max_len_and_max_new_tokens_bound_the_new_tokens(model, tok, prompts, recorder):
-    longest = max(len(ids_of(tok, p)) for p in prompts)
+def test_max_len_and_max_new_tokens_bound_each_prompts_new_tokens(model, tok, prompts, recorder):
+    ids = [ids_of(tok, p) for p in prompts]
+    longest, shortest = max(map(len, ids)), min(map(len, ids))
+    kw = {
+        "seed": None,
+        "greedy": True,
+        "batch_size": len(ids),
+        "stop_ids": [tok.eos_token_id],
+        "pad_id": tok.pad_token_id,
+    }
 
-    def new_tokens(**kw) -> int:
+    def lengths(**budget) -> list[int]:
         recorder.calls.clear()
-        generate_responses(model, tok, prompts, seed=None, greedy=True, batch_size=len(prompts), progress=False, **kw)
-        [(input_ids, _, out)] = recorder.calls
-        return out.shape[1] - input_ids.shape[1]
+        out = generate_ids(model, ids, **kw, **budget)
+        [(input_ids, _, seqs)] = recorder.calls
+        # The batch runs as long as its roomiest prompt needs; each prompt keeps only its own budget.
+        assert seqs.shape[1] - input_ids.shape[1] == max(len(o) for o in out)
+        return [len(o) for o in out]
 
-    # The batch's longest prompt sets the room: max_len - longest; greedy on this random model never emits eos early.
-    assert new_tokens(max_len=longest + 6) == 6
-    assert new_tokens(max_len=longest + 6, max_new_tokens=3) == 3
+    # Each prompt's own room: max_len - its length (not the batch's longest, which would tie it to its batch-mates);
+    # greedy on this random model never emits eos early.
+    assert lengths(max_len=longest + 6) == [longest + 6 - len(r) for r in ids]
+    assert lengths(max_len=longest + 6, max_new_tokens=3) == [3] * len(ids)
     # A prompt already at max_len still gets one token, rather than an empty generation.
-    assert new_tokens(max_len=longest) == 1
+    assert lengths(max_len=longest) == [max(1, longest - len(r)) for r in ids] and shortest < longest
 
 
 def test_top_k_zero_is_off_and_checkpoint_defaults_do_not_leak(model, tok, recorder):
@@ -206,3 +220,75 @@ def test_teacher_forced_per_example_sums_align_with_examples(model, tok, dolly_p
         alone = teacher_forced(model, tok, [ex], settings)["per_example"]
         assert alone["tokens"] == [per["tokens"][i]]
         assert alone["nll_sum"][0] == pytest.approx(per["nll_sum"][i], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def test_prompts(dolly_path):
+    """The first 24 Dolly test prompts, in the data's order (as `egad eval --max-examples 24` reads them)."""
+    examples, _ = load_records(dolly_path, "test", max_examples=24)
+    return [format_prompt(ex) for ex in examples]
+
+
+def test_a_prompts_sample_depends_on_the_prompt_and_seed_only(model, tok, test_prompts):
+    """Issue 20: `--max-examples 12` and `--max-examples 24` gave the first 12 prompts different samples. Now a
+    prompt's sample is the same alone, among the first 12, among 24, in another order and batch size, and run after
+    run; another seed gives other samples."""
+    kw = {"seed": 10, "max_new_tokens": 10, "max_prompt_len": 64, "progress": False}
+    first12 = generate_responses(model, tok, test_prompts[:12], batch_size=12, **kw)
+    all24 = generate_responses(model, tok, test_prompts, batch_size=24, **kw)
+    assert all24[:12] == first12
+    assert generate_responses(model, tok, test_prompts, batch_size=24, **kw) == all24  # run after run
+    shuffled = list(range(24))
+    random.Random(0).shuffle(shuffled)
+    out = generate_responses(model, tok, [test_prompts[i] for i in shuffled], batch_size=5, **kw)
+    assert [out[shuffled.index(i)] for i in range(24)] == all24
+    for i in (0, 5, 11):
+        assert generate_responses(model, tok, [test_prompts[i]], batch_size=1, **kw) == [all24[i]]
+    assert len(set(all24)) > 20  # real samples, not one repeated string
+    assert generate_responses(model, tok, test_prompts, batch_size=24, **{**kw, "seed": 20}) != all24
+
+
+def test_eval_scores_a_prompt_the_same_whatever_the_evals_size(model, tok, dolly_path, tmp_path):
+    """The issue's command in miniature: the first 12 Dolly test prompts get the same generations and ROUGE-L with
+    max_examples 12 and 24 (batch 16: one batch of 12 against a batch of 16 and one of 8)."""
+    from egad.eval.suite import EvalSettings, evaluate_set
+
+    def run(n: int) -> list[dict]:
+        settings = EvalSettings(seeds=(10,), max_new_tokens=8, max_prompt_len=64, max_len=128, max_examples=n)
+        evaluate_set(model, tok, "dolly_test", settings, data_dir=dolly_path.parent.parent, out_dir=tmp_path / str(n))
+        lines = (tmp_path / str(n) / "dolly_test" / "generations-seed10.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines]
+
+    small, large = run(12), run(24)
+    assert len(small) == 12 and len(large) == 24
+    assert small == large[:12]
+    assert len({r["output"] for r in small}) > 10
+
+
+def test_prompt_seeds_depend_on_the_prompt_alone_and_split_repeats():
+    a, b = [5, 6, 7], [8, 9]
+    assert prompt_seeds([a, b], 10)[0] == prompt_seeds([b, a], 10)[1] == prompt_seeds([a], 10)[0]
+    assert prompt_seeds([a], 10) != prompt_seeds([a], 20)
+    twice = prompt_seeds([a, b, a], 10)
+    assert twice[0] == prompt_seeds([a], 10)[0] and twice[2] != twice[0]  # a repeat draws its own sample
+    assert all(0 <= s < 2**63 for s in twice)
+
+
+def test_row_sampler_draws_from_the_filtered_softmax(model, tok):
+    """The Gumbel-max sampler is a sampler of softmax(logits / T) after top-k: 4,000 repeats of one prompt (each its
+    own generator), first-token frequencies against the model's probabilities, within 4.5 standard errors."""
+    prompt = "### Instruction:\nSay something.\n\n### Response:\n"
+    ids = ids_of(tok, prompt)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+    temperature, top_k, n = 0.05, 4, 4000  # a low temperature, so the four kept tokens have unequal shares
+    keep = logits.topk(top_k).indices
+    probs = torch.softmax(logits[keep] / temperature, -1)
+    out = generate_ids(model, [ids] * n, seed=3, temperature=temperature, top_k=top_k, max_new_tokens=1,
+                       batch_size=1000, stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)  # fmt: skip
+    first = torch.tensor([o[0] for o in out])
+    assert set(first.tolist()) <= set(keep.tolist())
+    freq = torch.stack([(first == k).double().mean() for k in keep])
+    se = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 4.5 * se + 1e-3).all(), (freq, probs)
+    assert probs.min() > 0.02 and probs.max() < 0.9  # otherwise the check would be weak

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import random
+from fractions import Fraction
 
 import pytest
 from conftest import REPO
@@ -13,7 +16,17 @@ from egad.config import ConfigError
 from egad.study import driver
 from egad.study import grid as G
 from egad.study import results as R
-from egad.study.stats import FACTORIAL, compare_seeds, hierarchical_bootstrap, main_effects
+from egad.study.stats import (
+    FACTORIAL,
+    compare_seeds,
+    hierarchical_bootstrap,
+    holm,
+    main_effects,
+    main_effects_per_seed,
+    seed_test,
+    sign_flip_p,
+    t_quantile,
+)
 
 
 def test_hierarchical_bootstrap_detects_a_shift_and_not_noise():
@@ -214,3 +227,172 @@ def test_student_data_cells_run_end_to_end(tmp_path, monkeypatch, dolly_path, eg
     setup_events = [json.loads(x) for x in (out / "gkd" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert setup_events[0]["teacher_source"] == "OnlineTeacher"
     assert "| `egad_on_policy` - `gkd` |" in text and "generated once in" in text
+
+
+# Synthetic per-seed differences: decimal strings, so the brute-force sign-flip count below is exact.
+SYNTHETIC = [
+    ["0.048", "0.162", "0.196"],  # all one sign, 3 seeds: the sign-flip test cannot go below 0.25
+    ["-0.31", "0.05", "-0.12", "-0.40"],
+    ["1.5", "-0.25", "0.75", "0.5", "1.0", "0.25"],  # 6 seeds, two differences tie in size
+    ["0.01", "0.02", "0.03", "0.04", "0.05", "0.06", "0.07", "-0.01"],
+    ["2.0", "-2.0", "1.0", "-1.0", "0.5"],
+]
+
+
+def _t_two_sided_by_quadrature(t: float, df: int) -> float:
+    """P(|T| >= |t|) by numerical integration of the t density (mpmath), not through the incomplete beta."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 30
+    c = mp.gamma(mp.mpf(df + 1) / 2) / (mp.sqrt(df * mp.pi) * mp.gamma(mp.mpf(df) / 2))
+    return float(2 * mp.quad(lambda x: c * (1 + x * x / df) ** (-mp.mpf(df + 1) / 2), [abs(t), mp.inf]))
+
+
+def _sign_flip_by_enumeration(diffs: list[Fraction]) -> float:
+    """Every one of the 2^n sign patterns, in exact rational arithmetic."""
+    observed = abs(sum(diffs))
+    hits = sum(
+        abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed
+        for signs in itertools.product((1, -1), repeat=len(diffs))
+    )
+    return hits / 2 ** len(diffs)
+
+
+@pytest.mark.parametrize("diffs", SYNTHETIC)
+def test_seed_test_p_values_match_independent_computations(diffs):
+    mp = pytest.importorskip("mpmath")
+    x = [float(d) for d in diffs]
+    n = len(x)
+    res = seed_test(x)
+    mean = sum(x) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+    t = mean / (sd / math.sqrt(n))
+    assert res["mean"] == pytest.approx(mean, abs=1e-15) and res["t"] == pytest.approx(t, rel=1e-12)
+    assert res["p_t"] == pytest.approx(_t_two_sided_by_quadrature(t, n - 1), rel=1e-8, abs=1e-14)
+    assert res["p_sign"] == _sign_flip_by_enumeration([Fraction(d) for d in diffs])
+    # The interval's half-width is the 0.975 quantile (found by root-finding on the integrated density) times se.
+    q = float(mp.findroot(lambda u: _t_two_sided_by_quadrature(float(u), n - 1) - 0.05, 2.0))
+    assert res["hi"] - mean == pytest.approx(q * sd / math.sqrt(n), rel=1e-8)
+    assert res["lo"] == pytest.approx(2 * mean - res["hi"], rel=1e-12)
+
+
+def test_seed_test_reference_values_and_edges():
+    # Student's t 0.975 quantiles, from published tables: the 95% half-width over se.
+    for df, q in [(1, 12.706204736), (2, 4.302652730), (5, 2.570581836), (19, 2.093024054)]:
+        res = seed_test([1.0, 3.0] if df == 1 else [float(i) for i in range(df + 1)])
+        assert (res["hi"] - res["mean"]) / (res["sd"] / math.sqrt(df + 1)) == pytest.approx(q, rel=1e-9)
+    assert t_quantile(0.975, 30) == pytest.approx(2.042272456, rel=1e-9)
+    assert math.isnan(seed_test([float(i) for i in range(25)])["p_sign"])  # too many seeds to enumerate
+    assert sign_flip_p([0.1, 0.2, 0.3]) == 0.25 and sign_flip_p([0.1] * 6) == 2 / 64  # the floors: 2 / 2^n
+    one = seed_test([0.4])
+    assert one["p_sign"] == 1.0 and math.isnan(one["p_t"]) and math.isnan(one["lo"])
+    same = seed_test([0.2, 0.2, 0.2])
+    assert same["p_t"] == 0.0 and same["p_sign"] == 0.25
+    assert seed_test([0.0, 0.0])["p_t"] == 1.0
+
+
+def test_seed_level_tests_against_the_two_level_bootstrap():
+    """The issue's case: three seeds whose differences share a sign. The two-level bootstrap calls it certain; the
+    seed-level tests say what three seeds can show."""
+    rng = random.Random(1)
+    base = [[rng.gauss(0, 1) for _ in range(300)] for _ in range(3)]
+    shifted = [[x + d for x in row] for row, d in zip(base, [0.05, 0.5, 0.9], strict=True)]
+    assert hierarchical_bootstrap(shifted, base, n=2000)["p"] < 0.01
+    per_seed = [sum(a) / 300 - sum(b) / 300 for a, b in zip(shifted, base, strict=True)]
+    res = seed_test(per_seed)
+    assert res["p_sign"] == 0.25 and 0.05 < res["p_t"] < 0.5 and res["lo"] < 0 < res["hi"]
+
+
+def _holm_by_step_down(ps: list[float]) -> list[float]:
+    """The adjusted p of H_i is the smallest alpha at which Holm's step-down procedure rejects it: try every alpha
+    at which a decision can change."""
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    out = [1.0] * m
+    for alpha in sorted({min(1.0, (m - k) * ps[order[k]]) for k in range(m)}, reverse=True):
+        rejected = set()
+        for k, i in enumerate(order):
+            if ps[i] * (m - k) > alpha:
+                break
+            rejected.add(i)
+        for i in rejected:
+            out[i] = alpha
+    return out
+
+
+def test_holm_matches_the_step_down_definition():
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    rng = random.Random(3)
+    for m in (1, 2, 3, 5, 8):
+        ps = [rng.choice([rng.random(), rng.random() / 50, 0.25]) for _ in range(m)]
+        assert holm(ps) == pytest.approx(_holm_by_step_down(ps), abs=1e-15), ps
+    got = holm([0.02, math.nan, 0.04])  # a test that could not run is left out of the family
+    assert got[0] == pytest.approx(0.04) and math.isnan(got[1]) and got[2] == pytest.approx(0.04)
+
+
+def test_main_effects_per_seed_recover_each_seeds_effects():
+    effects = [{0: -0.3, 1: 0.05, 2: 0.0}, {0: -0.1, 1: 0.15, 2: -0.2}, {0: -0.2, 1: 0.1, 2: 0.1}]
+    values = {
+        p: [5.0 + s + sum(e[i] for i in range(3) if k[i]) for s, e in enumerate(effects)] for k, p in FACTORIAL.items()
+    }
+    got = main_effects_per_seed(values)
+    for j, comp in enumerate(got):
+        assert got[comp] == pytest.approx([e[j] for e in effects], abs=1e-12)
+    assert main_effects_per_seed({k: v for k, v in values.items() if k != "kd"}) is None
+
+
+def _rows(n_seeds: int = 3) -> list:
+    rng = random.Random(5)
+    rows = []
+    for cell, group, shift in [
+        ("kd", "baseline", 0.0),
+        ("feat_kd_all", "baseline", -0.1),
+        ("sft", "baseline", 0.3),
+        ("egad_dev_tuned", "dev-tuned", -0.2),
+    ] + [(p, "component", -0.05 * sum(k)) for k, p in FACTORIAL.items() if p != "kd"]:
+        dev = [6.0 + shift + rng.gauss(0, 0.05) for _ in range(n_seeds)]
+        rows.append(
+            R.Row(cell, group, dev, [d + 0.02 for d in dev], {"dolly_test": [10 - d for d in dev]}, [1.0] * n_seeds)
+        )
+    return rows
+
+
+def test_results_page_tests_with_the_seed_as_the_unit():
+    rows = _rows()
+    by = {r.cell: r for r in rows}
+    boot = {"test_nll": {"lo": -0.5, "hi": -0.1}, "rouge_l": {"lo": 0.1, "hi": 0.9}}
+    lines = R._comparisons(rows, lambda a, b: boot)
+    text = "\n".join(lines)
+    assert "`feat_kd_all`" in text.split("Best baseline")[1].split(".")[0]  # best by dev NLL
+    exploratory = lines.index("**Exploratory comparisons** (uncorrected)")
+    primary = [ln for ln in lines[:exploratory] if ln.startswith("| `")]
+    assert len(primary) == 3 * 2  # egad - kd and egad - feat_kd_all: test NLL, Dolly ROUGE-L (Holm) and dev NLL
+    family = []
+    for b in ("kd", "feat_kd_all"):
+        for metric in ("test_nll", "rouge:dolly_test"):
+            va, vb = R._values(by["egad"], metric), R._values(by[b], metric)
+            family.append(seed_test([x - y for x, y in zip(va, vb, strict=True)]))
+    adjusted = holm([r["p_t"] for r in family])
+    test_nll_kd = next(ln for ln in primary if "`kd`" in ln and "| test NLL |" in ln).split(" | ")
+    assert test_nll_kd[4] == R._p(family[0]["p_t"]) and test_nll_kd[5] == R._p(adjusted[0])
+    assert test_nll_kd[6] == R._p(family[0]["p_sign"]) and test_nll_kd[6] in ("0.250", "0.500", "0.750", "1.000")
+    assert test_nll_kd[7] == R._p(holm([r["p_sign"] for r in family])[0])
+    assert test_nll_kd[8] == "[-0.500, -0.100] |"  # the secondary column, from compare_fn
+    assert all(len(ln.split(" | ")) == 7 for ln in lines[exploratory:] if ln.startswith("| `"))  # no Holm columns
+    assert "no p-value is drawn from it" in text and "2^3 = 8 sign patterns" in text
+    # A pre-registered family replaces the default one.
+    lines = R._comparisons(rows, None, primary=[("egad", "sft")])
+    exploratory = lines.index("**Exploratory comparisons** (uncorrected)")
+    assert all("`egad` - `sft`" in ln for ln in lines[:exploratory] if ln.startswith("| `"))
+    assert any(ln.startswith("| `egad` - `kd` |") for ln in lines[exploratory:])
+    eff = R._effects(rows)
+    assert sum(ln.startswith("| C3 dual branch |") for ln in eff) == 3 and "sign-flip p" in eff[2]
+
+
+def test_primary_comparisons_parse_and_name_bad_cells():
+    cells = ["kd", "egad", "feat_kd_all"]
+    assert driver.parse_primary("egad-kd, egad-feat_kd_all", cells) == [("egad", "kd"), ("egad", "feat_kd_all")]
+    assert driver.parse_primary(None, cells) is None
+    with pytest.raises(ConfigError, match="rkl"):
+        driver.parse_primary("egad-rkl", cells)
+    with pytest.raises(ConfigError, match="a-b"):
+        driver.parse_primary("egad", cells)

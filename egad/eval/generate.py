@@ -3,28 +3,48 @@
 MiniLLM samples with temperature 1.0, top-p 1.0 and top-k 0 (no top-k filter), prompts left-truncated to 256 tokens
 and prompt + response capped at 512 tokens, over seeds 10, 20, 30, 40, 50; `greedy=True` is the deterministic option.
 
+**A prompt's sample is a function of the model, the prompt and the seed alone**, not of the other prompts, their
+number, order or batching. `generate()` samples from the global torch RNG, one stream for the whole batch, so a row's
+draws would depend on its batch-mates and on how many batches came before it. Instead each prompt gets its own
+`torch.Generator`, seeded from (seed, the prompt's token ids, how many identical prompts precede it in the call), and
+sampling is done as greedy decoding of perturbed scores (the Gumbel-max trick, `_RowSampler`): the token
+`argmax(logits / T + G)`, with G standard Gumbel noise drawn from the row's own generator, is a draw from
+softmax(logits / T) (after the top-k / top-p filters). Each row draws one vocabulary-sized noise vector per step,
+whatever else is in its batch, so batching keeps its speed. The draw costs about what the library's own
+multinomial draw did (batch 16, one CPU thread, per step: 10 ms against 16 ms for SmolLM2's 49,152 tokens, 69 ms
+against 56 ms for Qwen2.5's 151,936).
+
+What is left of the batch is floating-point rounding: a batched, padded forward pass can round a logit differently
+from the same prompt alone, which flips a token only when two perturbed scores tie to within that rounding. In
+float32 the padding width is the only such source (SmolLM2-135M: last-position logits within 4e-5 of the prompt
+alone), and the issue's check holds: `egad eval --model smollm2-135m-instruct --sets dolly_test --seeds 10
+--template alpaca --max-new-tokens 64` gives the first 12 prompts the same 12 generations and ROUGE-L with
+`--max-examples 12` and `24`. Under bf16 autocast the CPU's bf16 matmuls round differently for different batch
+shapes (logits move by up to 0.4 between a prompt alone and in a batch, even a batch of copies of itself), and 1 of
+those 12 generations diverged after 75 characters (ROUGE-L 10.24 against 10.94 over the 12). Under bf16,
+`batch_size=1` is batch-invariant by construction, and 3.4x slower there (56 s against 16 s for the 12 prompts;
+float32 batched took 22 s).
+
 Two transformers 5.x behaviours shape the implementation:
 
 - `generate()` fills every generation field left at None first from `model.generation_config` (a checkpoint's
   `generation_config.json`: top_k=20, repetition_penalty=1.05, ...) and then from library defaults, which include
   top_k=50. Passing a fresh `GenerationConfig` is therefore not enough: the model's config is swapped for a blank one
-  for the duration of the call, and top-k is passed as 0, the value its sampler treats as "no top-k filter" (None
-  would become 50).
-- Sampling draws from the global torch RNG (there is no generator argument), so reproducibility comes from seeding
-  it once before the first batch. A seeded call runs inside `torch.random.fork_rng`, so the caller's RNG streams (a
-  training loop's, say) continue unchanged afterwards.
+  for the duration of the call, and every sampling knob is applied by `_RowSampler` rather than by the library.
+- With `do_sample=False` the library takes the argmax of the processed scores and draws nothing from the global RNG,
+  so a seeded call leaves the caller's RNG streams (a training loop's, say) untouched.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import logging
 import math
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 logger = logging.getLogger("egad.eval")
 
@@ -41,32 +61,63 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def _cuda_indices(model: torch.nn.Module) -> list[int]:
-    # Only the CUDA devices the model lives on: fork_rng saves and restores each listed device's RNG state.
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+def _generation_config(*, stop_ids: list[int], pad_id: int, max_new_tokens: int) -> GenerationConfig:
+    # Greedy in the library's eyes: sampling, when asked for, is the argmax of `_RowSampler`'s perturbed scores. The
+    # sampling knobs stay unset (the library would otherwise warn that they are ignored without do_sample).
+    return GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
+        pad_token_id=pad_id,
+        num_beams=1,
+        num_return_sequences=1,
+    )
 
 
-def _generation_config(
-    *,
-    greedy: bool,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    stop_ids: list[int],
-    pad_id: int,
-    max_new_tokens: int,
-) -> GenerationConfig:
-    common: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0],
-        "pad_token_id": pad_id,
-        "num_beams": 1,
-        "num_return_sequences": 1,
-    }
-    if greedy:
-        # Sampling knobs left unset: the library would otherwise warn that they are ignored without do_sample.
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
+def prompt_seeds(ids: list[list[int]], seed: int) -> list[int]:
+    """One generator seed per prompt, from (seed, the prompt's token ids, how many identical prompts come before it in
+    `ids`): a prompt's seed depends on no other prompt, except that repeats of one prompt get distinct draws."""
+    seen: dict[tuple[int, ...], int] = {}
+    out = []
+    for row in ids:
+        key = tuple(row)
+        repeat = seen.get(key, 0)
+        seen[key] = repeat + 1
+        text = f"egad.generate:{seed}:{repeat}:" + ",".join(map(str, row))
+        out.append(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)  # < 2**63
+    return out
+
+
+class _RowSampler(LogitsProcessor):
+    """Sampling as the argmax of perturbed scores, one generator per row (the Gumbel-max trick).
+
+    Each call turns a (B, V) batch of next-token logits into logits / T, filters them with top-k then top-p (the
+    library's own row-wise warpers, in the library's order), and adds standard Gumbel noise -log(-log U), U uniform
+    in [0, 1) drawn in float64 from row b's own generator. The argmax of row b is then a draw from its filtered
+    softmax, and row b's draws at step t are the t-th (V,) block of its generator's stream, whatever the other rows
+    are. Finished rows keep drawing (the library pads their tokens), which changes nothing for the others."""
+
+    def __init__(self, seeds: list[int], *, temperature: float, top_p: float, top_k: int) -> None:
+        self.seeds = seeds
+        self.temperature = temperature
+        self.warpers = ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + (
+            [TopPLogitsWarper(top_p)] if top_p < 1 else []
+        )
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        assert scores.shape[0] == len(self.seeds), (scores.shape, len(self.seeds))  # (B, V)
+        if self.generators is None:  # on the device the scores live on: a CUDA run draws CUDA's own stream
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        scores = scores.float() / self.temperature
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        vocab = scores.shape[1]
+        u = torch.stack(
+            [torch.rand(vocab, generator=g, dtype=torch.float64, device=scores.device) for g in self.generators]
+        )  # (B, V)
+        # u = 0 (probability 2**-53 per entry) gives -inf: that token is not chosen; u < 1, so no +inf.
+        return scores.double() - torch.log(-torch.log(u))
 
 
 def generate_responses(
@@ -91,18 +142,20 @@ def generate_responses(
 
     Prompts are tokenised without special tokens and left-truncated to their last `max_prompt_len` tokens (the end,
     "### Response:", is what the response hangs on). Prompts are sorted by length, longest first (similar lengths
-    share a batch, and an out-of-memory batch fails at once), and left-padded. A batch generates at most
-    `min(max_new_tokens, max_len - longest prompt in the batch)` new tokens, at least 1, as MiniLLM computes it from
-    the padded width; a sequence stops at eos or any of `stop_ids` (a chat template's end-of-turn token, see
-    `egad.data.end_of_turn_id`). Each response is the new tokens up to (not including) the first stop token,
-    decoded with special tokens skipped and surrounding whitespace stripped.
+    share a batch, and an out-of-memory batch fails at once), and left-padded. Each prompt gets at most
+    `min(max_new_tokens, max_len - its own length)` new tokens, at least 1. (MiniLLM takes the batch's padded width
+    instead of the prompt's own length, which ties a prompt's budget to its batch-mates; the two agree whenever
+    `max_prompt_len + max_new_tokens <= max_len`, as in every egad scale.) A sequence stops at eos or any of
+    `stop_ids` (a chat template's end-of-turn token, see `egad.data.end_of_turn_id`). Each response is the new tokens
+    up to (not including) the first stop token, decoded with special tokens skipped and surrounding whitespace
+    stripped.
 
     `greedy=True` decodes greedily and ignores the sampling arguments and `seed`. Otherwise tokens are sampled with
-    `temperature`, `top_p` (1.0: off) and `top_k` (0: off). With an integer `seed` the RNG is seeded once before
-    the first batch, so the same model, prompts, seed and `batch_size` give identical responses (on the same
-    hardware and library versions); a different `batch_size` groups the prompts differently and so draws different
-    samples. Seeding happens inside `torch.random.fork_rng`, so the caller's RNG state is the same afterwards.
-    `seed=None` samples from the current RNG state and advances it, like any unseeded torch sampling.
+    `temperature`, `top_p` (1.0: off) and `top_k` (0: off), each prompt from its own generator seeded by
+    `prompt_seeds` (see the module docstring): the same model, prompt and `seed` give the same response whatever
+    the other prompts, their order and `batch_size` (on the same hardware and library versions, up to floating-point
+    ties). The global RNG is not touched. `seed=None` draws a seed from the global torch RNG and so advances it,
+    like any unseeded torch sampling.
 
     The model runs where its parameters are, in eval mode under no_grad; its training mode is restored afterwards.
     """
@@ -183,28 +236,25 @@ def generate_ids(
 ) -> list[list[int]]:
     """The new token ids for each prompt (token ids, already truncated), in input order, up to and including the first
     of `stop_ids` (a sequence that hits the length budget has none). Batching, budgets and seeding as in
-    `generate_responses`, which decodes these."""
+    `generate_responses`, which decodes these: prompt i's tokens depend on the model, `ids[i]` and `seed` only."""
     # Stable sort, so equal-length prompts keep their input order and the batching is a function of the inputs alone.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     budget = math.inf if max_new_tokens is None else max_new_tokens
+    room = [int(max(1, min(budget, max_len - len(row)))) for row in ids]  # each prompt's own new-token budget
+    if not greedy and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))  # unseeded: from the global RNG, which it advances
+    seeds = None if greedy else prompt_seeds(ids, seed)
     device = _model_device(model)
     was_training = model.training
     saved_config = model.generation_config
     outputs: list[list[int]] = [[] for _ in ids]
-    seeded = seed is not None and not greedy
-    # Forking the RNG only when seeding: an unseeded call must advance the caller's RNG, or repeated unseeded calls
-    # would all draw the same samples.
-    rng = torch.random.fork_rng(devices=_cuda_indices(model)) if seeded else contextlib.nullcontext()
     try:
         model.eval()
         # A blank config, so no checkpoint default (top_k, repetition_penalty, min_p, ...) fills the fields we leave
         # unset; see the module docstring.
         model.generation_config = GenerationConfig()
-        with rng, torch.no_grad():
-            if seeded:
-                # torch.manual_seed seeds the CPU and every CUDA device's generator.
-                torch.manual_seed(seed)
+        with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
                 width = len(ids[batch[0]])  # the longest: batches follow the length-descending order
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -213,23 +263,21 @@ def generate_ids(
                     n = len(ids[i])
                     input_ids[row, width - n :] = torch.as_tensor(ids[i], dtype=torch.long)
                     attention_mask[row, width - n :] = 1
-                new_tokens = int(max(1, min(budget, max_len - width)))
                 config = _generation_config(
-                    greedy=greedy,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=top_k,
-                    stop_ids=stop_ids,
-                    pad_id=pad_id,
-                    max_new_tokens=new_tokens,
+                    stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=max(room[i] for i in batch)
                 )
+                processors = LogitsProcessorList()
+                if seeds is not None:
+                    rows = [seeds[i] for i in batch]
+                    processors.append(_RowSampler(rows, temperature=temperature, top_p=top_p, top_k=top_k))
                 sequences = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
+                    logits_processor=processors,
                 )
                 for row, i in enumerate(batch):
-                    generated = sequences[row, width:].tolist()
+                    generated = sequences[row, width:].tolist()[: room[i]]  # its own budget, not its batch-mates'
                     end = _first_stop(generated, stop_ids)
                     outputs[i] = generated[: end + 1]  # the stop token too, when there is one
     finally:

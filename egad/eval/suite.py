@@ -73,7 +73,9 @@ class EvalSettings:
     max_examples: int | None = None
     template: str = "alpaca"
     # "bf16": generation and scoring under bf16 autocast, 2x faster on the CPU; the dev NLL of SmolLM2-135M moved by
-    # +0.0008 nats against fp32 (docs/benchmarks.md). The logits are upcast to fp32 before every softmax.
+    # +0.0008 nats against fp32 (docs/benchmarks.md). The logits are upcast to fp32 before every softmax. Sampling is
+    # seeded per prompt, but bf16 rounding depends on the batch's shape, so under bf16 a prompt's sample can still
+    # depend on its batch-mates (egad.eval.generate); float32, or batch_size 1, keeps it a function of the prompt.
     mixed_precision: str = "no"
 
     def __post_init__(self) -> None:

@@ -54,6 +54,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--tune", default=None, help="comma-separated dev-sweep knobs (default: all; names: see grid.TUNE)")
     ap.add_argument("--no-tune", action="store_true", help="skip the dev sweep of EGAD's knobs")
+    ap.add_argument(
+        "--primary",
+        default=None,
+        help="the pre-registered primary comparisons, comma-separated a-b cell pairs (egad-kd,egad-feat_kd_all); "
+        "Holm's correction runs over them (default: egad against kd and against the best baseline on dev)",
+    )
     ap.add_argument("--beside", default=None, help="an earlier results page whose table this page shows for comparison")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     ap.add_argument("--size", default=None, help="YAML: `size:` fields replacing the built-in sizes, `run:` overrides")
@@ -168,6 +174,22 @@ def tune(setup: G.Setup, knobs: dict[str, dict]) -> tuple[list[str], dict]:
     return lines, ({} if best == "defaults" else knobs[best])
 
 
+def parse_primary(spec: str | None, cells: list[str]) -> list[tuple[str, str]] | None:
+    """--primary "a-b,c-d" -> [(a, b), (c, d)], every cell one of the study's (the dev-tuned cell counts)."""
+    if spec is None:
+        return None
+    pairs = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        a, sep, b = item.partition("-")
+        if not sep or not a or not b or "-" in b:
+            raise ConfigError(f"--primary: {item!r} is not a pair of cells written a-b (e.g. egad-kd)")
+        unknown = [c for c in (a, b) if c not in cells and c != G.TUNED]
+        if unknown:
+            raise ConfigError(f"--primary {item}: {unknown} not among the study's cells {cells}")
+        pairs.append((a, b))
+    return pairs
+
+
 def retire_stale_choice(cell_dir: Path, chosen: dict) -> None:
     """The dev-tuned cell is trained for one choice; if a longer sweep chose otherwise, set its old runs aside (never
     delete them) so that the cell is trained again rather than skipped as finished."""
@@ -194,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     bad = [k for k in names if k not in G.TUNE]
     if bad:
         raise ConfigError(f"--tune: unknown knob(s) {bad}; choose from {list(G.TUNE)}")
+    primary = parse_primary(args.primary, cells)
     knobs = {} if args.no_tune or "egad" not in cells else {k: G.TUNE[k] for k in names}
     # The main comparison and the dev sweep first, so that a study stopped early has them.
     order = sorted(cells, key=lambda c: c not in ("kd", "egad"))
@@ -236,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         previous=results,
         cut=cut,
         beside=Path(args.beside) if args.beside else None,
+        primary=primary,
     )
     results.write_text(page)
     print(page)

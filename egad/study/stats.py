@@ -1,8 +1,20 @@
-"""Paired comparisons between cells, on the same test examples, and the 2^3 component main effects."""
+"""Paired comparisons between cells with the training seed as the unit, and the 2^3 component main effects.
+
+The primary tests take one number per training seed: the difference between two cells trained with that seed (each
+the mean over the same test examples). With n seeds they are a sample of n: `seed_test` gives their mean, a 95%
+t-interval, the two-sided paired t-test p and the exact sign-flip p over all 2^n sign patterns (which cannot go below
+2 / 2^n: 0.25 with 3 seeds), and `holm` corrects a family of p-values. The two-level bootstrap over seeds and then
+test examples (`hierarchical_bootstrap`) is kept as a secondary reading of the example-level noise: with 3 seeds it
+returns p = 1/n whenever the three seed differences share a sign, so no p-value is drawn from it on the results page.
+
+The t distribution is written here (`t_sf2`, `t_quantile`, through the regularised incomplete beta function), so the
+library needs no scipy; the tests check it against a numerical integration of the t density.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -59,6 +71,130 @@ def main_effects(values: dict[str, float]) -> dict[str, float] | None:
     return effects
 
 
+def main_effects_per_seed(values: dict[str, list[float]]) -> dict[str, list[float]] | None:
+    """`main_effects` within each training seed (cells paired by seed index): component -> one effect per seed, the
+    sample that `seed_test` takes. None if a factorial cell is missing."""
+    if not all(p in values for p in FACTORIAL.values()):
+        return None
+    n = {len(values[p]) for p in FACTORIAL.values()}
+    if len(n) != 1:
+        raise ValueError(f"the factorial cells have different numbers of seeds: {sorted(n)}")
+    per_seed = [main_effects({p: values[p][s] for p in FACTORIAL.values()}) for s in range(n.pop())]
+    return {comp: [e[comp] for e in per_seed] for comp in per_seed[0]} if per_seed else None
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for aa in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            return h
+    raise ArithmeticError(f"incomplete beta: no convergence for a={a}, b={b}, x={x}")
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf2(t: float, df: float) -> float:
+    """Two-sided tail P(|T| >= |t|) of Student's t with `df` degrees of freedom: I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The q-quantile of Student's t (0.5 < q < 1), by bisection on `t_sf2` (monotone in t)."""
+    if not 0.5 < q < 1.0:
+        raise ValueError(f"q must be in (0.5, 1), got {q}")
+    target = 2.0 * (1.0 - q)
+    lo, hi = 0.0, 1.0
+    while t_sf2(hi, df) > target:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_sf2(mid, df) > target else (lo, mid)
+        if hi - lo <= 1e-14 * hi:
+            break
+    return 0.5 * (lo + hi)
+
+
+MAX_SIGN_FLIP_SEEDS = 20  # 2^20 patterns, enumerated in blocks
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Exact two-sided sign-flip (paired permutation) p-value of mean zero: the share of all 2^n sign patterns whose
+    |sum of signed differences| is at least the observed one. Under no difference each seed's difference is as likely
+    to have either sign; with n seeds the smallest possible p is 2 / 2^n."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0 or d.size > MAX_SIGN_FLIP_SEEDS:
+        raise ValueError(f"need 1 to {MAX_SIGN_FLIP_SEEDS} per-seed differences, got shape {d.shape}")
+    observed = abs(d.sum()) - 1e-12 * np.abs(d).sum()  # ties in exact arithmetic count as at least as extreme
+    bits = np.arange(d.size)
+    hits = 0
+    for start in range(0, 2**d.size, 2**16):
+        patterns = np.arange(start, min(start + 2**16, 2**d.size))[:, None]
+        signs = 1.0 - 2.0 * ((patterns >> bits) & 1)  # (block, n): every pattern once over the blocks
+        hits += int((np.abs(signs @ d) >= observed).sum())
+    return hits / 2**d.size
+
+
+def seed_test(diffs: list[float], level: float = 0.95) -> dict:
+    """The training seed as the unit: `diffs` holds one a - b difference per seed (each a mean over test examples).
+    Returns n, the differences, their mean and sd, the `level` t-interval (lo, hi: nan with one seed), the paired
+    t statistic, its two-sided p (`p_t`, nan with one seed; 0 when every difference is the same non-zero number) and
+    the exact sign-flip p (`p_sign`; nan past MAX_SIGN_FLIP_SEEDS seeds)."""
+    d = [float(x) for x in diffs]
+    n = len(d)
+    if n == 0:
+        raise ValueError("no per-seed differences")
+    mean = statistics.fmean(d)
+    out = {"n": n, "diffs": d, "mean": mean, "sd": math.nan, "lo": math.nan, "hi": math.nan, "t": math.nan}
+    out.update(p_t=math.nan, p_sign=sign_flip_p(d) if n <= MAX_SIGN_FLIP_SEEDS else math.nan)
+    if n > 1:
+        sd = statistics.stdev(d)
+        se = sd / math.sqrt(n)
+        half = t_quantile(0.5 + level / 2.0, n - 1) * se
+        t = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+        out.update(sd=sd, lo=mean - half, hi=mean + half, t=t, p_t=t_sf2(t, n - 1))
+    return out
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in the input order: the i-th smallest becomes
+    max over j <= i of min(1, (m - j + 1) p_(j)). A nan p (a test that could not be run) stays nan and does not count
+    in m."""
+    idx = sorted((i for i, p in enumerate(ps) if not math.isnan(p)), key=lambda i: ps[i])
+    out = [math.nan] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
 def hierarchical_bootstrap(
     a: list[list[float]],
     b: list[list[float]],
@@ -99,9 +235,9 @@ def hierarchical_bootstrap(
 
 
 def compare_seeds(out: Path, a: str, b: str, seeds: list[int], n: int = 10000) -> dict[str, dict[str, float]]:
-    """a - b on Dolly test with the training seed in the unit of replication (`hierarchical_bootstrap`, seeds paired
-    by index): ROUGE-L (higher is better) and token-mean response NLL (lower is better), each with its 95% interval
-    and p-value."""
+    """The secondary, example-level reading of a - b on Dolly test (`hierarchical_bootstrap`, seeds paired by index):
+    ROUGE-L (higher is better) and token-mean response NLL (lower is better), each with its 95% interval. The primary
+    test is `seed_test` on the per-seed differences."""
     sa, tokens = seed_example_nll(out / a, seeds)
     sb, tokens_b = seed_example_nll(out / b, seeds)
     if tokens != tokens_b:
