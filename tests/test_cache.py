@@ -9,13 +9,25 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from egad import data as D
 from egad.data import shift_labels
 from egad.entropy import token_entropy
+from egad.losses import sparse
+from egad.losses.sparse import entropy_matched_tail
 from egad.paths import sha256_file
-from egad.teacher.cache import CacheError, TeacherCache, fingerprint_examples, reader, tokenizer_sha256, write_cache
+from egad.teacher.cache import (
+    CacheError,
+    TeacherCache,
+    codec,
+    fingerprint_examples,
+    reader,
+    tokenizer_sha256,
+    write_cache,
+)
 from egad.teacher.online import OnlineTeacher
 
 ARGS = {"template": "alpaca", "max_prompt_len": 48, "max_len": 96, "progress": False}
@@ -50,9 +62,12 @@ def live(model, tok, items, layers=()):
 
 
 def test_round_trip_matches_live_teacher(setup, tmp_path):
+    """The fp16 encoding without a tail sample: what format 1 stored, with uint16 ids."""
     tok, items, model = setup
-    m = write_cache(model, tok, items, tmp_path, k=16, examples_per_shard=10, batch_size=4, **ARGS, extra={"x": 2})
+    m = write_cache(model, tok, items, tmp_path, k=16, tail_samples=0, logprob_bits=16, examples_per_shard=10,
+                    batch_size=4, **ARGS, extra={"x": 2})  # fmt: skip
     assert m["complete"] and len(m["shards"]) == 3 and len(m["knots"]) == 1001 and m["x"] == 2
+    assert m["format_version"] == 2 and m["id_dtype"] == "uint16" and m["tail_samples"] == 0
     cache = TeacherCache(tmp_path, expect={"tokenizer_sha256": tokenizer_sha256(tok), "k": 16})
     # A different batch composition from the one the cache was written with (padding differs).
     idx = [3, 11, 0, 23, 17]
@@ -68,19 +83,64 @@ def test_round_trip_matches_live_teacher(setup, tmp_path):
     torch.testing.assert_close(got.tail_logmass[resp], expected_tail, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.entropy[resp], token_entropy(sig.logits[resp][:, :v]), rtol=0, atol=1e-5)
     assert (got.ids[~resp] == 0).all() and torch.isneginf(got.tail_logmass[~resp]).all()
-    assert got.features is None and got.feature_mask is None and got.vocab_rows == v
-    assert 16 * 6 + 8 <= cache.bytes_per_token < 16 * 6 + 8 + 16 and cache.hidden_bytes == 0
+    assert got.features is None and got.feature_mask is None and got.vocab_rows == v and got.tail_sample is None
+    assert 16 * 4 + 8 <= cache.bytes_per_token < 16 * 4 + 8 + 16 and cache.hidden_bytes == 0
     assert cache.knots[0] <= cache.knots[500] <= cache.knots[-1]
+
+
+def _half_step_bound(true: Tensor) -> Tensor:
+    """The most an 8-bit code can be off (codec.quantise): half the row's step, range / 254 rounded one fp16 ulp up,
+    or the fp16 rounding of the row's largest value, which is the offset. (C, n) -> (C, 1)"""
+    hi = true.amax(-1, keepdim=True)
+    lo = true.masked_fill(~torch.isfinite(true), math.inf).amin(-1, keepdim=True)
+    ulp = hi.abs() * 2.0**-11
+    return torch.maximum((hi - lo + ulp) / 254 * (1 + 2.0**-9) / 2, ulp) + 1e-6
+
+
+def test_round_trip_of_the_default_encoding(setup, tmp_path):
+    """k ids and log-probs as 8-bit codes, plus 56 ids drawn from the tail, their codes and log sum_tail p^(1/2)."""
+    tok, items, model = setup
+    m = write_cache(model, tok, items, tmp_path, k=16, examples_per_shard=10, batch_size=4, **ARGS)
+    assert (m["tail_samples"], m["logprob_bits"], m["sample_exponent"], m["dtype"]) == (56, 8, 0.5, "uint8")
+    cache = TeacherCache(tmp_path)
+    idx = [3, 11, 0, 23, 17]
+    targets, sig = live(model, tok, [items[i] for i in idx])
+    got = cache.lookup(idx, targets)
+    resp = targets != -100
+    v = len(tok)
+    logp = torch.log_softmax(sig.logits[..., :v].float(), -1)[resp]  # (n, V)
+    top = logp.topk(16, -1)
+    assert torch.equal(got.ids[resp], top.indices)
+    assert ((got.logprobs[resp] - top.values).abs() <= _half_step_bound(top.values)).all()
+    sample = got.tail_sample
+    ids, lp = sample.ids[resp], sample.logprobs[resp]
+    assert ids.shape == (int(resp.sum()), 56) and sample.exponent == 0.5
+    assert not (ids[:, :, None] == top.indices[:, None, :]).any()  # drawn from outside the top-k only
+    true = logp.gather(1, ids)
+    assert ((lp - true).abs() <= _half_step_bound(true)).all()
+    rest = logp.scatter(1, top.indices, -math.inf)
+    torch.testing.assert_close(sample.log_z[resp], (0.5 * rest).logsumexp(-1), rtol=1e-5, atol=1e-5)
+    assert torch.isneginf(sample.log_z[~resp]).all() and (sample.ids[~resp] == 0).all()
+    # The sample depends on the token's (example, position), not on the batch the writer ran it in.
+    width = resp.shape[1]
+    rows = resp.reshape(-1).nonzero().squeeze(-1)
+    phase = codec.sample_phase(torch.tensor(idx)[rows // width], rows % width)
+    redrawn, _ = codec.tail_sample(logp, top.indices, 56, 0.5, phase)
+    # fp32 logits move a little with the batch's padding, which may carry a point across an id boundary: rarely.
+    assert (redrawn == ids).float().mean() > 0.99
+    base = codec.bytes_per_token(16, 56, 8, v)  # + offsets and safetensors headers, per token
+    assert base == 16 * 3 + 56 * 3 + 2 * 4 + 3 * 4 and base <= cache.bytes_per_token < base + 8
 
 
 def test_k_equals_vocab_has_empty_tail(setup, tmp_path):
     tok, items, model = setup
     v = len(tok)
-    write_cache(model, tok, items[:4], tmp_path, k=v, **ARGS)
+    m = write_cache(model, tok, items[:4], tmp_path, k=v, logprob_bits=16, **ARGS)
+    assert m["tail_samples"] == 0  # nothing outside the top-k to sample
     targets, sig = live(model, tok, items[:4])
     got = TeacherCache(tmp_path).lookup(list(range(4)), targets)
     resp = targets != -100
-    assert torch.isneginf(got.tail_logmass[resp]).all()
+    assert torch.isneginf(got.tail_logmass[resp]).all() and got.tail_sample is None
     assert torch.equal(got.ids[resp].sort(-1).values, torch.arange(v).expand(int(resp.sum()), v))
     torch.testing.assert_close(got.logprobs[resp].logsumexp(-1), torch.zeros(int(resp.sum())), atol=1e-3, rtol=0)
 
@@ -127,6 +187,12 @@ def test_identity_mismatch_and_wrong_rows(setup, tmp_path):
         TeacherCache(tmp_path).lookup([1, 0], targets)
     with pytest.raises(CacheError, match="'k' is 4 in the existing cache but 8 now"):
         write_cache(model, tok, items[:6], tmp_path, k=8, **ARGS)
+    with pytest.raises(CacheError, match="'tail_samples' is 56 in the existing cache but 8 now"):
+        write_cache(model, tok, items[:6], tmp_path, k=4, tail_samples=8, **ARGS)
+    with pytest.raises(CacheError, match="'logprob_bits' is 8 in the existing cache but 16 now"):
+        write_cache(model, tok, items[:6], tmp_path, k=4, logprob_bits=16, **ARGS)
+    with pytest.raises(CacheError, match="tail_samples >= 0 and logprob_bits 8 or 16"):
+        write_cache(model, tok, items[:6], tmp_path / "x", k=4, logprob_bits=4, **ARGS)
 
 
 def test_interrupted_run_resumes_to_identical_files(setup, tmp_path):
@@ -218,6 +284,8 @@ def test_lru_is_bounded_and_matches_an_unbounded_reader(setup, sharded, monkeypa
         want, got = full.lookup(idx, targets), small.lookup(idx, targets)
         for name in ("ids", "logprobs", "tail_logmass", "entropy", "feature_mask"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+        for name in ("ids", "logprobs", "log_z"):
+            assert torch.equal(getattr(got.tail_sample, name), getattr(want.tail_sample, name)), name
         assert all(torch.equal(g, w) for g, w in zip(got.features, want.features, strict=True))
         assert got.feature_mask.any()
     assert max(spans) > 3 and max(held) == 3 and len(full.shards_held) == 12
@@ -250,3 +318,47 @@ def test_shard_modified_after_verification_is_caught(setup, sharded, tmp_path):
 def test_bad_max_shards(sharded, bad):
     with pytest.raises(CacheError, match="max_shards"):
         TeacherCache(sharded, max_shards=bad)
+
+
+# ------------------------------------------------------------------------------------------------------- format 1
+def _as_format_1(path) -> None:
+    """Rewrite a cache of format 2 with fp16 log-probs and no tail sample into the format-1 layout (int32 ids, the
+    manifest without the encoding fields), as an older egad wrote it."""
+    m = json.loads((path / "manifest.json").read_text())
+    for s in m["shards"]:
+        file = path / s["file"]
+        tensors = load_file(str(file))
+        tensors["topk_ids"] = tensors["topk_ids"].int()
+        save_file(tensors, str(file))
+        s["sha256"], s["bytes"] = sha256_file(file), file.stat().st_size
+    for name in ("tail_samples", "sample_exponent", "logprob_bits", "id_dtype"):
+        del m[name]
+    m["format_version"], m["dtype"] = 1, "float16"
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_format_1_cache_still_reads_and_is_not_resumed(setup, tmp_path):
+    tok, items, model = setup
+    args = dict(k=8, tail_samples=0, logprob_bits=16, examples_per_shard=4, **ARGS)
+    write_cache(model, tok, items[:8], tmp_path / "v2", **args)
+    shutil.copytree(tmp_path / "v2", tmp_path / "v1")
+    _as_format_1(tmp_path / "v1")
+    idx = [5, 0, 7]
+    targets = targets_of(tok, items, idx)
+    old, new = TeacherCache(tmp_path / "v1").lookup(idx, targets), TeacherCache(tmp_path / "v2").lookup(idx, targets)
+    assert old.tail_sample is None
+    for name in ("ids", "logprobs", "tail_logmass", "entropy"):
+        assert torch.equal(getattr(old, name), getattr(new, name)), name
+    # The loss it gives is the bucket one, with the entropy-matched tail: what format 1 always gave.
+    flat = (targets != -100).reshape(-1).nonzero().squeeze(-1)
+    v = len(tok)
+    student = torch.randn(flat.numel(), v, generator=torch.Generator().manual_seed(0))
+    ids, lp, tail = old.rows_topk(flat)
+    h = old.entropy_at(flat)
+    for tau in (1.0, 2.0):
+        want = sparse.forward_kl(student, ids, lp, entropy_matched_tail(lp, tail, h, 1 / tau, vocab_size=v),
+                                 temperature=tau)  # fmt: skip
+        got = old.chunk(flat, v).divergence("forward_kl", student, torch.full((flat.numel(),), tau))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(CacheError, match=r"format-1 cache.*delete .*v1 and rerun `egad cache`"):
+        write_cache(model, tok, items[:8], tmp_path / "v1", **args)

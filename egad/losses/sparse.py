@@ -16,24 +16,33 @@ is -inf, as the teacher's.
 
 APPROXIMATIONS, each exact when k = V:
 
-1. Teacher temperature. The cache holds p at tau = 1 only. We use p^(tau) over the buckets = softmax((log p_ids, log
-   m) / tau), i.e. the tail is treated as ONE pseudo-token of probability m. This is an approximation of softmax(z_T /
-   tau): the exact tempered tail needs sum_{v in tail} p_v^(1/tau), which depends on the tail's internal distribution,
-   and the cache does not store it. Since x^a is subadditive for a < 1, m^(1/tau) <= sum_tail p_v^(1/tau) when
-   tau > 1, so the tempered tail is UNDERestimated for tau > 1 (overestimated for tau < 1). Exact at tau = 1 and
-   when the tail is empty (m = 0, k = V).
+1. Teacher temperature. The cache holds p at tau = 1 only. We use p^(tau) over the buckets = softmax((log p_ids, t) /
+   tau): the tail is ONE pseudo-token. With t = log m this underestimates the tempered tail for tau > 1 (x^a is
+   subadditive for a < 1: m^(1/tau) <= sum_tail p_v^(1/tau)); `tempered_tail` gives the t whose power is the tail's
+   power sum instead, from the cached entropy (`entropy_matched_tail`) or from a tail sample (below).
 2. Coarsening. Even at tau = 1 the loss compares the bucket distributions, not the full ones. For the f-divergences
    (forward/reverse/skew KL, JSD, TVD) that is a lower bound of the full value (data processing), with equality when
    the student is proportional to the teacher inside the tail. AKL ranks the tail as a single entry when it splits
    head and tail; ToDi gives the tail one mixing weight from the aggregated ratio log(m_p / m_q).
 3. TTM / WTTM. The teacher is tempered by tau, then powered by gamma, the tail again as one pseudo-token (the target's
-   tail is m^(gamma/tau) renormalised); the student is not tempered. WTTM's weight sum_v p_v^gamma sees m^gamma for the
-   tail, below sum_tail p_v^gamma for gamma < 1 (the same subadditivity), so the weight is underestimated.
+   tail is matched at the total exponent gamma/tau); the student is not tempered. WTTM's weight sum_v p_v^gamma sees
+   the pseudo-token's power, not sum_tail p_v^gamma.
 4. BiLD uses only the cached ids; the tail is unused. Teacher logits there are replaced by the cached log-probs:
    log-prob differences equal logit differences, so the teacher-led half is exact for top_k <= k. The student-led half
    needs the teacher's value at the student's top_k over the full vocabulary, unknown outside the cache; we take the
    student's top_k AMONG THE CACHED IDS instead. Exact when the student's top_k all lie in the cached ids (always when
    k = V), an approximation otherwise. Requires 2 <= top_k <= k.
+
+SAMPLED TAIL (`SAMPLED_DIVERGENCES`: forward_kl, ttm, wttm, given ``sample=``, a `sparse_tail.TailSample`). A cache
+that also stores S tokens drawn from the tail (`egad.losses.sparse_tail`) lets the losses whose tail term is an
+expectation under the teacher, KL(target || student), drop the bucket: the target P_a = p^a / Z_all(a) is exact at the
+top-k ids, the tail is the S sampled ids with importance weights w_s summing to the tempered tail mass, and the student
+log-probs are exact over the full vocabulary. The value sum_topk P (log P - log q) + sum_s w_s (log P_s - log q_s)
+is a consistent estimate of the full KL (not a lower bound; it may fall below 0 on a token where the student is
+close), and its gradient in the student logits, (q - P^) / tau with P^ = (P at the top-k, w at the sample), equals
+the exact (q - p) / tau in expectation over the sample (exactly at tau = 1/b, where the weights are uniform; up to the
+O(1/S) self-normalisation bias elsewhere). WTTM's weight comes from the sample's power sums. The other losses keep the
+buckets, with the tail tempered from the sample's power sums (`tempered_tail`).
 """
 
 from __future__ import annotations
@@ -46,9 +55,18 @@ from torch import Tensor
 
 from egad.losses import divergences as dense
 from egad.losses.divergences import _NEG, _temper
+from egad.losses.sparse_tail import (  # noqa: F401 (entropy_matched_tail, tempered_tail: re-exported)
+    TailSample,
+    entropy_matched_tail,
+    tail_log_power_sum,
+    teacher_atoms,
+    tempered_tail,
+)
 
 __all__ = [
+    "SAMPLED_DIVERGENCES",
     "SPARSE_DIVERGENCES",
+    "TailSample",
     "akl",
     "bild",
     "forward_kl",
@@ -56,8 +74,10 @@ __all__ = [
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "student_atom_logprobs",
     "student_bucket_logprobs",
     "teacher_bucket_logprobs",
+    "tempered_tail",
     "todi",
     "tvd",
     "ttm",
@@ -89,32 +109,6 @@ def teacher_bucket_logprobs(logprobs: Tensor, tail: Tensor, *, temperature: floa
     return torch.log_softmax(_temper(buckets, temperature), dim=-1)
 
 
-def entropy_matched_tail(
-    logprobs: Tensor, tail: Tensor, entropy: Tensor, exponent: float | Tensor, *, vocab_size: int
-) -> Tensor:
-    """A tail value for `teacher_bucket_logprobs` that tempers the tail as n_eff equal tokens instead of one.
-
-    Tempering raises each probability to a = 1/tau (TTM: gamma/tau), so the tail's tempered weight is
-    sum_tail p^a, which a single pseudo-token (m^a) underestimates badly for a flat tail. The cache's exact entropy
-    H fixes the tail's own entropy T = H - (-sum_topk p log p); a tail uniform over n_eff tokens with mass m has
-    T = m log(n_eff / m), so n_eff = m exp(T / m), clamped to [1, V - k]. Then sum_tail p^a ~= m^a n_eff^(1-a),
-    which `teacher_bucket_logprobs` reproduces from the returned value log m + (1/a - 1) log n_eff.
-    Exact for a uniform tail, for a = 1 (unchanged) and for k = V. (N, k), (N,), (N,) -> (N,).
-    """
-    # float64: T / m amplifies the cancellation in H - H_top when the tail mass is small. The stored fp32 entropy
-    # still bounds the precision: the error of log n_eff is about 1e-7 H / m.
-    lp = logprobs.double()
-    m_log = tail.double()
-    h_top = -(lp.exp() * lp).sum(-1)
-    t = (entropy.double() - h_top).clamp_min(0)
-    m = m_log.exp()
-    log_n = torch.where(m > 1e-6, m_log + t / m.clamp_min(1e-6), torch.zeros_like(m))
-    log_n = log_n.clamp(0.0, math.log(max(vocab_size - lp.shape[-1], 1)))
-    a = torch.as_tensor(exponent, dtype=torch.float64, device=lp.device)
-    out = m_log + (1.0 / a - 1.0) * log_n
-    return torch.where(torch.isfinite(m_log), out, m_log).float()
-
-
 def student_bucket_logprobs(student_logits: Tensor, ids: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
     """Exact student log-probs over (ids, everything else) at ``temperature``. (N, V), (N, k) -> (N, k+1).
 
@@ -123,12 +117,30 @@ def student_bucket_logprobs(student_logits: Tensor, ids: Tensor, *, temperature:
     `_StudentBuckets` (a hand-written backward, a few in-place passes over one scratch tensor); a temperature that
     itself needs a gradient takes the plain autograd path, `_student_buckets_autograd`.
     """
+    return torch.log_softmax(_student_bucket_logits(student_logits, ids, temperature), dim=-1)
+
+
+def _student_bucket_logits(student_logits: Tensor, ids: Tensor, temperature: float | Tensor) -> Tensor:
+    """(z_ids / tau, logsumexp of the other entries / tau), unnormalised. (N, V), (N, J) -> (N, J+1)"""
     z = student_logits.float()
     if isinstance(temperature, Tensor) and temperature.requires_grad:
-        buckets = _student_buckets_autograd(z, ids, temperature)
-    else:
-        buckets = _StudentBuckets.apply(z, ids, temperature)
-    return torch.log_softmax(buckets, dim=-1)
+        return _student_buckets_autograd(z, ids, temperature)
+    return _StudentBuckets.apply(z, ids, temperature)
+
+
+def student_atom_logprobs(student_logits: Tensor, ids: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
+    """Exact student log-probs log softmax(z_S / tau) at `ids`, which may repeat. (N, V), (N, J) -> (N, J)
+
+    The bucket logits of `ids` with the normaliser taken over each distinct id once plus the rest: the (N, V) work
+    is `_StudentBuckets`' single scratch, and a repeated id's gradient accumulates like a gather's."""
+    raw = _student_bucket_logits(student_logits, ids, temperature)  # (N, J+1)
+    with torch.no_grad():
+        sorted_ids, order = ids.sort(dim=-1)
+        repeat = torch.zeros_like(ids, dtype=torch.bool)
+        repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+        repeat = torch.zeros_like(repeat).scatter_(-1, order, repeat)  # back to the ids' order
+    unique = torch.cat([raw[:, :-1].masked_fill(repeat, -math.inf), raw[:, -1:]], dim=-1)
+    return raw[:, :-1] - torch.logsumexp(unique, dim=-1, keepdim=True)
 
 
 def _student_buckets_autograd(z: Tensor, ids: Tensor, temperature: float | Tensor) -> Tensor:
@@ -217,7 +229,7 @@ def _on_buckets(dense_fn: Callable[..., Tensor], doc: str, *, temper_student: bo
     return fn
 
 
-forward_kl = _on_buckets(dense.forward_kl, "KL(p || q) over the k+1 buckets.")
+_bucket_forward_kl = _on_buckets(dense.forward_kl, "KL(p || q) over the k+1 buckets.")
 reverse_kl = _on_buckets(dense.reverse_kl, "KL(q || p) over the k+1 buckets.")
 jsd = _on_buckets(dense.jsd, "Generalised JSD, beta weighting the teacher, over the k+1 buckets.")
 skew_forward_kl = _on_buckets(dense.skew_forward_kl, "KL(p || lam p + (1 - lam) q) over the k+1 buckets.")
@@ -225,12 +237,119 @@ skew_reverse_kl = _on_buckets(dense.skew_reverse_kl, "KL(q || (1 - lam) p + lam 
 tvd = _on_buckets(dense.tvd, "0.5 sum |p - q| over the k+1 buckets.")
 akl = _on_buckets(dense.akl, "Adaptive KL over the k+1 buckets, the tail ranked as one entry.")
 todi = _on_buckets(dense.todi, "ToDi over the k+1 buckets, the tail with one mixing weight.")
-ttm = _on_buckets(
+_bucket_ttm = _on_buckets(
     dense.ttm, "KL(p~ || q_1) over the k+1 buckets, p~ from the tempered teacher, q_1 untempered.", temper_student=False
 )
-wttm = _on_buckets(
+_bucket_wttm = _on_buckets(
     dense.wttm, "sg(sum p^gamma) * TTM over the k+1 buckets (weight underestimated for k < V).", temper_student=False
 )
+
+
+# ----------------------------------------------------------------------------------------------- the sampled tail
+def _atom_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    sample: TailSample,
+    exponent: float | Tensor,
+    student_temperature: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """KL(P_a || q) with the teacher's tail from `sample` (module docstring, "sampled tail"), and log Z_all(a).
+
+    P_a = p^a / Z_all(a) is exact at the top-k ids; the tail contributes sum_s w_s (log P_a(v_s) - log q(v_s)),
+    q = softmax(z_S / student_temperature) exact over the full vocabulary. -> (N,) fp32, (N,) float64"""
+    _check(student_logits, ids, teacher_logprobs, tail)
+    if sample.ids.shape[0] != ids.shape[0]:
+        raise ValueError(f"tail sample has {sample.ids.shape[0]} rows, the top-k {ids.shape[0]}")
+    k = ids.shape[1]
+    logp_top, logp_s, log_w, log_norm = teacher_atoms(teacher_logprobs, tail, sample, exponent)
+    logq = student_atom_logprobs(student_logits, torch.cat([ids, sample.ids], dim=-1), temperature=student_temperature)
+    head = dense._kl_terms(logp_top.float(), logq[:, :k]).sum(-1)
+    w = log_w.exp().float()  # (N, S); 0 on an empty tail
+    logp_s = logp_s.float()
+    keep = (w > 0) & torch.isfinite(logp_s)
+    # Sanitised as in _kl_terms, so that a masked entry's -inf sends no NaN back through where().
+    diff = torch.where(keep, logp_s, 0.0) - torch.where(keep, logq[:, k:], 0.0)
+    return head + torch.where(keep, w * diff, 0.0).sum(-1), log_norm
+
+
+def forward_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    sample: TailSample | None = None,
+) -> Tensor:
+    """KL(p || q) over the k+1 buckets; with a tail `sample`, over the top-k and the sampled tail instead.
+
+    See `divergences.forward_kl`. Bucketed, it misses the KL inside the tail (a lower bound at tau = 1). Sampled, the
+    tail term is estimated from the sample and the student's gradient at every entry is (q - P^)/tau, P^ the teacher
+    at the top-k plus the sample weights: the exact gradient (q - p)/tau in expectation over the sample."""
+    if sample is None:
+        return _bucket_forward_kl(student_logits, ids, teacher_logprobs, tail, temperature=temperature)
+    tau = _check_temperature(temperature)
+    return _atom_kl(student_logits, ids, teacher_logprobs, tail, sample, 1.0 / tau, tau)[0]
+
+
+def _ttm_with_sample(student_logits, ids, teacher_logprobs, tail, temperature, gamma, sample):
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    tau = _check_temperature(temperature)
+    kl, log_norm = _atom_kl(student_logits, ids, teacher_logprobs, tail, sample, gamma / tau, 1.0)
+    return kl, log_norm, tau
+
+
+def ttm(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    gamma: float = 0.5,
+    sample: TailSample | None = None,
+) -> Tensor:
+    """KL(p~ || q_1), p~ = p^(gamma / tau) renormalised, q_1 untempered: over the k+1 buckets, or over the top-k and
+    the sampled tail when a `sample` is given. See `divergences.ttm`."""
+    if sample is None:
+        return _bucket_ttm(student_logits, ids, teacher_logprobs, tail, temperature=temperature, gamma=gamma)
+    return _ttm_with_sample(student_logits, ids, teacher_logprobs, tail, temperature, gamma, sample)[0]
+
+
+def wttm(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    gamma: float = 0.5,
+    sample: TailSample | None = None,
+) -> Tensor:
+    """sg(sum_v p_v^gamma) * TTM, p = the teacher at tau. With a `sample`, the TTM term as in `ttm` and the weight
+    Z_all(gamma / tau) / Z_all(1 / tau)^gamma from the sampled tail's power sums (bucketed, the weight is
+    underestimated for k < V). See `divergences.wttm`."""
+    if sample is None:
+        return _bucket_wttm(student_logits, ids, teacher_logprobs, tail, temperature=temperature, gamma=gamma)
+    kl, log_norm, tau = _ttm_with_sample(student_logits, ids, teacher_logprobs, tail, temperature, gamma, sample)
+    with torch.no_grad():
+        a1 = 1.0 / torch.as_tensor(tau, dtype=torch.float64, device=tail.device).detach()
+        log_tail = tail_log_power_sum(tail, sample, a1)
+        a1_col = a1[:, None] if a1.dim() == 1 else a1
+        log_z1 = torch.logaddexp(torch.logsumexp(a1_col * teacher_logprobs.double(), dim=-1), log_tail)
+        weight = (log_norm.detach() - gamma * log_z1).exp().float()
+    return weight * kl
+
+
+def _check_temperature(temperature: float | Tensor) -> float | Tensor:
+    if isinstance(temperature, Tensor):
+        return temperature.float()
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return float(temperature)
 
 
 def bild(
@@ -253,6 +372,10 @@ def bild(
     zs = student_logits.float().gather(-1, ids)  # (N, k)
     return dense.bild(zs, teacher_logprobs.float(), temperature=temperature, top_k=top_k)
 
+
+# The losses that take a tail `sample=` keyword: KL(target || student) with the teacher first, so the tail term is an
+# expectation under the teacher, which the sample estimates. The others read the sample only through `tempered_tail`.
+SAMPLED_DIVERGENCES = frozenset({"forward_kl", "ttm", "wttm"})
 
 SPARSE_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "forward_kl": forward_kl,

@@ -40,12 +40,15 @@ def run_cache_job(
     out_dir: str | Path,
     *,
     k: int = 64,
+    tail_samples: int = 56,
+    logprob_bits: int = 8,
     hidden_quantile: float | None = None,
     examples_per_shard: int = 512,
     batch_size: int | None = None,
     hash_weights: bool | None = None,
 ):
-    """Write (or resume) the teacher cache of `cfg`'s training split into out_dir; returns the manifest."""
+    """Write (or resume) the teacher cache of `cfg`'s training split into out_dir; returns the manifest. `k`,
+    `tail_samples` and `logprob_bits` set the encoding (see `write_cache`)."""
     m = cfg.model
     if not (m.teacher or m.teacher_config):
         raise ConfigError(
@@ -80,6 +83,8 @@ def run_cache_job(
         items,
         out_dir,
         k=k,
+        tail_samples=tail_samples,
+        logprob_bits=logprob_bits,
         vocab_size=vocab,
         layers=layers,
         hidden_quantile=hidden_quantile,

@@ -12,8 +12,9 @@ Implementations here:
 * `DenseSignal`: full teacher logits (B, L, V_T), from a live forward.
 * `FusedSignal`: the teacher's final hidden state (B, L, d_T) and its head; each chunk's logits are projected when the
   chunk is asked for, under no_grad, so the teacher's full logits never exist.
-* `TopKSignal`: the cached top-k ids and log-probs at tau = 1, the tail log-mass and the exact entropy; its chunks
-  run the sparse losses of `egad.losses.sparse`, the tail as one bucket.
+* `TopKSignal`: the cached top-k ids and log-probs at tau = 1, the tail log-mass and the exact entropy, and, from a
+  format-2 cache, a sample of the tail; its chunks run the sparse losses of `egad.losses.sparse`, the tail as one
+  bucket or, for the losses that can use it (`SAMPLED_DIVERGENCES`), as its sample.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from egad.heads import OutputHead
 from egad.losses.divergences import DIVERGENCES, hellinger_from_logprobs
 from egad.losses.fused_kl import forward_kl_fast
 from egad.losses.sparse import (
+    SAMPLED_DIVERGENCES,
     SPARSE_DIVERGENCES,
-    entropy_matched_tail,
+    TailSample,
     student_bucket_logprobs,
     teacher_bucket_logprobs,
+    tempered_tail,
 )
 
 
@@ -177,13 +180,14 @@ class FusedSignal:
 @dataclass
 class TopKChunk:
     """Cached teacher at a chunk: top-k ids (C, k), log-probs (C, k) and tail log-mass (C,) at tau = 1, the exact
-    entropy (C,), all fp32 but the ids."""
+    entropy (C,), all fp32 but the ids, and the tail sample at these rows (C, S) or None."""
 
     ids: Tensor
     logprobs: Tensor
     tail: Tensor
     exact_entropy: Tensor
     vocab_size: int
+    sample: TailSample | None = None
 
     def entropy(self, temperature: float = 1.0) -> Tensor:
         if temperature != 1.0:
@@ -198,9 +202,15 @@ class TopKChunk:
 
     def divergence(self, name: str, student_logits: Tensor, temperature: Tensor, **hyper: float) -> Tensor:
         # TTM / WTTM power the teacher by gamma after tempering: the tail is matched at the total exponent gamma/tau.
+        fn = SPARSE_DIVERGENCES[name]
+        if self.sample is not None and name in SAMPLED_DIVERGENCES:
+            return fn(student_logits, self.ids, self.logprobs, self.tail, temperature=temperature, sample=self.sample,
+                      **hyper)  # fmt: skip
         exponent = hyper.get("gamma", 1.0) / temperature if name in ("ttm", "wttm") else 1.0 / temperature
-        tail = entropy_matched_tail(self.logprobs, self.tail, self.exact_entropy, exponent, vocab_size=self.vocab_size)
-        return SPARSE_DIVERGENCES[name](student_logits, self.ids, self.logprobs, tail, temperature=temperature, **hyper)
+        tail = tempered_tail(
+            self.logprobs, self.tail, self.exact_entropy, exponent, vocab_size=self.vocab_size, sample=self.sample
+        )
+        return fn(student_logits, self.ids, self.logprobs, tail, temperature=temperature, **hyper)
 
 
 @dataclass
@@ -215,6 +225,8 @@ class TopKSignal:
     vocab_rows: the teacher's logit row count (for the shared-vocabulary check), or None when unknown.
     feature_mask: (B, L) bool, True where `features` hold a stored hidden state, or None when stored everywhere. The
         offline cache keeps hidden states only for high-entropy tokens and leaves zeros elsewhere.
+    tail_sample: ids (B, L, S) drawn from the tail, their log-probs (B, L, S) and log sum_tail p^b (B, L)
+        (`egad.losses.sparse_tail.TailSample`), or None: the tail is then one bucket for every loss.
     """
 
     ids: Tensor
@@ -224,6 +236,7 @@ class TopKSignal:
     features: list[Tensor] | None = None
     vocab_rows: int | None = None
     feature_mask: Tensor | None = None
+    tail_sample: TailSample | None = None
 
     @property
     def k(self) -> int:
@@ -242,7 +255,8 @@ class TopKSignal:
         return self.entropy.reshape(-1)[flat_index].float()
 
     def chunk(self, flat_index: Tensor, vocab_size: int) -> TopKChunk:
-        return TopKChunk(*self.rows_topk(flat_index), self.entropy_at(flat_index), vocab_size)
+        sample = None if self.tail_sample is None else self.tail_sample.rows(flat_index)
+        return TopKChunk(*self.rows_topk(flat_index), self.entropy_at(flat_index), vocab_size, sample)
 
     def features_at(self, flat_index: Tensor) -> list[Tensor]:
         return _gather_features(self.features, flat_index)

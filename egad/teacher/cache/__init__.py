@@ -1,17 +1,27 @@
 """The offline teacher cache: the teacher's top-k distribution per response token, computed once, read by training.
 
 A cache directory holds `manifest.json` and shards `shard-00000.safetensors`, ... Shard s covers the tokenized
-examples [start, end) of the list given to `write_cache` (positions in that list, not `item["index"]`). Per shard:
+examples [start, end) of the list given to `write_cache` (positions in that list, not `item["index"]`). Per shard
+(format 2; the encoding is `egad.teacher.cache.codec`):
 
-    example_index  int64 (n_ex,)      the examples' positions in the list
-    token_offsets  int64 (n_ex + 1,)  rows of example j are [off[j], off[j+1]): its response positions (targets != -100
-                                      after `shift_labels`) in position order
-    topk_ids       int32 (n_tok, k)   teacher top-k ids at tau = 1 over the first `vocab_size` logits, most likely first
-    topk_logprobs  fp16  (n_tok, k)   their log-probs
-    tail_logmass   fp32  (n_tok,)     log(1 - sum_topk p), -inf when k = vocab_size
-    entropy        fp32  (n_tok,)     exact teacher entropy (nats, tau = 1) of the fp32 logits
-    hidden_rows    int64 (n_hard,)    optional: rows whose entropy >= `hidden_threshold`
-    hidden_{t}     fp16  (n_hard, d)  optional: hidden state of teacher layer t (`egad.models.capture_hidden`) there
+    example_index    int64 (n_ex,)      the examples' positions in the list
+    token_offsets    int64 (n_ex + 1,)  rows of example j are [off[j], off[j+1]): its response positions (targets !=
+                                        -100 after `shift_labels`) in position order
+    topk_ids         uint16 (n_tok, k)  teacher top-k ids at tau = 1 over the first `vocab_size` logits, most likely
+                                        first; int32 when vocab_size > 65536
+    topk_logprobs    uint8 (n_tok, k)   their log-probs as 8-bit codes (fp16 log-probs with logprob_bits = 16)
+    topk_scale       fp16 (n_tok, 2)    the codes' per-token (offset, step): log p = offset - step * code
+    tail_logmass     fp32 (n_tok,)      log(1 - sum_topk p), -inf when k = vocab_size
+    entropy          fp32 (n_tok,)      exact teacher entropy (nats, tau = 1) of the fp32 logits
+    sample_ids       (n_tok, S)         with tail_samples = S > 0: ids drawn from the tail in proportion to p^(1/2)
+    sample_logprobs  (n_tok, S)         their log-probs, coded as the top-k's (with a `sample_scale` at 8 bits)
+    tail_logz        fp32 (n_tok,)      log sum_tail p^(1/2), exact
+    hidden_rows      int64 (n_hard,)    optional: rows whose entropy >= `hidden_threshold`
+    hidden_{t}       fp16 (n_hard, d)   optional: hidden state of teacher layer t (`egad.models.capture_hidden`) there
+
+The default (k = 64, S = 56, 8 bits) takes 380 bytes per token for a vocabulary up to 65,536. Format 1 (int32 ids,
+fp16 log-probs, no sample) still reads, and serves the signal it always did; `write_cache` refuses to resume or
+extend it and says how to rebuild it.
 
 The manifest records the identity (teacher id/revision/weights hash, tokenizer hash, data fingerprint, template, k,
 vocab_size, layers, hidden_quantile), the teacher pass's precision (fp32, or bf16 autocast; a cache resumes only
@@ -31,12 +41,15 @@ The hidden-state threshold must be known before the first shard is written, so i
 the response-token entropies of the first `calib_examples` examples (one extra teacher pass over them), not of the
 whole data set: the fraction of tokens kept overall is only approximately 1 - hidden_quantile.
 
-Approximations: log-probs are stored in fp16 (relative rounding error <= 2^-11, i.e. <= 5e-3 absolute at log p = -10),
-hidden states in fp16 (clamped to +-65504). The tail log-mass is computed in fp32 as a logsumexp over the log-probs
-outside the top-k, which equals log(1 - sum_topk p) but stays exact when the top-k holds almost all the mass. The
-entropy and tail come from fp32 logits, so they are as exact as the teacher's forward.
+Approximations: 8-bit log-probs are off by at most half a step (the token's top-k range / 254, about 0.03 nats for a
+range of 8), fp16 ones by a relative 2^-11; hidden states are fp16 (clamped to +-65504). The tail sample makes the
+forward-KL family's tail term a Monte-Carlo estimate (`egad.losses.sparse_tail`): right on average, noisy per token.
+The tail log-mass is computed in fp32 as a logsumexp over the log-probs outside the top-k, which equals
+log(1 - sum_topk p) but stays exact when the top-k holds almost all the mass. The entropy and tail come from fp32
+logits, so they are as exact as the teacher's forward.
 """
 
+from egad.teacher.cache import codec
 from egad.teacher.cache.format import (
     FORMAT_VERSION,
     IDENTITY,
@@ -56,6 +69,7 @@ __all__ = [
     "MANIFEST",
     "CacheError",
     "TeacherCache",
+    "codec",
     "fingerprint_examples",
     "run_identity",
     "tokenizer_sha256",

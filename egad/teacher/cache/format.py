@@ -12,7 +12,9 @@ import torch
 
 from egad.errors import EgadError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 (int32 ids, fp16 log-probs, no tail sample) still reads, and gives the signal it always gave.
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 NUM_KNOTS = 1001
 # Entropies kept for the knots: every token up to this many, a uniform reservoir sample beyond (4 bytes each).
@@ -90,10 +92,10 @@ def _read_manifest(path: Path) -> dict:
         m = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CacheError(f"{file}: unreadable ({e}); delete {path} and rerun `egad cache`") from None
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(
-            f"{file}: format_version {m.get('format_version')!r}, this egad reads {FORMAT_VERSION}; "
-            f"delete {path} and rerun `egad cache`"
+            f"{file}: format_version {m.get('format_version')!r}, this egad reads {list(READABLE_VERSIONS)}; "
+            f"delete {path} and rerun `egad cache` to rebuild it in format {FORMAT_VERSION}"
         )
     return m
 

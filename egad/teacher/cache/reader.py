@@ -13,7 +13,9 @@ from safetensors import safe_open
 from torch import Tensor
 
 from egad.data import shift_labels
+from egad.losses.sparse_tail import TailSample
 from egad.paths import sha256_file
+from egad.teacher.cache import codec
 from egad.teacher.cache.format import IDENTITY, MANIFEST, CacheError, _first_difference, _identity, _read_manifest
 from egad.teacher.signal import TopKSignal
 
@@ -60,6 +62,8 @@ class TeacherCache:
                 )
         self.manifest = m
         self.k: int = m["k"]
+        self.tail_samples: int = int(m.get("tail_samples") or 0)  # 0 in a format-1 cache
+        self.sample_exponent: float | None = m.get("sample_exponent")
         self.vocab_size: int = m["vocab_size"]
         self.layers: list[int] = list(m["layers"])
         self.knots: Tensor | None = None if m["knots"] is None else torch.tensor(m["knots"], dtype=torch.float32)
@@ -183,8 +187,13 @@ class TeacherCache:
                     f"{self.path}: example {ex} has {pos.numel()} response tokens in the batch but {hi - lo} cache "
                     "rows: cache rows do not match the tokenized data: the data, template or tokenizer changed"
                 )
-            out.ids[b, pos] = t["topk_ids"][lo:hi].long()
-            out.logprobs[b, pos] = t["topk_logprobs"][lo:hi].float()
+            ids, logprobs, sample_ids, sample_logprobs = codec.decode(t, lo, hi)
+            out.ids[b, pos] = ids
+            out.logprobs[b, pos] = logprobs
+            if self.tail_samples:
+                out.sample_ids[b, pos] = sample_ids
+                out.sample_logprobs[b, pos] = sample_logprobs
+                out.log_z[b, pos] = t["tail_logz"][lo:hi]
             out.tail[b, pos] = t["tail_logmass"][lo:hi]
             out.entropy[b, pos] = t["entropy"][lo:hi]
             if self.layers:
@@ -203,8 +212,9 @@ class TeacherCache:
     ) -> TopKSignal:
         """The cached signal for a batch: example j of the batch is `example_indices[j]` (its position in the list the
         cache was written from), `targets` (B, L) as from `shift_labels`. Non-response positions hold ids 0,
-        log-probs 0, tail -inf, entropy 0 (the objective reads response positions only). Rows are gathered shard by
-        shard, held ones first, so a batch may span more shards than the LRU holds."""
+        log-probs 0, tail -inf, entropy 0 (the objective reads response positions only), and so does the tail sample
+        (log_z -inf) when the cache has one. Rows are gathered shard by shard, held ones first, so a batch may span
+        more shards than the LRU holds."""
         bsz, length = targets.shape
         if len(example_indices) != bsz:
             raise ValueError(f"{len(example_indices)} example indices for {bsz} rows of targets")
@@ -221,6 +231,10 @@ class TeacherCache:
             entropy=torch.zeros(bsz, length),
             feature_mask=torch.zeros(bsz, length, dtype=torch.bool),
         )
+        if self.tail_samples:
+            out.sample_ids = torch.zeros(bsz, length, self.tail_samples, dtype=torch.long)
+            out.sample_logprobs = torch.zeros(bsz, length, self.tail_samples)
+            out.log_z = torch.full((bsz, length), float("-inf"))
         for i in sorted(by_shard, key=lambda i: i not in self._lru):
             self._gather(i, by_shard[i], out)
 
@@ -230,7 +244,11 @@ class TeacherCache:
         features = [move(f) for f in out.feats] if self.layers else None
         fmask = move(out.feature_mask) if self.layers else None
         signal = (move(out.ids), move(out.logprobs), move(out.tail), move(out.entropy))
-        return TopKSignal(*signal, features, self.vocab_size, fmask)
+        sample = None
+        if self.tail_samples:
+            parts = (move(out.sample_ids), move(out.sample_logprobs), move(out.log_z))
+            sample = TailSample(*parts, exponent=float(self.sample_exponent))
+        return TopKSignal(*signal, features, self.vocab_size, fmask, tail_sample=sample)
 
 
 @dataclass
@@ -244,6 +262,9 @@ class _Batch:
     entropy: Tensor
     feature_mask: Tensor
     feats: list[Tensor] = field(default_factory=list)
+    sample_ids: Tensor | None = None
+    sample_logprobs: Tensor | None = None
+    log_z: Tensor | None = None
 
 
 def _signature(file: Path) -> tuple[int, int, int] | None:

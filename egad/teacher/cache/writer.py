@@ -18,6 +18,7 @@ from egad import data as D
 from egad.entropy import token_entropy
 from egad.entropy_stream import EntropyQuantileCalibrator
 from egad.paths import sha256_file
+from egad.teacher.cache import codec
 from egad.teacher.cache.format import (
     _FP16_MAX,
     FORMAT_VERSION,
@@ -51,11 +52,16 @@ class _Pass:
     batch_size: int
     precision: str = "fp32"
     progress: bool = True
+    samples: int = 0
+    bits: int = 16
 
     @torch.no_grad()
-    def batch(self, items: list[dict], topk: bool = True) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
-        """Teacher statistics at a batch's response rows (row-major). -> (rows per example, stats on the CPU,
-        features (N, d) on the teacher's device)."""
+    def batch(
+        self, items: list[dict], topk: bool = True, first: int = 0
+    ) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
+        """Teacher statistics at a batch's response rows (row-major); `first` is items[0]'s position in the cached
+        list (it seeds the tail samples). -> (rows per example, stats on the CPU, features (N, d) on the teacher's
+        device)."""
         batch = D.collate(items, self.pad_id)
         mask = D.shift_labels(batch["labels"]) != -100
         rows = mask.reshape(-1).nonzero().squeeze(-1).to(self.device)
@@ -64,20 +70,19 @@ class _Pass:
             sig = self.teacher(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
         # Bounds the fp32 (chunk, V) working set to ~64 MiB whatever the vocabulary.
         step = max(16, 2**24 // self.vocab)
-        parts: dict[str, list[Tensor]] = {"entropy": [], "topk_ids": [], "topk_logprobs": [], "tail_logmass": []}
+        width = mask.shape[1]
+        parts: dict[str, list[Tensor]] = {}
         for i in range(0, rows.numel(), step):
-            z = sig.rows(rows[i : i + step], self.vocab)
-            parts["entropy"].append(token_entropy(z, chunk_size=None).cpu())
+            at = rows[i : i + step]
+            z = sig.rows(at, self.vocab)
+            parts.setdefault("entropy", []).append(token_entropy(z, chunk_size=None).cpu())
             if topk:
-                logp = torch.log_softmax(z, dim=-1)
-                top = logp.topk(self.k, dim=-1, sorted=True)
-                # logsumexp of the complement, not log1p(-sum p_topk): no cancellation when the top-k holds ~all
-                # the mass, and exactly -inf when k = V.
-                tail = logp.scatter(1, top.indices, float("-inf")).logsumexp(dim=-1)
-                parts["topk_ids"].append(top.indices.int().cpu())
-                parts["topk_logprobs"].append(top.values.half().cpu())
-                parts["tail_logmass"].append(tail.cpu())
-        stats = {name: torch.cat(p) for name, p in parts.items() if p}
+                phase = codec.sample_phase(first + at // width, at % width)
+                enc = codec.encode(z.log_softmax(-1), k=self.k, samples=self.samples, bits=self.bits,
+                                   vocab_size=self.vocab, phase=phase)  # fmt: skip
+                for name, t in enc.items():
+                    parts.setdefault(name, []).append(t.cpu())
+        stats = {name: torch.cat(p) for name, p in parts.items()}
         feats = [f.reshape(-1, f.shape[-1])[rows] for f in sig.features or []]
         return mask.sum(dim=1), stats, feats
 
@@ -100,7 +105,7 @@ class _Pass:
         hidden: list[list[Tensor]] = [[] for _ in layers]
         n_rows = 0
         for b in range(0, len(items), self.batch_size):
-            c, s, feats = self.batch(items[b : b + self.batch_size])
+            c, s, feats = self.batch(items[b : b + self.batch_size], first=start + b)
             if bar is not None:
                 bar.update(len(c))
             counts.append(c)
@@ -118,7 +123,7 @@ class _Pass:
             "example_index": torch.arange(start, start + len(items), dtype=torch.int64),
             "token_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat(counts).cumsum(0)]),
         }
-        for name in ("topk_ids", "topk_logprobs", "tail_logmass", "entropy"):
+        for name in stats[0]:
             tensors[name] = torch.cat([s[name] for s in stats]).contiguous()
         if layers:
             tensors["hidden_rows"] = torch.cat(hidden_rows).to(torch.int64)
@@ -150,6 +155,8 @@ def write_cache(
     out_dir: str | Path,
     *,
     k: int = 64,
+    tail_samples: int = 56,
+    logprob_bits: int = 8,
     vocab_size: int | None = None,
     layers: list[int] | None = None,
     hidden_quantile: float | None = None,
@@ -169,7 +176,11 @@ def write_cache(
 ) -> dict:
     """Cache the teacher's top-k signal over `items` (from `egad.data.tokenize_dataset`) in `out_dir`; returns the
     manifest. Resumes a partial cache with the same identity; `layers` without `hidden_quantile` stores the hidden
-    states of every response token. `stop_after_shards` returns after that many new shards (tests: a simulated kill).
+    states of every response token. `tail_samples` ids drawn from the tail beyond the top-k (0: none, the bucket
+    only; none when k = vocab_size) and `logprob_bits` (8: codes with a per-token scale, 16: fp16) set the encoding
+    (egad.teacher.cache.codec); the defaults, k = 64 with 56 samples at 8 bits, take 380 bytes per token for a
+    vocabulary of at most 65,536 (bench/cache_fidelity.py measures the choice). `stop_after_shards` returns after
+    that many new shards (tests: a simulated kill).
     `extra`: more JSON fields for the manifest (e.g. teacher dimensions), outside the identity."""
     out = Path(out_dir)
     layers = [int(t) for t in layers or []]
@@ -186,6 +197,9 @@ def write_cache(
     vocab = int(vocab_size or rows)
     if not 1 <= vocab <= rows or not 1 <= k <= vocab:
         raise CacheError(f"need 1 <= k <= vocab_size <= {rows} teacher logit rows, got k={k}, vocab_size={vocab}")
+    if tail_samples < 0 or logprob_bits not in (8, 16):
+        raise CacheError(f"need tail_samples >= 0 and logprob_bits 8 or 16, got {tail_samples}, {logprob_bits}")
+    samples = tail_samples if k < vocab else 0  # nothing outside the top-k to sample
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     teacher = {
         "id": teacher_id,
@@ -199,7 +213,11 @@ def write_cache(
         "data_fingerprint": fingerprint_examples(items, template, max_prompt_len, max_len),
         "template": template,
         "k": k,
-        "dtype": "float16",
+        "tail_samples": samples,
+        "sample_exponent": codec.SAMPLE_EXPONENT if samples else None,
+        "logprob_bits": logprob_bits,
+        "dtype": "uint8" if logprob_bits == 8 else "float16",
+        "id_dtype": str(codec.id_dtype(vocab)).removeprefix("torch."),
         "vocab_size": vocab,
         "layers": layers,
         "hidden_quantile": hidden_quantile,
@@ -218,16 +236,24 @@ def write_cache(
         raise CacheError(f"extra manifest fields {clash} clash with the cache format's own fields; rename them")
     m.update(extra or {})
     device = next(teacher_model.parameters()).device
-    run = _Pass(OnlineTeacher(teacher_model, layers), pad_id, device, vocab, k, batch_size, precision, progress)
+    run = _Pass(OnlineTeacher(teacher_model, layers), pad_id, device, vocab, k, batch_size, precision, progress,
+                samples, logprob_bits)  # fmt: skip
     was_training = teacher_model.training
     teacher_model.eval()
     try:
         if (out / MANIFEST).is_file():
             old = _read_manifest(out)
-            # A resumed cache must not mix shards of another layout or teacher precision.
-            resume = {"examples_per_shard": examples_per_shard, "precision": precision}
-            have = {"examples_per_shard": old.get("examples_per_shard"), "precision": old.get("precision", "fp32")}
-            diff = _first_difference(_identity(old) | have, _identity(m) | resume)
+            if old["format_version"] != FORMAT_VERSION:
+                raise CacheError(
+                    f"{out / MANIFEST}: a format-{old['format_version']} cache, written by an older egad; this one "
+                    f"writes format {FORMAT_VERSION} (a tail sample, 8-bit log-probs). It still reads as it is; to "
+                    f"rebuild it, delete {out} and rerun `egad cache` (or `egad demo`)"
+                )
+            # A resumed cache must not mix shards of another layout, encoding or teacher precision.
+            fields = ("examples_per_shard", "precision", "tail_samples", "logprob_bits")
+            diff = _first_difference(
+                _identity(old) | {f: old.get(f) for f in fields}, _identity(m) | {f: m[f] for f in fields}
+            )
             if diff:
                 raise CacheError(
                     f"{out / MANIFEST}: field '{diff[0]}' is {diff[1]!r} in the existing cache but {diff[2]!r} now; "
