@@ -11,39 +11,51 @@ from torch import Tensor
 from egad.losses.divergences import _check_pair, _temper, forward_kl
 
 
+def _tempered(z: Tensor, tau: Tensor | float) -> Tensor:
+    # At a float tau of 1 the logits are used as they are: no (C, V) copy.
+    return z if isinstance(tau, float) and tau == 1.0 else _temper(z, tau)
+
+
 class _ForwardKL(torch.autograd.Function):
     """KL(p || q) per row with p = softmax(z_T / tau), q = softmax(z_S / tau); terms at -inf entries dropped as in
-    `forward_kl`. Gradient w.r.t. z_S: (q * S - p_kept) / tau, with S the kept teacher mass (1 without -inf)."""
+    `forward_kl`. Gradient w.r.t. z_S: (q * S - p_kept) / tau, with S the kept teacher mass (1 without -inf).
+
+    Five (C, V) buffers at most (the two inputs, log q then q, log p then p, one difference), reused in place: the
+    masked-entry handling runs only on the rows whose sum comes out non-finite."""
 
     @staticmethod
     def forward(ctx, zs: Tensor, zt: Tensor, tau: Tensor | float):  # type: ignore[override]
-        logq = torch.log_softmax(_temper(zs, tau), dim=-1)
-        logp = torch.log_softmax(_temper(zt, tau), dim=-1)
-        finite = bool(torch.isfinite(logq).all()) and bool(torch.isfinite(logp).all())
-        if finite:
-            p = logp.exp()
-            kl = (p * (logp - logq)).sum(-1)
-            kept_mass = None
-        else:
-            keep = torch.isfinite(logq) & torch.isfinite(logp)
-            p = torch.where(keep, logp.exp(), 0.0)
-            kl = torch.where(keep, p * (torch.where(keep, logp, 0.0) - torch.where(keep, logq, 0.0)), 0.0).sum(-1)
-            kept_mass = p.sum(-1)
-        ctx.save_for_backward(logq, p)
+        logq = torch.log_softmax(_tempered(zs, tau), dim=-1)
+        logp = torch.log_softmax(_tempered(zt, tau), dim=-1)
+        terms = logp - logq
+        p = logp.exp_()
+        kl = terms.mul_(p).sum(-1)
+        q = logq.exp_()
+        bad = ~torch.isfinite(kl)
+        kept_mass = None
+        if bool(bad.any()):
+            # Rows with -inf entries: a term is dropped where p or q is 0 (0 * -inf and p * log(p / 0) give non-finite
+            # terms exactly there), and the gradient's teacher side keeps only entries where q > 0.
+            rows = bad.nonzero().squeeze(1)
+            t = terms[rows]
+            kl[rows] = torch.where(torch.isfinite(t), t, 0.0).sum(-1)
+            p[rows] = torch.where(q[rows] > 0, p[rows], 0.0)
+            kept_mass = torch.ones_like(kl)
+            kept_mass[rows] = p[rows].sum(-1)
+        del terms
+        ctx.save_for_backward(q, p)
         ctx.kept_mass = kept_mass
         ctx.tau = tau
         return kl
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        logq, p = ctx.saved_tensors
-        q = logq.exp()
+        q, p = ctx.saved_tensors
         if ctx.kept_mass is not None:
             q.mul_(ctx.kept_mass[:, None])
-        grad = q.sub_(p)
-        scale = g if not isinstance(ctx.tau, Tensor) else g / ctx.tau.to(g).reshape(-1)
-        if not isinstance(ctx.tau, Tensor):
-            scale = scale / float(ctx.tau)
+        grad = q.sub_(p)  # the saved buffers are not read again
+        scale = g / ctx.tau.to(g).reshape(-1) if isinstance(ctx.tau, Tensor) else g / float(ctx.tau)
         return grad.mul_(scale[:, None]), None, None
 
 
@@ -56,4 +68,6 @@ def forward_kl_fast(student_logits: Tensor, teacher_logits: Tensor, *, temperatu
         temperature = temperature.detach().to(device=zs.device, dtype=torch.float32)
         if temperature.dim() == 0:
             temperature = temperature.reshape(1).expand(zs.shape[0])
+    else:
+        temperature = float(temperature)
     return _ForwardKL.apply(zs, zt, temperature)
