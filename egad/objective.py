@@ -241,9 +241,9 @@ class _Run:
 
     def chunk_terms(self, zs: Tensor, idx: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
         zero = zs.new_zeros(())
-        ce_sum = F.cross_entropy(zs, self.targets[sl], reduction="sum") if self.ce_scale else zero
+        targets = self.targets[sl]
         if self.consts is None:
-            return ce_sum, zero
+            return (F.cross_entropy(zs, targets, reduction="sum") if self.ce_scale else zero), zero
         cfg = self.cfg
         t = self.teacher.chunk(idx, self.vocab)  # the one teacher projection of this chunk
         self.teacher_chunks += 1
@@ -262,8 +262,17 @@ class _Run:
         )
         self.parts.append(plan)
         if not self.kd_scale:
-            return ce_sum, zero
-        div = t.divergence(cfg.divergence, zs, plan["tau"], **_div_kwargs(cfg))  # (C,)
+            return (F.cross_entropy(zs, targets, reduction="sum") if self.ce_scale else zero), zero
+        ce = None
+        if self.ce_scale and hasattr(t, "divergence_and_ce"):
+            # Where the divergence can share the student's normaliser with the CE (forward KL at tau 1), it does.
+            div, ce = t.divergence_and_ce(cfg.divergence, zs, plan["tau"], targets, **_div_kwargs(cfg))
+        else:
+            div = t.divergence(cfg.divergence, zs, plan["tau"], **_div_kwargs(cfg))  # (C,)
+        if ce is not None:
+            ce_sum = ce.sum()
+        else:
+            ce_sum = F.cross_entropy(zs, targets, reduction="sum") if self.ce_scale else zero
         coef = plan["weight"] * plan["tau2"]  # type: ignore[operator]
         if cfg.hard_branch == "feat_only":
             coef = coef * (~plan["route"]).float()  # type: ignore[operator]

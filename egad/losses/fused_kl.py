@@ -24,8 +24,10 @@ class _ForwardKL(torch.autograd.Function):
     masked-entry handling runs only on the rows whose sum comes out non-finite."""
 
     @staticmethod
-    def forward(ctx, zs: Tensor, zt: Tensor, tau: Tensor | float):  # type: ignore[override]
+    def forward(ctx, zs: Tensor, zt: Tensor, tau: Tensor | float, targets: Tensor | None):  # type: ignore[override]
         logq = torch.log_softmax(_tempered(zs, tau), dim=-1)
+        # The cross-entropy at tau = 1 from the same normaliser: -log q(y) (the caller passes targets only at tau 1).
+        ce = None if targets is None else -logq.gather(-1, targets[:, None]).squeeze(-1)
         logp = torch.log_softmax(_tempered(zt, tau), dim=-1)
         terms = logp - logq
         p = logp.exp_()
@@ -43,20 +45,26 @@ class _ForwardKL(torch.autograd.Function):
             kept_mass = torch.ones_like(kl)
             kept_mass[rows] = p[rows].sum(-1)
         del terms
-        ctx.save_for_backward(q, p)
+        ctx.save_for_backward(q, p, *(() if targets is None else (targets,)))
         ctx.kept_mass = kept_mass
         ctx.tau = tau
-        return kl
+        if ce is None:
+            return kl, kl.new_zeros(())
+        return kl, ce
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        q, p = ctx.saved_tensors
-        if ctx.kept_mass is not None:
-            q.mul_(ctx.kept_mass[:, None])
-        grad = q.sub_(p)  # the saved buffers are not read again
+    def backward(ctx, g: Tensor, g_ce: Tensor):  # type: ignore[override]
+        q, p, *targets = ctx.saved_tensors
         scale = g / ctx.tau.to(g).reshape(-1) if isinstance(ctx.tau, Tensor) else g / float(ctx.tau)
-        return grad.mul_(scale[:, None]), None, None
+        # KL: (q S - p) scale; CE (tau = 1): (q - onehot(y)) g_ce. In place on the saved buffers, not read again.
+        q_coef = scale if ctx.kept_mass is None else scale * ctx.kept_mass
+        if targets:
+            q_coef = q_coef + g_ce
+        grad = q.mul_(q_coef[:, None]).sub_(p.mul_(scale[:, None]))
+        if targets:
+            grad.scatter_add_(-1, targets[0][:, None], -g_ce[:, None])
+        return grad, None, None, None
 
 
 def forward_kl_fast(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
@@ -70,4 +78,12 @@ def forward_kl_fast(student_logits: Tensor, teacher_logits: Tensor, *, temperatu
             temperature = temperature.reshape(1).expand(zs.shape[0])
     else:
         temperature = float(temperature)
-    return _ForwardKL.apply(zs, zt, temperature)
+    return _ForwardKL.apply(zs, zt, temperature, None)[0]
+
+
+def forward_kl_and_ce_fast(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """`forward_kl` at tau = 1 and the cross-entropy -log q(targets), both (N,), from one student log-softmax."""
+    zs, zt = _check_pair(student_logits, teacher_logits)
+    if zt.requires_grad:
+        raise ValueError("forward_kl_and_ce_fast takes a teacher without gradient")
+    return _ForwardKL.apply(zs, zt, 1.0, targets.long())

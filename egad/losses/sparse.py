@@ -254,8 +254,10 @@ def _atom_kl(
     sample: TailSample,
     exponent: float | Tensor,
     student_temperature: float | Tensor,
-) -> tuple[Tensor, Tensor]:
-    """KL(P_a || q) with the teacher's tail from `sample` (module docstring, "sampled tail"), and log Z_all(a).
+    targets: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """KL(P_a || q) with the teacher's tail from `sample` (module docstring, "sampled tail"), log Z_all(a), and with
+    `targets` (N,) the student's log q at them, read from the same normaliser (no second (N, V) pass).
 
     P_a = p^a / Z_all(a) is exact at the top-k ids; the tail contributes sum_s w_s (log P_a(v_s) - log q(v_s)),
     q = softmax(z_S / student_temperature) exact over the full vocabulary. -> (N,) fp32, (N,) float64"""
@@ -264,14 +266,18 @@ def _atom_kl(
         raise ValueError(f"tail sample has {sample.ids.shape[0]} rows, the top-k {ids.shape[0]}")
     k = ids.shape[1]
     logp_top, logp_s, log_w, log_norm = teacher_atoms(teacher_logprobs, tail, sample, exponent)
-    logq = student_atom_logprobs(student_logits, torch.cat([ids, sample.ids], dim=-1), temperature=student_temperature)
+    atoms = [ids, sample.ids] + ([targets.reshape(-1, 1).to(ids)] if targets is not None else [])
+    logq = student_atom_logprobs(student_logits, torch.cat(atoms, dim=-1), temperature=student_temperature)
+    at_target = logq[:, -1] if targets is not None else None
+    s_end = k + sample.ids.shape[1]
+    logq = logq[:, :s_end]
     head = dense._kl_terms(logp_top.float(), logq[:, :k]).sum(-1)
     w = log_w.exp().float()  # (N, S); 0 on an empty tail
     logp_s = logp_s.float()
     keep = (w > 0) & torch.isfinite(logp_s)
     # Sanitised as in _kl_terms, so that a masked entry's -inf sends no NaN back through where().
     diff = torch.where(keep, logp_s, 0.0) - torch.where(keep, logq[:, k:], 0.0)
-    return head + torch.where(keep, w * diff, 0.0).sum(-1), log_norm
+    return head + torch.where(keep, w * diff, 0.0).sum(-1), log_norm, at_target
 
 
 def forward_kl(
@@ -294,11 +300,20 @@ def forward_kl(
     return _atom_kl(student_logits, ids, teacher_logprobs, tail, sample, 1.0 / tau, tau)[0]
 
 
+def forward_kl_and_ce(
+    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor, sample: TailSample, targets: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The sampled `forward_kl` at tau = 1 and the cross-entropy -log q(targets), both (N,), from one student
+    normaliser: the targets join the atoms, so the CE costs no (N, V) pass of its own."""
+    kl, _, at_target = _atom_kl(student_logits, ids, teacher_logprobs, tail, sample, 1.0, 1.0, targets)
+    return kl, -at_target  # type: ignore[operator]
+
+
 def _ttm_with_sample(student_logits, ids, teacher_logprobs, tail, temperature, gamma, sample):
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     tau = _check_temperature(temperature)
-    kl, log_norm = _atom_kl(student_logits, ids, teacher_logprobs, tail, sample, gamma / tau, 1.0)
+    kl, log_norm, _ = _atom_kl(student_logits, ids, teacher_logprobs, tail, sample, gamma / tau, 1.0)
     return kl, log_norm, tau
 
 

@@ -28,11 +28,12 @@ from torch import Tensor
 from egad.entropy import token_entropy
 from egad.heads import OutputHead
 from egad.losses.divergences import DIVERGENCES, hellinger_from_logprobs
-from egad.losses.fused_kl import forward_kl_fast
+from egad.losses.fused_kl import forward_kl_and_ce_fast, forward_kl_fast
 from egad.losses.sparse import (
     SAMPLED_DIVERGENCES,
     SPARSE_DIVERGENCES,
     TailSample,
+    forward_kl_and_ce,
     student_bucket_logprobs,
     teacher_bucket_logprobs,
     tempered_tail,
@@ -84,6 +85,12 @@ class TeacherSource(Protocol):
     def signal(self, batch: dict[str, Tensor]) -> TeacherSignal: ...
 
 
+def _all_one(temperature: Tensor | float) -> bool:
+    if isinstance(temperature, Tensor):
+        return bool((temperature == 1.0).all())
+    return float(temperature) == 1.0
+
+
 def _no_features() -> ValueError:
     return ValueError(
         "the objective routes tokens to the feature branch but the teacher signal has no hidden states; run the "
@@ -114,6 +121,15 @@ class DenseChunk:
         if name == "forward_kl":  # KD's default: the same maths with a hand-written backward, in fewer passes
             return forward_kl_fast(student_logits, self.logits, temperature=temperature)
         return DIVERGENCES[name](student_logits, self.logits, temperature=temperature, **hyper)
+
+    def divergence_and_ce(
+        self, name: str, student_logits: Tensor, temperature: Tensor, targets: Tensor, **hyper: float
+    ) -> tuple[Tensor, Tensor | None]:
+        """The divergence and, where it can share the student's normaliser (forward KL at tau = 1 on every token),
+        the cross-entropy at `targets`; else (divergence, None)."""
+        if name == "forward_kl" and _all_one(temperature):
+            return forward_kl_and_ce_fast(student_logits, self.logits, targets)
+        return self.divergence(name, student_logits, temperature, **hyper), None
 
 
 @dataclass
@@ -211,6 +227,14 @@ class TopKChunk:
             self.logprobs, self.tail, self.exact_entropy, exponent, vocab_size=self.vocab_size, sample=self.sample
         )
         return fn(student_logits, self.ids, self.logprobs, tail, temperature=temperature, **hyper)
+
+    def divergence_and_ce(
+        self, name: str, student_logits: Tensor, temperature: Tensor, targets: Tensor, **hyper: float
+    ) -> tuple[Tensor, Tensor | None]:
+        """As `DenseChunk.divergence_and_ce`: the sampled forward KL at tau = 1 reads the CE from its own atoms."""
+        if name == "forward_kl" and self.sample is not None and _all_one(temperature):
+            return forward_kl_and_ce(student_logits, self.ids, self.logprobs, self.tail, self.sample, targets)
+        return self.divergence(name, student_logits, temperature, **hyper), None
 
 
 @dataclass
