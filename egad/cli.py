@@ -109,14 +109,27 @@ def cache(
         "tokens whose entropy is above this quantile (e.g. 0.8 = top 20%).",
     ),
     examples_per_shard: int = typer.Option(512, help="Examples per safetensors shard."),
+    tail_samples: int = typer.Option(
+        56, help="Tokens sampled from the tail beyond the top-k per response token (0: one tail bucket only)."
+    ),
+    logprob_bits: int = typer.Option(8, help="Bits per stored log-prob: 8 (quantised per token) or 16 (fp16)."),
 ) -> None:
-    """Run the teacher once over the training split and write top-k log-probs, tail mass, exact entropy (and hidden
-    states of hard tokens) to safetensors shards; then `egad train --teacher-cache DIR` needs no teacher."""
+    """Run the teacher once over the training split and write top-k log-probs, a sample of the tail, tail mass, exact
+    entropy (and hidden states of hard tokens) to safetensors shards; then `egad train --teacher-cache DIR` needs no
+    teacher."""
     from egad.run_config import load_config, parse_overrides
     from egad.teacher.cache_job import run_cache_job
 
     cfg = load_config(config, parse_overrides(list(ctx.args)))
-    man = run_cache_job(cfg, out, k=k, hidden_quantile=hidden_quantile, examples_per_shard=examples_per_shard)
+    man = run_cache_job(
+        cfg,
+        out,
+        k=k,
+        hidden_quantile=hidden_quantile,
+        examples_per_shard=examples_per_shard,
+        tail_samples=tail_samples,
+        logprob_bits=logprob_bits,
+    )
     typer.echo(
         f"cache {out}: {man['examples']} examples, {man['tokens']} tokens, {len(man['shards'])} shards, "
         f"{man['bytes_per_token']:.0f} bytes/token, complete={man['complete']}"
