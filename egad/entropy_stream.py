@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from egad.entropy import _check_positive_int, _check_vector, fit_quantile_knots
 
-__all__ = ["EmaEntropyHistogram", "EntropyQuantileCalibrator"]
+__all__ = ["EmaEntropyHistogram", "EntropyQuantileCalibrator", "absorb_window"]
 
 
 class EntropyQuantileCalibrator:
@@ -281,3 +281,18 @@ class EmaEntropyHistogram:
         self.decay = float(state["decay"])
         self._num_updates = int(state["num_updates"])
         self._counts = counts
+
+
+def absorb_window(
+    streams: Mapping[str, EmaEntropyHistogram],
+    values: Mapping[str, list[Tensor]],
+    reduce: Callable[[Tensor], Tensor],
+    device: torch.device | str,
+) -> None:
+    """One EMA update per stream from a finished optimizer window: `values[name]` holds this process's values of its
+    micro-batches, `reduce` sums bin counts over processes (identity for one). The same whatever the split: counts add,
+    where an update per micro-batch would make the CDF depend on it. Every process calls it (a collective)."""
+    for name, hist in streams.items():
+        parts = values.get(name, [])
+        x = torch.cat(parts).to(device) if parts else torch.zeros(0, device=device)
+        hist.absorb(reduce(hist.bin_counts(x)).cpu())

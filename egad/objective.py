@@ -38,7 +38,6 @@ from egad.token_plan import (
     batch_rules,
     expected_route_share,
     plan_constants,
-    signals_needed,
     token_plan,
 )
 
@@ -239,15 +238,18 @@ class _Run:
     parts: list[dict[str, Tensor | float]] = field(default_factory=list)
     teacher_chunks: int = 0
 
+    def _ce(self, zs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(zs, targets, reduction="sum") if self.ce_scale else zs.new_zeros(())
+
     def chunk_terms(self, zs: Tensor, idx: Tensor, sl: slice) -> tuple[Tensor, Tensor]:
         zero = zs.new_zeros(())
         targets = self.targets[sl]
         if self.consts is None:
-            return (F.cross_entropy(zs, targets, reduction="sum") if self.ce_scale else zero), zero
+            return self._ce(zs, targets), zero
         cfg = self.cfg
         t = self.teacher.chunk(idx, self.vocab)  # the one teacher projection of this chunk
         self.teacher_chunks += 1
-        sig = chunk_signals(t, zs, signals_needed(cfg), cfg.ea_temperature)
+        sig = chunk_signals(t, zs, cfg.signals_needed, cfg.ea_temperature)
         if not sig:
             sig = {"n": zs.new_zeros(zs.shape[0])}  # plain KD: the plan is constant, only its length is needed
         plan = token_plan(
@@ -262,17 +264,14 @@ class _Run:
         )
         self.parts.append(plan)
         if not self.kd_scale:
-            return (F.cross_entropy(zs, targets, reduction="sum") if self.ce_scale else zero), zero
+            return self._ce(zs, targets), zero
         ce = None
         if self.ce_scale and hasattr(t, "divergence_and_ce"):
             # Where the divergence can share the student's normaliser with the CE (forward KL at tau 1), it does.
             div, ce = t.divergence_and_ce(cfg.divergence, zs, plan["tau"], targets, **_div_kwargs(cfg))
         else:
             div = t.divergence(cfg.divergence, zs, plan["tau"], **_div_kwargs(cfg))  # (C,)
-        if ce is not None:
-            ce_sum = ce.sum()
-        else:
-            ce_sum = F.cross_entropy(zs, targets, reduction="sum") if self.ce_scale else zero
+        ce_sum = ce.sum() if ce is not None else self._ce(zs, targets)
         coef = plan["weight"] * plan["tau2"]  # type: ignore[operator]
         if cfg.hard_branch == "feat_only":
             coef = coef * (~plan["route"]).float()  # type: ignore[operator]

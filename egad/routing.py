@@ -12,7 +12,16 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["BATCH_ROUTES", "ROUTE_MODES", "content_keys", "hashed_uniform", "route_count", "route_tokens", "topk_mask"]
+__all__ = [
+    "BATCH_ROUTES",
+    "ROUTE_MODES",
+    "content_keys",
+    "hashed_uniform",
+    "route_count",
+    "route_tokens",
+    "step_seed",
+    "topk_mask",
+]
 
 ROUTE_MODES = ("none", "all", "global_quantile", "batch_topk", "abs", "random")
 # Routes that depend on the token's batch-mates: exact only when one micro-batch on one process is the whole window.
@@ -60,6 +69,11 @@ def hashed_uniform(keys: Tensor, seed: int) -> Tensor:
     h = _mix32((k & _M32) ^ (s & _M32))
     h = _mix32(h ^ ((k >> 32) & _M32) ^ ((s >> 32) & _M32))
     return h.double() / 2.0**32
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of the hashed draws at optimizer step `step` of a run seeded `seed`: a 32-bit hash of both."""
+    return int(hashed_uniform(torch.tensor([step]), seed).item() * 2**32)
 
 
 def content_keys(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:

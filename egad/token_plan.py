@@ -12,6 +12,7 @@ wherever one micro-batch is not the whole optimizer window.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from egad.config import SELECT_SIGNAL as _SELECT_SIGNAL
 from egad.config import ConfigError, ObjectiveConfig
 from egad.curriculum import curriculum_weights, pacing, tilt_normaliser
 from egad.entropy import batch_mid_rank, knot_quantile, normalized_entropy, quantile_cdf
+from egad.entropy_stream import EmaEntropyHistogram
 from egad.losses.divergences import NO_TAU2
 from egad.routing import BATCH_ROUTES, route_tokens
 from egad.temperature import tau_squared_factor, token_temperature
@@ -42,6 +44,30 @@ class PlanState:
     hellinger_knots: Tensor | None = None
     route_threshold: float | None = None
     seed: int = 0
+
+    @classmethod
+    def from_streams(
+        cls,
+        knots: Tensor | None,
+        streams: Mapping[str, EmaEntropyHistogram],
+        *,
+        seed: int,
+        device: torch.device | str,
+        route_threshold: float | None = None,
+    ) -> PlanState:
+        """The state of one optimizer step: the teacher knots, the student-side streams' current knots, the step's
+        seed (egad.routing.step_seed)."""
+
+        def read(name: str) -> Tensor | None:
+            return streams[name].knots().to(device) if name in streams else None
+
+        return cls(
+            knots=None if knots is None else knots.to(device),
+            student_knots=read("student_entropy"),
+            hellinger_knots=read("hellinger"),
+            route_threshold=route_threshold,
+            seed=seed,
+        )
 
     def knots_of(self, signal: str) -> Tensor | None:
         return {"entropy": self.knots, "student_entropy": self.student_knots, "hellinger": self.hellinger_knots}[signal]
@@ -69,16 +95,6 @@ def check_window_exact(cfg: ObjectiveConfig, *, grad_accum: int, processes: int)
             f"and {'; '.join(bad)}: each token's treatment would depend on how the window is split. Switch to the "
             "per-token option, or train with train.grad_accum 1 on one process"
         )
-
-
-def signals_needed(cfg: ObjectiveConfig) -> set[str]:
-    """The per-token signals the plan of `cfg` reads (ObjectiveConfig.signals_needed)."""
-    return cfg.signals_needed
-
-
-def cdfs_needed(cfg: ObjectiveConfig) -> set[str]:
-    """The signals whose run-level CDF the plan of `cfg` reads (ObjectiveConfig.cdfs_needed)."""
-    return cfg.cdfs_needed
 
 
 def _require(state: PlanState, signal: str) -> Tensor:
@@ -212,7 +228,7 @@ def token_plan(
 ) -> dict[str, Tensor | float]:
     """Difficulty, curriculum weight, temperature, tau^2 factor and route per token, all under no_grad.
 
-    sig: the token's signals (N,) each, those of `signals_needed(cfg)`. state: run-level state (or `knots` alone for
+    sig: the token's signals (N,) each, those of `cfg.signals_needed`. state: run-level state (or `knots` alone for
     the teacher entropy CDF). keys: (N,) int64 token keys for the hashed random draws (default: positions).
     consts: `plan_constants` for this step (computed here when not given). batch: for the batch rules only, their
     decisions made over the whole micro-batch (`batch_decisions`), sliced to these tokens: "difficulty", "route".
@@ -232,7 +248,7 @@ def token_plan(
     elif not cfg.needs_difficulty:
         d = torch.zeros(n, device=device)  # no component reads it (e.g. plain KD): no calibration needed
     else:
-        knots_h = _require(state, "entropy") if "entropy" in cdfs_needed(cfg) else None
+        knots_h = _require(state, "entropy") if "entropy" in cfg.cdfs_needed else None
         d = _difficulty_of(h, cfg, None if knots_h is None else knots_h.to(h.device), vocab)  # type: ignore[arg-type]
     lam = consts.lam
     w = _weights(sig, d, lam, cfg, vocab, state, consts)
@@ -270,7 +286,7 @@ def batch_decisions(entropy: Tensor, cfg: ObjectiveConfig, state: PlanState, voc
     of a whole micro-batch (N,); empty when `cfg` has none."""
     if not batch_rules(cfg):
         return {}
-    knots = state.knots if "entropy" in cdfs_needed(cfg) else None
+    knots = state.knots if "entropy" in cfg.cdfs_needed else None
     d = _difficulty_of(entropy, cfg, None if knots is None else knots.to(entropy.device), vocab)
     out = {"difficulty": d}
     if cfg.uses_features and cfg.route_mode in BATCH_ROUTES:
@@ -334,10 +350,8 @@ __all__ = [
     "PlanState",
     "batch_decisions",
     "batch_rules",
-    "cdfs_needed",
     "check_window_exact",
     "expected_route_share",
     "plan_constants",
-    "signals_needed",
     "token_plan",
 ]

@@ -38,7 +38,7 @@ from egad import engines
 from egad.config import ConfigError
 from egad.curriculum import training_progress
 from egad.entropy import fit_quantile_knots
-from egad.entropy_stream import EmaEntropyHistogram
+from egad.entropy_stream import EmaEntropyHistogram, absorb_window
 from egad.eval.metrics import response_sums
 from egad.eval.suite import scorer
 from egad.heads import output_head
@@ -58,7 +58,7 @@ from egad.models import (
     shared_vocab,
 )
 from egad.rollout import is_on_policy, sample_batch, sampling_seed
-from egad.routing import hashed_uniform
+from egad.routing import step_seed
 from egad.run_config import RunConfig
 from egad.run_log import RunLog
 from egad.student import DistillationModule
@@ -66,7 +66,7 @@ from egad.teacher.cache import TeacherCache, run_identity
 from egad.teacher.calibrate import STUDENT_SIGNALS, calibrate_entropy, calibrate_signals
 from egad.teacher.online import OnlineTeacher
 from egad.teacher.signal import TeacherSource
-from egad.token_plan import PlanState, cdfs_needed, check_window_exact
+from egad.token_plan import PlanState, check_window_exact
 
 log = logging.getLogger("egad.trainer")
 
@@ -205,7 +205,7 @@ class Trainer:
 
     def _calibrate_student_signals(self) -> None:
         """Start the streamed CDFs of the student-side signals from the untrained student on the calibration set."""
-        need = [s for s in STUDENT_SIGNALS if s in cdfs_needed(self.cfg.objective)]
+        need = [s for s in STUDENT_SIGNALS if s in self.cfg.objective.cdfs_needed]
         if not need or self.source is None:
             return
         n = min(self.cfg.train.calib_examples, len(self.train_set))
@@ -231,13 +231,9 @@ class Trainer:
         return scorer(self.acc.unwrap_model(self.module).student, self.vocab)
 
     def _plan_state(self) -> PlanState:
-        s = self.streams
-        return PlanState(
-            knots=self.knots,
-            student_knots=s["student_entropy"].knots().to(self.acc.device) if "student_entropy" in s else None,
-            hellinger_knots=s["hellinger"].knots().to(self.acc.device) if "hellinger" in s else None,
-            route_threshold=self.route_threshold,
-            seed=int(hashed_uniform(torch.tensor([self.step]), self.cfg.train.seed).item() * 2**32),
+        seed = step_seed(self.cfg.train.seed, self.step)
+        return PlanState.from_streams(
+            self.knots, self.streams, seed=seed, device=self.acc.device, route_threshold=self.route_threshold
         )
 
     def _save_knots(self, sample: Tensor) -> None:
@@ -524,13 +520,7 @@ class Trainer:
         return dict(zip(sums, reduced.tolist(), strict=True)), n_global
 
     def _absorb_window(self, streamed: dict[str, list[Tensor]]) -> None:
-        """One update per stream from the window's bin counts summed over its micro-batches and processes: the same
-        whatever the split (an update per micro-batch would make the CDF depend on it)."""
-        for name, parts in streamed.items():
-            hist = self.streams[name]
-            values = torch.cat(parts) if parts else torch.zeros(0, device=self.acc.device)
-            counts = hist.bin_counts(values.to(self.acc.device))
-            hist.absorb(self.acc.reduce(counts, "sum").cpu())
+        absorb_window(self.streams, streamed, lambda c: self.acc.reduce(c, "sum"), self.acc.device)
         if "entropy" in self.streams:
             self.knots = self.streams["entropy"].knots().to(self.acc.device)
 

@@ -35,16 +35,16 @@ from transformers import PreTrainedModel, Trainer
 from egad.config import ConfigError, ObjectiveConfig
 from egad.curriculum import training_progress
 from egad.data import IGNORE_INDEX, shift_labels
-from egad.entropy_stream import EmaEntropyHistogram
+from egad.entropy_stream import EmaEntropyHistogram, absorb_window
 from egad.losses.features import FeatureProjector, feature_pairs
 from egad.models import copied_layers, freeze, model_dims, shared_vocab
 from egad.objective import ObjectiveOutput
 from egad.presets import preset
-from egad.routing import content_keys, hashed_uniform
+from egad.routing import content_keys, step_seed
 from egad.student import DistillationModule
 from egad.teacher.calibrate import STUDENT_SIGNALS
 from egad.teacher.online import OnlineTeacher
-from egad.token_plan import PlanState, cdfs_needed, check_window_exact
+from egad.token_plan import PlanState, check_window_exact
 
 # The student submodule that holds the feature projections, so that the trainer optimises, wraps and saves them.
 PROJECTOR_ATTR = "egad_projector"
@@ -76,7 +76,7 @@ def resolve_objective(objective: str | ObjectiveConfig) -> ObjectiveConfig:
 def check_knots(cfg: ObjectiveConfig, knots: Tensor | None, signal_knots: dict | None = None) -> Tensor | None:
     """The calibrated knots as a 1-D fp32 CPU tensor; refuses, before any model is loaded, a rule that needs a CDF
     (the teacher entropy's, or a student-side signal's) when none was given."""
-    for name in sorted(cdfs_needed(cfg) & set(STUDENT_SIGNALS)):
+    for name in sorted(cfg.cdfs_needed & set(STUDENT_SIGNALS)):
         if not signal_knots or signal_knots.get(name) is None:
             raise ConfigError(
                 f"this objective ranks tokens by their {name} against the run's CDF, which starts from the untrained "
@@ -171,7 +171,7 @@ class EgadObjective:
             self.streams["entropy"] = EmaEntropyHistogram()
             self.streams["entropy"].update(knots)
             self.knots = self.streams["entropy"].knots()
-        for name in sorted(cdfs_needed(self.cfg) & set(STUDENT_SIGNALS)):
+        for name in sorted(self.cfg.cdfs_needed & set(STUDENT_SIGNALS)):
             self.streams[name] = EmaEntropyHistogram()
             self.streams[name].update(_as_knots(signal_knots[name], name))  # type: ignore[index]
         self._pending: dict[str, list[Tensor]] = {name: [] for name in self.streams}
@@ -227,13 +227,10 @@ class EgadObjective:
         if step == self._step:
             return
         if self._step is not None:
-            for name, parts in self._pending.items():
-                hist = self.streams[name]
-                values = torch.cat(parts) if parts else torch.zeros(0, device=accelerator.device)
-                counts = hist.bin_counts(values.to(accelerator.device))
-                if accelerator.num_processes > 1:
-                    counts = accelerator.reduce(counts, "sum")
-                hist.absorb(counts.cpu())
+            multi = accelerator.num_processes > 1
+            reduce = (lambda c: accelerator.reduce(c, "sum")) if multi else (lambda c: c)
+            absorb_window(self.streams, self._pending, reduce, accelerator.device)
+            for parts in self._pending.values():
                 parts.clear()
             if "entropy" in self.streams:
                 self.knots = self.streams["entropy"].knots()
@@ -241,13 +238,7 @@ class EgadObjective:
 
     def plan_state(self, step: int, seed: int, device: torch.device) -> PlanState:
         """The run-level state the plan reads at optimizer step `step`."""
-        s = self.streams
-        return PlanState(
-            knots=None if self.knots is None else self.knots.to(device),
-            student_knots=s["student_entropy"].knots().to(device) if "student_entropy" in s else None,
-            hellinger_knots=s["hellinger"].knots().to(device) if "hellinger" in s else None,
-            seed=int(hashed_uniform(torch.tensor([step]), seed).item() * 2**32),
-        )
+        return PlanState.from_streams(self.knots, self.streams, seed=step_seed(seed, step), device=device)
 
     @staticmethod
     def token_keys(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:

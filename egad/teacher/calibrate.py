@@ -21,6 +21,28 @@ def response_entropies(teacher: TeacherSource, batch: dict[str, Tensor], vocab: 
     return torch.cat(parts) if parts else torch.zeros(0, device=rows.device)
 
 
+def _passes(examples: list[dict], accelerator, *, pad_id: int, batch_size: int, desc: str):
+    """This process's share of `examples` as collated batches on its device: (batch, real). Every process yields as
+    many batches as the others (a sharded teacher gathers its weights collectively in every forward, and every
+    gather needs every process): one whose share has run out gets a stand-in with real = False, to drop."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    positions = list(range(len(examples)))[rank::world]
+    n_batches = -(-((len(examples) + world - 1) // world) // batch_size)
+    for b in tqdm(range(n_batches), desc=desc, disable=not accelerator.is_main_process):
+        ix = positions[b * batch_size : (b + 1) * batch_size]
+        items = [examples[i] for i in ix] or examples[:1]
+        batch = {k: v.to(accelerator.device) for k, v in D.collate(items, pad_id).items()}
+        batch["train_index"] = torch.tensor(ix or [0])  # a cache is keyed by the positions in the training split
+        yield batch, bool(ix)
+
+
+def _gathered(values: Tensor, real: bool, accelerator) -> Tensor:
+    """Non-negative values of every process, on the CPU (a stand-in batch contributes none)."""
+    v = values if real else values[:0]
+    out = accelerator.gather(accelerator.pad_across_processes(v, pad_index=-1.0))
+    return out[out >= 0].float().cpu()
+
+
 def calibrate_entropy(
     teacher: TeacherSource,
     examples: list[dict],
@@ -33,21 +55,12 @@ def calibrate_entropy(
 ) -> Tensor:
     """Run the frozen teacher over `examples` (split across processes, gathered back) and return the response-token
     entropies, subsampled to at most `max_samples` (identical on every process)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = examples[rank::world]
     calib = EntropyQuantileCalibrator(max_samples=max_samples)
-    # Every process takes part in each gather, and runs the teacher as often as the others (a sharded teacher gathers
-    # its weights collectively in every forward): one whose share has run out scores a stand-in and drops it.
-    n_batches = -(-((len(examples) + world - 1) // world) // batch_size)
-    for b in tqdm(range(n_batches), desc="calibrating teacher entropy", disable=not accelerator.is_main_process):
-        chunk = mine[b * batch_size : (b + 1) * batch_size]
-        batch = {k: v.to(accelerator.device) for k, v in D.collate(chunk or examples[:1], pad_id).items()}
+    kw = {"pad_id": pad_id, "batch_size": batch_size, "desc": "calibrating teacher entropy"}
+    for batch, real in _passes(examples, accelerator, **kw):
         with accelerator.autocast():
             h = response_entropies(teacher, batch, vocab)
-        if not chunk:
-            h = h[:0]
-        gathered = accelerator.gather(accelerator.pad_across_processes(h, pad_index=-1.0))
-        calib.update(gathered[gathered >= 0].float().cpu())
+        calib.update(_gathered(h, real, accelerator))
     return torch.as_tensor(calib.samples)
 
 
@@ -68,21 +81,15 @@ def calibrate_signals(
     vocab: int,
 ) -> dict[str, Tensor]:
     """The student-side signals (`student_entropy`, `hellinger`) of the response tokens of `examples` (the first
-    items of the training split, so that a cache finds them by position), from the
-    untrained student and the teacher, gathered from every process: the start of their streamed CDFs.
+    items of the training split, so that a cache finds them by position), from the untrained student and the
+    teacher, gathered from every process: the start of their streamed CDFs.
 
     student_logits: batch -> the student's logits (a tensor, or an egad.eval.metrics.HiddenLogits)."""
     from egad.eval.metrics import _rows
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    positions = list(range(len(examples)))[rank::world]
     out: dict[str, list[Tensor]] = {s: [] for s in signals}
-    n_batches = -(-((len(examples) + world - 1) // world) // batch_size)
-    for b in tqdm(range(n_batches), desc="calibrating student signals", disable=not accelerator.is_main_process):
-        ix = positions[b * batch_size : (b + 1) * batch_size]
-        chunk = [examples[i] for i in ix]
-        batch = {k: v.to(accelerator.device) for k, v in D.collate(chunk or examples[:1], pad_id).items()}
-        batch["train_index"] = torch.tensor(ix or [0])  # a cache is keyed by the positions in the training split
+    kw = {"pad_id": pad_id, "batch_size": batch_size, "desc": "calibrating student signals"}
+    for batch, real in _passes(examples, accelerator, **kw):
         rows = (D.shift_labels(batch["labels"]).reshape(-1) != D.IGNORE_INDEX).nonzero().squeeze(-1)
         with accelerator.autocast():
             sig = teacher.signal(batch)
@@ -96,8 +103,5 @@ def calibrate_signals(
                     parts[s].append(got[s].float())
         for s in signals:
             v = torch.cat(parts[s]) if parts[s] else torch.zeros(0, device=accelerator.device)
-            if not chunk:
-                v = v[:0]
-            gathered = accelerator.gather(accelerator.pad_across_processes(v, pad_index=-1.0))
-            out[s].append(gathered[gathered >= 0].float().cpu())
+            out[s].append(_gathered(v, real, accelerator))
     return {s: torch.cat(v) for s, v in out.items()}
