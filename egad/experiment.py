@@ -53,6 +53,8 @@ class Scale:
     template: str = "alpaca"
     train_examples: int | None = None
     test_kl: bool = True  # teacher-student KL on Dolly test (one more teacher pass per evaluated model)
+    dev_every: int | None = None  # steps between a student's dev evaluations (its dev-NLL curve); None: at the end
+    eval_precision: str | None = None  # the evaluation's autocast (no / bf16); None: as training
     run: dict = field(default_factory=dict)
 
     @property
@@ -317,7 +319,7 @@ def eval_settings(scale: Scale, seeds: tuple[int, ...] | list[int]) -> EvalSetti
         batch_size=32,
         max_examples=scale.test_examples,
         template=scale.template,
-        mixed_precision=scale.mixed_precision,
+        mixed_precision=scale.eval_precision or scale.mixed_precision,
     )
 
 

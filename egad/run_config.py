@@ -150,6 +150,10 @@ class TrainConfig:
     """Fraction of steps of linear warmup before the cosine decay."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
+    anchor_l2: float = 0.0
+    """Strength gamma of an L2 pull towards the student's initial weights: gamma * (theta - theta_0) is added to
+    each trainable parameter's gradient once per optimizer step, before clipping (the gradient of
+    gamma/2 * ||theta - theta_0||^2). A control for losses that anchor a cut student to its copied layers. 0: off."""
     proj_lr_mult: float = 1.0
     """Learning-rate multiplier of the feature projections."""
     mixed_precision: str = "no"
@@ -194,6 +198,8 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} is not one of ['no', 'bf16', 'fp16']")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} must lie in [0, 1)")
+        if self.anchor_l2 < 0:
+            raise ConfigError(f"train.anchor_l2={self.anchor_l2} must be >= 0 (0 turns the pull off)")
         if not 0 <= self.on_policy <= 1:
             raise ConfigError(f"train.on_policy={self.on_policy} must lie in [0, 1] (the fraction of batches)")
         if self.on_policy_temperature <= 0 or self.on_policy_max_new_tokens < 1:

@@ -154,6 +154,11 @@ class Trainer:
     def _check_engine(self) -> None:
         """What egad does not support under a sharding engine, refused before anything is loaded."""
         t, m = self.cfg.train, self.cfg.model
+        if t.anchor_l2 > 0 and (self.sharded or self.engine.startswith("deepspeed")):
+            raise ConfigError(
+                f"train.anchor_l2={t.anchor_l2} adds to each parameter's whole gradient, which {self.engine} "
+                "partitions or applies inside backward: train the anchor control under DDP or on one process"
+            )
         if not self.sharded:
             return
         unsupported = {
@@ -377,6 +382,9 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if projector is not None:
             groups.append({"params": list(projector.parameters()), "weight_decay": 0.0, "lr": t.lr * t.proj_lr_mult})
+        # The anchor's reference: the student as built, before any checkpoint is loaded, so a resumed run pulls
+        # towards the same initial weights (a cut is copied, a from-scratch init seeded).
+        self.anchor = [(p, p.detach().clone()) for p in decay + no_decay] if t.anchor_l2 > 0 else []
         opt = _adamw(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
         sched = get_cosine_schedule_with_warmup(opt, math.ceil(t.warmup_ratio * self.total_steps), self.total_steps)
         # The scheduler is not prepared: accelerate would step it once per process (it assumes a sharded
@@ -447,10 +455,15 @@ class Trainer:
             last = self.step == self.total_steps
             if self.step % t.log_every == 0 or last:
                 row = {k: v / n_window for k, v in window.items()}
+                seconds = time.perf_counter() - t0
+                # tokens and train_s are the window's response tokens and training seconds (evaluation and saving
+                # excluded): their sums over rows are the run's tokens seen and training time.
                 row.update(
                     step=self.step,
                     lr=self.sched.get_last_lr()[0],
-                    tokens_per_s=tokens_seen / max(time.perf_counter() - t0, 1e-9),
+                    tokens=tokens_seen,
+                    train_s=seconds,
+                    tokens_per_s=tokens_seen / max(seconds, 1e-9),
                 )
                 self._log(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", kd=f"{row['kd']:.3f}")
@@ -459,6 +472,8 @@ class Trainer:
                 self._eval_and_keep_best()
             if (t.save_every and self.step % t.save_every == 0) or last:
                 self.save_checkpoint()
+            if n_window == 0:
+                t0 = time.perf_counter()
         bar.close()
         if self.step == self.total_steps:
             self.save_final()
@@ -510,6 +525,8 @@ class Trainer:
                     parts.append(tokens[name].detach().float())
         if t.on_policy > 0:
             sums["on_policy"] = sum(on_policy) / len(on_policy)
+        if self.anchor:
+            sums["anchor"] = self._pull_to_anchor(t.anchor_l2)
         if t.grad_clip > 0:
             sums["grad_norm"] = float(self.acc.clip_grad_norm_(self.module.parameters(), t.grad_clip))
         self.opt.step()
@@ -518,6 +535,20 @@ class Trainer:
         self._absorb_window(streamed)
         reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
         return dict(zip(sums, reduced.tolist(), strict=True)), n_global
+
+    @torch.no_grad()
+    def _pull_to_anchor(self, gamma: float) -> float:
+        """Add gamma * (theta - theta_0) to every trainable gradient, once per window (after DDP's averaging, so
+        every process adds the same); returns the pull's loss gamma/2 * ||theta - theta_0||^2."""
+        dist2 = 0.0
+        for p, p0 in self.anchor:
+            d = p.detach() - p0
+            dist2 += float(d.float().pow(2).sum())
+            if p.grad is None:
+                p.grad = d.mul(gamma)
+            else:
+                p.grad.add_(d, alpha=gamma)
+        return 0.5 * gamma * dist2
 
     def _absorb_window(self, streamed: dict[str, list[Tensor]]) -> None:
         absorb_window(self.streams, streamed, lambda c: self.acc.reduce(c, "sum"), self.acc.device)

@@ -159,6 +159,13 @@ def test_hidden_states_of_high_entropy_tokens(setup, tmp_path):
         torch.testing.assert_close(cached[hard], ref[hard], rtol=1e-3, atol=1e-3)
         assert (cached[~hard] == 0).all()
     assert cache.hidden_bytes > 0
+    # A layer map that reads a subset of the stored layers (the study's last-layer feature control) gets those only.
+    subset = TeacherCache(tmp_path)
+    subset.require_layers([2])
+    only = subset.lookup(idx, targets)
+    assert len(only.features) == 1 and torch.equal(only.features[0], got.features[1])
+    with pytest.raises(CacheError, match=r"stores teacher layers \[1, 2\].*maps to \[2, 3\] \(\[3\] missing\)"):
+        subset.require_layers([2, 3])
 
 
 def test_corrupted_shard_is_named(setup, tmp_path):

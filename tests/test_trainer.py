@@ -83,8 +83,10 @@ def test_end_to_end_tiny_run(tmp_path, tiny_tokenizer_dir):
         # Streamed CDFs: the Hellinger distance's (student-side, AdaKD) and the teacher entropy's (ema_hist), both
         # saved in the checkpoint and resumed.
         {"objective.preset": "adakd_idts", "objective.cdf_mode": "ema_hist", "objective.weighting": "curriculum"},
+        # The anchor's reference weights are rebuilt, not loaded: a resumed run must pull towards the same ones.
+        {"objective.preset": "kd", "train.anchor_l2": 0.5},
     ],
-    ids=["egad", "streams"],
+    ids=["egad", "streams", "anchor"],
 )
 def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir, objective):
     common = {

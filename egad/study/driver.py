@@ -31,6 +31,7 @@ from egad.eval.report import load_run
 from egad.model_files import resolve_model_source
 from egad.run_config import build_config
 from egad.study import grid as G
+from egad.study import protocol as P
 from egad.study import results as R
 from egad.teacher.cache_job import run_cache_job
 
@@ -59,6 +60,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="the pre-registered primary comparisons, comma-separated a-b cell pairs (egad-kd,egad-feat_kd_all); "
         "Holm's correction runs over them (default: egad against kd and against the best baseline on dev)",
+    )
+    ap.add_argument(
+        "--lr-grid",
+        default=None,
+        help="the pre-registered protocol (docs/preregistration.md): comma-separated learning rates; each cell's is "
+        "chosen on --pilot-seed's final dev NLL, then the cell trains on every seed (replaces --tune)",
+    )
+    ap.add_argument("--pilot-seed", type=int, default=100, help="the protocol's tuning seed, not a final seed")
+    ap.add_argument(
+        "--anchor-grid",
+        default="0.001,0.01,0.1",
+        help=f"the protocol's strengths of {G.ANCHOR_CELL}'s L2 pull to the initial weights (its tuning budget)",
     )
     ap.add_argument("--beside", default=None, help="an earlier results page whose table this page shows for comparison")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
@@ -174,6 +187,27 @@ def tune(setup: G.Setup, knobs: dict[str, dict]) -> tuple[list[str], dict]:
     return lines, ({} if best == "defaults" else knobs[best])
 
 
+def parse_floats(flag: str, spec: str) -> list[float]:
+    """ "3e-4,1e-3" -> [0.0003, 0.001], each > 0."""
+    try:
+        values = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {spec!r}: expected comma-separated numbers, e.g. 3e-4,1e-3,3e-3") from None
+    if not values or any(not v > 0 for v in values):
+        raise ConfigError(f"{flag} {spec!r}: expected one or more positive numbers")
+    return values
+
+
+def protocol_lines(setup: G.Setup, chosen: dict[str, dict]) -> list[str]:
+    """The protocol's choices as a table: each cell's pilot dev NLLs and the setting chosen."""
+    choices = json.loads((setup.out / "choices.json").read_text())
+    lines = ["| cell | pilot runs (final dev NLL, pilot seed) | chosen |", "|---|---|---|"]
+    for cell, run in chosen.items():
+        tried = ", ".join(f"{k.rsplit('/', 1)[-1]}: {v:.4f}" for k, v in choices[cell]["dev_nll"].items())
+        lines.append(f"| `{cell}` | {tried} | {', '.join(f'{k} = {v:g}' for k, v in run.items())} |")
+    return lines
+
+
 def parse_primary(spec: str | None, cells: list[str]) -> list[tuple[str, str]] | None:
     """--primary "a-b,c-d" -> [(a, b), (c, d)], every cell one of the study's (the dev-tuned cell counts)."""
     if spec is None:
@@ -217,24 +251,36 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise ConfigError(f"--tune: unknown knob(s) {bad}; choose from {list(G.TUNE)}")
     primary = parse_primary(args.primary, cells)
-    knobs = {} if args.no_tune or "egad" not in cells else {k: G.TUNE[k] for k in names}
-    # The main comparison and the dev sweep first, so that a study stopped early has them.
-    order = sorted(cells, key=lambda c: c not in ("kd", "egad"))
-    jobs = [(G.cell(c), s) for c in order[:2] for s in seeds]
-    jobs += [(G.Cell(f"tune/{k}", "egad", v, test_eval=False), 0) for k, v in knobs.items()]
-    jobs += [(G.cell(c), s) for c in order[2:] for s in seeds]
-    G.run_cells(setup, jobs, args.jobs)
     groups = {
         "baseline": [c for c in cells if c in G.BASELINES],
         "component": [c for c in cells if c in G.COMPONENTS and c not in G.BASELINES],
-        "control": [c for c in cells if c in G.CONTROLS],
+        "control": [c for c in cells if c in G.CONTROLS or c in G.PREREG_CONTROLS],
         "student data": [c for c in cells if c in G.STUDENT_DATA],
     }
-    tuning, chosen = tune(setup, knobs) if knobs else ([], {})
-    if chosen:
-        retire_stale_choice(setup.out / G.TUNED, chosen)
-        G.run_cells(setup, [(G.Cell(G.TUNED, "egad", chosen), s) for s in seeds], args.jobs)
-        groups["dev-tuned"] = [G.TUNED]
+    if args.lr_grid:
+        protocol = P.run_protocol(
+            setup,
+            cells,
+            seeds,
+            lr_grid=parse_floats("--lr-grid", args.lr_grid),
+            anchor_grid=parse_floats("--anchor-grid", args.anchor_grid),
+            pilot_seed=args.pilot_seed,
+            workers=args.jobs,
+        )
+        tuning, chosen = protocol_lines(setup, protocol), {}
+    else:
+        knobs = {} if args.no_tune or "egad" not in cells else {k: G.TUNE[k] for k in names}
+        # The main comparison and the dev sweep first, so that a study stopped early has them.
+        order = sorted(cells, key=lambda c: c not in ("kd", "egad"))
+        jobs = [(G.cell(c), s) for c in order[:2] for s in seeds]
+        jobs += [(G.Cell(f"tune/{k}", "egad", v, test_eval=False), 0) for k, v in knobs.items()]
+        jobs += [(G.cell(c), s) for c in order[2:] for s in seeds]
+        G.run_cells(setup, jobs, args.jobs)
+        tuning, chosen = tune(setup, knobs) if knobs else ([], {})
+        if chosen:
+            retire_stale_choice(setup.out / G.TUNED, chosen)
+            G.run_cells(setup, [(G.Cell(G.TUNED, "egad", chosen), s) for s in seeds], args.jobs)
+            groups["dev-tuned"] = [G.TUNED]
     teacher = eval_teacher(setup, teacher_run, seeds)
     cut = eval_cut(setup)
     rows = R.aggregate(setup.out, groups, seeds)

@@ -56,12 +56,30 @@ STUDENT_DATA = {
     "egad_on_policy": ("egad", {}, {"train.on_policy": 0.5}),
     "seqkd": ("sft", {}, {"data.train": TEACHER_ANSWERS}),
 }
-PRESETS_AND_DERIVED = set(PRESETS) | set(DERIVED) | set(STUDENT_DATA)
+# The pre-registered study's controls for the feature branch (docs/preregistration.md). A cut student's first
+# mapped layer sits on blocks copied from the teacher, so its feature target starts equal to the student's own
+# feature: the term then partly anchors the student to its initialisation. `kd_anchor` is KD with an explicit L2 pull
+# to the initial weights (strength tuned on dev by the protocol; this default is the grid's middle); `feat_kd_last`
+# is feature KD on the last layer only, whose student side is not the teacher's at the start.
+ANCHOR_CELL = "kd_anchor"
+PREREG_CONTROLS = {
+    ANCHOR_CELL: ("kd", {}, {"train.anchor_l2": 0.01}),
+    "feat_kd_last": ("feat_kd_all", {"layer_map": "last"}, {}),
+}
+# In priority order: a study that runs out of time drops cells from the end.
+PREREG_CELLS = ["kd", "feat_kd_all", "egad", ANCHOR_CELL, "feat_kd_last", "sft", "rkl", "adakd_idts"]
+PRESETS_AND_DERIVED = set(PRESETS) | set(DERIVED) | set(STUDENT_DATA) | set(PREREG_CONTROLS)
 GRID = list(dict.fromkeys(BASELINES + COMPONENTS + CONTROLS))
 QUICK_CELLS = ["sft", "kd", "egad_c1", "egad"]
 # The real-teacher grid (issue: real pretrained LLMs): the baselines users ask for, and the 2^3 component grid.
 REAL_CELLS = ["sft", "kd", "rkl", "ea_kd", "adakd_idts", "se_kd_student", "feat_kd_all", *COMPONENTS]
-GRIDS = {"toy": GRID, "quick": QUICK_CELLS, "real": REAL_CELLS, "student_data": list(STUDENT_DATA)}
+GRIDS = {
+    "toy": GRID,
+    "quick": QUICK_CELLS,
+    "real": REAL_CELLS,
+    "student_data": list(STUDENT_DATA),
+    "prereg": PREREG_CELLS,
+}
 # Spec section 8 sweeps, one knob at a time from the EGAD defaults, judged on dev NLL only (seed 0, no test eval).
 TUNE = {
     "w_min=0": {"w_min": 0.0},
@@ -117,8 +135,8 @@ class Setup:
 
 
 def cell(name: str) -> Cell:
-    if name in STUDENT_DATA:
-        preset, overrides, run = STUDENT_DATA[name]
+    if name in STUDENT_DATA or name in PREREG_CONTROLS:
+        preset, overrides, run = STUDENT_DATA.get(name) or PREREG_CONTROLS[name]
         return Cell(name, preset, overrides, run=run)
     preset, overrides = DERIVED.get(name, (name, {}))
     return Cell(name, preset, overrides)
@@ -158,7 +176,10 @@ def cell_config(setup: Setup, cell: Cell, seed: int) -> dict:
         X.model_fields("student", size.student), teacher=setup.teacher_spec, teacher_cache=str(setup.cache)
     )
     raw["objective"] = {"preset": cell.preset, "feat_layers": size.feat_layers, **cell.overrides}
-    raw["train"].update(max_steps=size.student_steps, seed=seed, eval_every=size.student_steps, eval_at_start=False)
+    curve = size.dev_every is not None
+    raw["train"].update(
+        max_steps=size.student_steps, seed=seed, eval_every=size.dev_every or size.student_steps, eval_at_start=curve
+    )
     if cell.on_policy:
         # The student's samples are as long as a dataset response may be; the teacher scores them online.
         raw["model"]["teacher_cache"] = None
@@ -188,7 +209,7 @@ def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
     minutes = json.loads(timing.read_text()) if timing.is_file() else {}
     if not (out / "final" / "config.json").is_file():
         t0 = time.perf_counter()
-        X.train_run(cell_config(setup, cell, seed))
+        X.train_run(cell_config(setup, cell, seed), resume=True)  # from its last checkpoint, if it has one
         minutes["train_min"] = (time.perf_counter() - t0) / 60
         timing.write_text(json.dumps(minutes))
     # A finished cell never resumes, and its last step checkpoint (weights plus optimizer state, about 4x final/ on
@@ -199,7 +220,15 @@ def run_cell(setup: Setup, cell: Cell, seed: int) -> Path:
         seeds = [sampling_seed(seed)]
         teacher = setup.teacher if size.test_kl else None
         t0 = time.perf_counter()
-        X.evaluate(out / "final", out / "eval", scale=size, data_dir=setup.data_dir, seeds=seeds, teacher=teacher)
+        X.evaluate(
+            out / "final",
+            out / "eval",
+            scale=size,
+            data_dir=setup.data_dir,
+            seeds=seeds,
+            teacher=teacher,
+            skip_done=True,
+        )
         minutes["eval_min"] = (time.perf_counter() - t0) / 60
         timing.write_text(json.dumps(minutes))
     return out

@@ -65,7 +65,8 @@ class TeacherCache:
         self.tail_samples: int = int(m.get("tail_samples") or 0)  # 0 in a format-1 cache
         self.sample_exponent: float | None = m.get("sample_exponent")
         self.vocab_size: int = m["vocab_size"]
-        self.layers: list[int] = list(m["layers"])
+        self.layers: list[int] = list(m["layers"])  # the layers read: all stored, or the run's (require_layers)
+        self.stored_layers: list[int] = list(m["layers"])
         self.knots: Tensor | None = None if m["knots"] is None else torch.tensor(m["knots"], dtype=torch.float32)
         self._starts = [s["start"] for s in m["shards"]]
         self._lru: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
@@ -114,12 +115,15 @@ class TeacherCache:
         return int(m["teacher_num_layers"]), int(m["teacher_hidden_size"])
 
     def require_layers(self, layers: list[int]) -> None:
-        """Refuse a cache whose stored hidden-state layers are not the ones this run's layer map reads."""
-        if list(layers) != self.layers:
+        """Read the hidden states of `layers` only, in that order (the run's layer map may use a subset of what the
+        cache stores); refuse a cache that lacks any of them."""
+        missing = [x for x in layers if x not in self.stored_layers]
+        if missing:
             raise CacheError(
-                f"{self.path} stores teacher layers {self.layers} but this objective maps to {list(layers)}: re-run "
-                "`egad cache` with the same objective.layer_map / feat_layers and student"
+                f"{self.path} stores teacher layers {self.stored_layers} but this objective maps to {list(layers)} "
+                f"({missing} missing): re-run `egad cache` with the same objective.layer_map / feat_layers and student"
             )
+        self.layers = list(layers)
 
     def signal(self, batch: dict[str, Tensor]) -> TopKSignal:
         """The cached signal of a collated training batch (the TeacherSource interface): `train_index` holds the
