@@ -31,6 +31,7 @@ from egad.eval.report import load_run
 from egad.model_files import resolve_model_source
 from egad.run_config import build_config
 from egad.study import grid as G
+from egad.study import prereg_page as PP
 from egad.study import protocol as P
 from egad.study import results as R
 from egad.teacher.cache_job import run_cache_job
@@ -72,6 +73,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--anchor-grid",
         default="0.001,0.01,0.1",
         help=f"the protocol's strengths of {G.ANCHOR_CELL}'s L2 pull to the initial weights (its tuning budget)",
+    )
+    ap.add_argument(
+        "--step-times",
+        default=None,
+        help="JSON {cell: seconds}: quiet step times per method (bench/step_cost.py), for the protocol's page",
     )
     ap.add_argument("--beside", default=None, help="an earlier results page whose table this page shows for comparison")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
@@ -283,16 +289,33 @@ def main(argv: list[str] | None = None) -> None:
             groups["dev-tuned"] = [G.TUNED]
     teacher = eval_teacher(setup, teacher_run, seeds)
     cut = eval_cut(setup)
-    rows = R.aggregate(setup.out, groups, seeds)
     default = setup.out / "results.md" if args.quick else REPO / "docs" / "results.md"
     results = Path(args.results) if args.results else default
     results.parent.mkdir(parents=True, exist_ok=True)
-    R.plot(rows, teacher, results.parent / "results.png")
     command = " ".join(["egad study", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     log = setup.out / "invocations.jsonl"
     with log.open("a") as f:
         f.write(json.dumps({"command": command, "minutes": (time.perf_counter() - t0) / 60}) + "\n")
     invocations = [json.loads(x) for x in log.read_text().splitlines()]
+    if args.lr_grid:
+        page = PP.page(
+            setup.out,
+            cells,
+            seeds,
+            size=setup.size,
+            teacher=teacher,
+            cut=cut,
+            invocations=invocations,
+            primary=primary or [("egad", "kd"), ("egad", "feat_kd_all")],
+            previous=results,
+            repo=REPO,
+            step_times=json.loads(Path(args.step_times).read_text()) if args.step_times else None,
+        )
+        results.write_text(page)
+        print(page)
+        return
+    rows = R.aggregate(setup.out, groups, seeds)
+    R.plot(rows, teacher, results.parent / "results.png")
     page = R.page(
         rows,
         teacher,
