@@ -222,3 +222,33 @@ __all__ = [
     "stores_shards",
     "whole_models",
 ]
+
+
+def check_support(engine: str, t, m) -> None:
+    """What egad does not support under `engine`, refused before anything is loaded (`t`, `m`: the run's train and
+    model configs)."""
+    sharded = engine in SHARDING
+    if t.anchor_l2 > 0 and (sharded or engine.startswith("deepspeed")):
+        raise ConfigError(
+            f"train.anchor_l2={t.anchor_l2} adds to each parameter's whole gradient, which {engine} "
+            "partitions or applies inside backward: train the anchor control under DDP or on one process"
+        )
+    if not sharded:
+        return
+    unsupported = {
+        "train.on_policy > 0 (sampling needs the whole student on each process)": t.on_policy > 0,
+        "model.lora (the adapter is merged on save from full weights)": m.lora is not None,
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ConfigError(
+            f"{engine} shards the student across processes; this run also sets {'; '.join(bad)}. "
+            "Turn those off, or train under DDP / DeepSpeed ZeRO-2"
+        )
+
+
+def teacher_sizes(teacher: nn.Module | None) -> dict:
+    """The teacher's parameter counts, whole and on this process, for the setup line of metrics.jsonl."""
+    if teacher is None:
+        return {}
+    return {"teacher_params": full_numel(teacher), "teacher_params_local": local_numel(teacher)}

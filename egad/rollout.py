@@ -78,3 +78,19 @@ def sample_batch(
 
 
 __all__ = ["is_on_policy", "prompts_of", "sample_batch", "sampling_seed"]
+
+
+def on_policy_batch(student, batch: dict[str, Tensor], tokenizer, data_cfg, train_cfg, *, step: int, micro: int,
+                    rank: int) -> dict[str, Tensor]:  # fmt: skip
+    """`batch` with the student's own responses to its prompts (train.on_policy), sampled with the seed of
+    (run seed, step, micro-batch, process): the same samples whatever else runs, and again on resume."""
+    return sample_batch(
+        student,
+        batch,
+        seed=sampling_seed(train_cfg.seed, step, micro, rank),
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=[D.end_of_turn_id(tokenizer, data_cfg.template)],
+        max_len=data_cfg.max_len,
+        max_new_tokens=train_cfg.on_policy_max_new_tokens,
+        temperature=train_cfg.on_policy_temperature,
+    )

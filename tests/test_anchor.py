@@ -10,9 +10,10 @@ from conftest import REPO, tiny_run_overrides
 from safetensors.torch import load_file
 
 from egad.config import ConfigError
+from egad.engines import check_support
 from egad.experiment import run_training
+from egad.optim import pull_to_anchor
 from egad.run_config import load_config
-from egad.trainer import Trainer
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -23,10 +24,8 @@ def test_pull_adds_gamma_times_the_drift_to_each_gradient():
     initial = [p.detach().clone() - torch.randn_like(p) for p in params]  # the weights have drifted from these
     params[0].grad = torch.randn(3, 5)
     grads_before = [params[0].grad.clone(), None]  # the second parameter got no gradient this window
-    trainer = Trainer.__new__(Trainer)
-    trainer.anchor = list(zip(params, initial, strict=True))
     gamma = 0.37
-    loss = trainer._pull_to_anchor(gamma)
+    loss = pull_to_anchor(list(zip(params, initial, strict=True)), gamma)
     # Reference: autograd of gamma/2 ||theta - theta_0||^2, in float64, added to the loss gradient.
     theta = [p.detach().double().requires_grad_() for p in params]
     pull = sum(0.5 * gamma * (t - p0.double()).pow(2).sum() for t, p0 in zip(theta, initial, strict=True))
@@ -72,9 +71,10 @@ def test_a_strong_anchor_keeps_the_student_near_its_initial_weights(tmp_path, ti
 
 
 def test_anchor_is_refused_where_the_gradient_is_partitioned(tmp_path, tiny_tokenizer_dir):
-    trainer = Trainer(load_config(TINY, tiny_run_overrides(tiny_tokenizer_dir, tmp_path, **{"train.anchor_l2": 0.1})))
-    trainer.sharded, trainer.engine = True, "fsdp2"
-    with pytest.raises(ConfigError, match="anchor_l2=0.1.*fsdp2.*DDP or on one process"):
-        trainer._check_engine()
+    cfg = load_config(TINY, tiny_run_overrides(tiny_tokenizer_dir, tmp_path, **{"train.anchor_l2": 0.1}))
+    for engine in ("fsdp2", "deepspeed-zero2"):
+        with pytest.raises(ConfigError, match=f"anchor_l2=0.1.*{engine}.*DDP or on one process"):
+            check_support(engine, cfg.train, cfg.model)
+    check_support("ddp", cfg.train, cfg.model)
     with pytest.raises(ConfigError, match="anchor_l2"):
         load_config(TINY, {"train.anchor_l2": -1})

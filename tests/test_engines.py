@@ -79,13 +79,10 @@ def test_an_unknown_placement_is_refused_by_the_config():
     ],
 )
 def test_what_a_sharded_student_cannot_do_is_refused_up_front(override, named, tiny_tokenizer_dir, tmp_path):
+    from egad.engines import check_support
     from egad.run_config import load_config
-    from egad.trainer import Trainer
 
-    over = tiny_run_overrides(tiny_tokenizer_dir, tmp_path, **override)
-    trainer = Trainer(load_config(REPO / "configs" / "tiny.yaml", over))
-    trainer.engine, trainer.sharded = "fsdp2", True
+    cfg = load_config(REPO / "configs" / "tiny.yaml", tiny_run_overrides(tiny_tokenizer_dir, tmp_path, **override))
     with pytest.raises(ConfigError, match=f"fsdp2 shards the student.*{named}"):
-        trainer._check_engine()
-    trainer.engine, trainer.sharded = "deepspeed-zero2", False
-    trainer._check_engine()
+        check_support("fsdp2", cfg.train, cfg.model)
+    check_support("deepspeed-zero2", cfg.train, cfg.model)

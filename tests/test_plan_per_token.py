@@ -153,15 +153,11 @@ def test_a_routed_token_without_a_stored_hidden_state_is_an_error():
 
 
 def test_the_router_reads_a_cache_threshold_or_refuses_one_that_stores_too_little():
-    from egad.trainer import Trainer
+    from egad.run_parts import cache_route_threshold
 
     def route_threshold(rho: float, hidden_quantile: float, route_mode: str = "global_quantile"):
-        t = Trainer.__new__(Trainer)
-        t.cfg = SimpleNamespace(objective=preset("egad", rho=rho, route_mode=route_mode))
-        t.cache = SimpleNamespace(
-            manifest={"hidden_quantile": hidden_quantile, "hidden_threshold": 3.5}, path="cache-dir"
-        )
-        return t._cache_route_threshold()
+        cache = SimpleNamespace(manifest={"hidden_quantile": hidden_quantile, "hidden_threshold": 3.5}, path="cache")
+        return cache_route_threshold(preset("egad", rho=rho, route_mode=route_mode), cache)
 
     assert route_threshold(0.2, 0.8) == 3.5  # the same share: the router reads the cache's own threshold
     assert route_threshold(0.1, 0.8) is None  # fewer routed than stored: the run-level quantile

@@ -35,12 +35,11 @@ from transformers import PreTrainedModel, Trainer
 from egad.config import ConfigError, ObjectiveConfig
 from egad.curriculum import training_progress
 from egad.data import IGNORE_INDEX, shift_labels
-from egad.entropy_stream import EmaEntropyHistogram, absorb_window
-from egad.losses.features import FeatureProjector, feature_pairs
-from egad.models import copied_layers, freeze, model_dims, shared_vocab
+from egad.models import freeze, model_dims, shared_vocab
 from egad.objective import ObjectiveOutput
+from egad.plan_runtime import PlanRuntime, feature_branch
 from egad.presets import preset
-from egad.routing import content_keys, step_seed
+from egad.routing import content_keys
 from egad.student import DistillationModule
 from egad.teacher.calibrate import STUDENT_SIGNALS
 from egad.teacher.online import OnlineTeacher
@@ -165,26 +164,21 @@ class EgadObjective:
         self.cfg = resolve_objective(objective)
         self.vocab = vocab
         knots = check_knots(self.cfg, entropy_knots, signal_knots)
-        self.knots = knots
-        self.streams: dict[str, EmaEntropyHistogram] = {}
-        if self.cfg.needs_knots and self.cfg.cdf_mode == "ema_hist" and knots is not None:
-            self.streams["entropy"] = EmaEntropyHistogram()
-            self.streams["entropy"].update(knots)
-            self.knots = self.streams["entropy"].knots()
-        for name in sorted(self.cfg.cdfs_needed & set(STUDENT_SIGNALS)):
-            self.streams[name] = EmaEntropyHistogram()
-            self.streams[name].update(_as_knots(signal_knots[name], name))  # type: ignore[index]
-        self._pending: dict[str, list[Tensor]] = {name: [] for name in self.streams}
+        self.plan = PlanRuntime(self.cfg)
+        if knots is not None and self.cfg.needs_knots:
+            self.plan.start_teacher(knots, are_knots=True)
+        else:
+            self.plan.knots = knots
+        for name in self.plan.student_signals:
+            self.plan.start_student(name, _as_knots(signal_knots[name], name))  # type: ignore[index]
         self._step: int | None = None
-        self.pairs: list[tuple[int, int]] = []
-        self.projector: FeatureProjector | None = None
-        if self.cfg.uses_features:
-            ls, ds = model_dims(student)
-            lt, dt = model_dims(teacher)
-            k = min(self.cfg.feat_layers, ls)
-            self.pairs = feature_pairs(self.cfg.layer_map, ls, lt, k, copied_from=copied_layers(student, lt))
-            device = student.get_input_embeddings().weight.device
-            self.projector = FeatureProjector(ds, dt, len(self.pairs)).to(device)
+        device = student.get_input_embeddings().weight.device
+        dims = model_dims(teacher) if self.cfg.uses_features else (0, 0)
+        self.pairs, self.projector = feature_branch(self.cfg, student, dims, device)
+
+    @property
+    def streams(self) -> dict:
+        return self.plan.streams
 
     @property
     def student_layers(self) -> list[int]:
@@ -228,17 +222,14 @@ class EgadObjective:
             return
         if self._step is not None:
             multi = accelerator.num_processes > 1
-            reduce = (lambda c: accelerator.reduce(c, "sum")) if multi else (lambda c: c)
-            absorb_window(self.streams, self._pending, reduce, accelerator.device)
-            for parts in self._pending.values():
-                parts.clear()
-            if "entropy" in self.streams:
-                self.knots = self.streams["entropy"].knots()
+            self.plan.end_window(
+                (lambda c: accelerator.reduce(c, "sum")) if multi else (lambda c: c), accelerator.device
+            )
         self._step = step
 
     def plan_state(self, step: int, seed: int, device: torch.device) -> PlanState:
         """The run-level state the plan reads at optimizer step `step`."""
-        return PlanState.from_streams(self.knots, self.streams, seed=step_seed(seed, step), device=device)
+        return self.plan.state(step, seed, device)
 
     @staticmethod
     def token_keys(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -247,9 +238,7 @@ class EgadObjective:
 
     def observe(self, out_tokens: dict[str, Tensor]) -> None:
         """Keep a training micro-batch's signals for the running histograms (absorbed per window)."""
-        for name, parts in self._pending.items():
-            if name in out_tokens:
-                parts.append(out_tokens[name].detach().float())
+        self.plan.observe(out_tokens)
 
     def gathered_metrics(self, metrics: dict[str, Tensor], accelerator, *, window: float) -> dict[str, float]:
         """egad's metrics of one micro-batch, averaged over processes, by logged name.
