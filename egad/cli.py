@@ -198,7 +198,7 @@ def eval_cmd(
     from egad.eval.suite import EvalSettings, default_data_dir, run_eval
 
     settings = EvalSettings(
-        seeds=tuple(int(x) for x in seeds.split(",") if x),
+        seeds=_int_list(seeds, "--seeds"),
         greedy=greedy,
         max_examples=max_examples,
         max_new_tokens=max_new_tokens,
@@ -366,6 +366,14 @@ def losses(
         "\ncorr(w,H): correlation of the KD weight with teacher entropy at the start (s=0) and end (s=1) of "
         "training; EGAD moves it from negative (easy tokens first) to positive (hard tokens last)."
     )
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    """'10,20,30' -> (10, 20, 30); anything else is refused in one line that names the option."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise EgadError(f"{option} {text!r}: give comma-separated integers, e.g. {option} 10,20,30") from None
 
 
 def main() -> None:

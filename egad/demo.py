@@ -9,11 +9,15 @@
    and test NLL; the table, the report and the plots, the real teacher's entropy histogram among them.
 
 Every step resumes: a finished cache, student or evaluation is reused when the demo runs again in the same folder.
-`egad demo --toy` (and `--quick`, its miniature, which the tests run) is the from-scratch pipeline instead.
+A finished student keeps its final/ model (and best/, where dev selection ran): the step checkpoint of the same step,
+with its optimizer state (about 1.3 GB for the real student), is deleted. At the end the demo prints what it wrote and
+how much disk each part takes. `egad demo --toy` (and `--quick`, its miniature, which the tests run) is the
+from-scratch pipeline instead.
 """
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +25,7 @@ from pathlib import Path
 from egad import experiment as X
 from egad.eval.report import write_report
 from egad.model_files import resolve_model_source
+from egad.paths import cache_root
 from egad.run_config import build_config
 from egad.teacher.cache_job import run_cache_job
 
@@ -59,6 +64,7 @@ def run_real_demo(out: str | Path, *, data: str | None = None, scale: X.Scale = 
         runs.append(run)
         if (run / "final" / "config.json").is_file():
             _log(f"reusing the trained {method} student in {run}")
+            drop_step_checkpoints(run)  # a folder from before the demo deleted them
             continue
         raw = X.base_run(scale, dolly, run, scale.teacher)
         raw["model"].update(teacher=scale.teacher, student_cut=scale.student, teacher_cache=str(cache))
@@ -66,13 +72,14 @@ def run_real_demo(out: str | Path, *, data: str | None = None, scale: X.Scale = 
         raw["train"]["max_steps"] = scale.student_steps
         raw["data"]["dev"] = None  # dev NLL comes from the evaluation below, alike for every row
         _log(f"distilling the student with {method}")
-        X.train_run(raw)
+        drop_step_checkpoints(X.train_run(raw))
     models = {out / "teacher": teacher, out / "cut": cut}
     for run in runs:
         _log(f"evaluating {run.name}")
         model = models.get(run, run / "final")
         X.evaluate(model, run / "eval", scale=scale, data_dir=data_dir, seeds=scale.seeds, dev=True, skip_done=True)
-    return _finish(runs, out, t0)
+    command = ["egad", "demo", "--out", str(out)] + (["--data", str(data)] if data else [])
+    return _finish(runs, out, t0, shlex.join(command))
 
 
 def run_toy_demo(out: str | Path, *, data: str | None = None, quick: bool = False) -> str:
@@ -95,7 +102,7 @@ def run_toy_demo(out: str | Path, *, data: str | None = None, quick: bool = Fals
         raw["objective"] = {"preset": method, "feat_layers": scale.feat_layers}
         raw["train"]["max_steps"] = scale.student_steps
         _log(f"distilling the student with {method}")
-        runs.append(X.train_run(raw))
+        runs.append(drop_step_checkpoints(X.train_run(raw)))
     for run in runs:
         _log(f"evaluating {run.name}")
         X.evaluate(
@@ -107,11 +114,65 @@ def run_toy_demo(out: str | Path, *, data: str | None = None, quick: bool = Fals
             other_seeds=scale.seeds[:1],  # a fast fixed subset of the other sets: the first N records, one seed
             teacher=None if run.name == "teacher" else teacher,
         )
-    return _finish(runs, out, t0)
+    command = ["egad", "demo", "--quick" if quick else "--toy", "--out", str(out)] + (
+        ["--data", str(data)] if data else []
+    )
+    return _finish(runs, out, t0, shlex.join(command))
 
 
-def _finish(runs: list[Path], out: Path, t0: float) -> str:
-    table, plots = write_report(runs, out / "report")
+def drop_step_checkpoints(run: Path) -> Path:
+    """Delete a finished run's step checkpoints (model, optimizer and scheduler state, for resuming mid-run): its final/
+    holds the same step's model, and the demo never resumes a finished student. final/ and best/ are kept."""
+    if (run / "final" / "config.json").is_file():
+        for ckpt in sorted(run.glob("checkpoint-*")):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return run
+
+
+# What each part of the demo's folder is, for the closing summary.
+PARTS = {
+    "cache": "the teacher's top-k cache of the training subset",
+    "cut": "the untrained cut student (the baseline row)",
+    "teacher": "the teacher's evaluation (and, in the toy demo, the teacher)",
+    "sft": "student: final/ model, training log, eval/",
+    "kd": "student: final/ model, training log, eval/",
+    "egad": "student: final/ model, training log, eval/",
+    "report": "report.md and the plots",
+}
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "kB") else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def disk_summary(out: Path) -> list[str]:
+    """What the demo wrote and how much disk it takes: each top-level part of `out`, then the total, then what it
+    keeps outside `out` (the cached teacher conversion, tokenizers and toy teachers) for later runs to reuse."""
+    parts = sorted(((_size(p), p) for p in out.iterdir()), key=lambda x: x[1].name)
+    lines = [f"[demo] {out} holds {_human(sum(n for n, _ in parts))}:"]
+    lines += [
+        f"  {p.name + '/' if p.is_dir() else p.name:<10} {_human(n):>9}  {PARTS.get(p.name, '')}".rstrip()
+        for n, p in parts
+    ]
+    root = cache_root()
+    if root.is_dir():
+        lines.append(f"[demo] reused by later runs, outside it: {root} ({_human(_size(root))}; delete it to free that)")
+    return lines
+
+
+def _finish(runs: list[Path], out: Path, t0: float, command: str) -> str:
+    table, plots = write_report(runs, out / "report", command=command)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n{table}\n\n[demo] report and {len(plots)} plots in {out / 'report'}; {minutes:.1f} min")
+    print("\n".join(disk_summary(out)), flush=True)
     return table

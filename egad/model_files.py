@@ -66,7 +66,8 @@ def packaged_file(name: str) -> Path:
 
 def resolve_model_source(spec: str | os.PathLike | None) -> str | None:
     """A model spec as `from_pretrained` takes it: shortcuts and GGUF files become a cached HF folder; folders and
-    hub ids pass through unchanged."""
+    hub ids pass through unchanged; a spec that can only be a local path but is no folder is refused here, in one line,
+    rather than by the hub client as a malformed repo id."""
     if spec is None or str(spec) == "":
         return None
     text = str(spec)
@@ -77,7 +78,33 @@ def resolve_model_source(spec: str | os.PathLike | None) -> str | None:
         if not path.is_file():
             raise ModelSourceError(f"{path}: no such GGUF file")
         return str(gguf_to_hf(path))
+    if _looks_local(text) and not Path(text).expanduser().is_dir():
+        what = "is a file, not a model folder" if Path(text).expanduser().exists() else "no such model folder"
+        raise ModelSourceError(
+            f"{text}: {what}. Give an HF folder (config.json and weights, e.g. a run's final/ or best/), a hub id "
+            f"(owner/name), a .gguf file or a shortcut ({', '.join(SHORTCUTS)})"
+        )
     return text
+
+
+def _looks_local(text: str) -> bool:
+    """A spec that can only be a local path: it exists, starts like a path, has more parts than a hub id's
+    owner/name, or its first part is a folder here (`runs/best` with a runs/ folder)."""
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or "\\" in text:
+        return True
+    return len(path.parts) > 2 or (len(path.parts) == 2 and Path(path.parts[0]).is_dir())
+
+
+def load_error(spec: str | os.PathLike, err: Exception) -> ModelSourceError:
+    """The one-line error for a model that `from_pretrained` could not load: a hub id that does not exist or cannot
+    be reached (no network and not in the hub cache), or a folder without a model's config.json. Keeps the first line of
+    transformers' own message."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return ModelSourceError(
+        f"model {str(spec)!r} could not be loaded ({first}). Give an HF folder, a hub id that exists (online, or in "
+        f"the hub cache), a .gguf file or a shortcut ({', '.join(SHORTCUTS)})"
+    )
 
 
 def gguf_to_hf(path: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -139,4 +166,12 @@ def _convert(path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-__all__ = ["SHORTCUTS", "ModelSourceError", "Packaged", "gguf_to_hf", "packaged_file", "resolve_model_source"]
+__all__ = [
+    "SHORTCUTS",
+    "ModelSourceError",
+    "Packaged",
+    "gguf_to_hf",
+    "load_error",
+    "packaged_file",
+    "resolve_model_source",
+]

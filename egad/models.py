@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from egad.errors import EgadError
-from egad.model_files import resolve_model_source
+from egad.model_files import load_error, resolve_model_source
 from egad.paths import cache_root
 
 log = logging.getLogger("egad.models")
@@ -49,9 +49,13 @@ def build_model(
     """`from_pretrained(source)` (an HF folder, hub id, GGUF file or shortcut: egad.model_files), or `from_config`
     with random weights from a config dict (needs `model_type`)."""
     if source:
-        return AutoModelForCausalLM.from_pretrained(
-            resolve_model_source(source), dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
-        )
+        resolved = resolve_model_source(source)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                resolved, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as e:  # a hub id that does not exist or cannot be reached, a folder with no model
+            raise load_error(source, e) from None
     if not config or "model_type" not in config:
         raise ModelError("a model built from a config needs `model_type` (e.g. qwen2, llama) in its config dict")
     kwargs = dict(config)
@@ -278,8 +282,10 @@ def resolve_tokenizer(model_cfg, data_cfg):
     tok = found["tokenizer"] or found["student"] or found["teacher"]
     if tok is None:
         if not m.train_tokenizer:
+            tried = [f"model.{side}={src!r}" for side, src in (("student", m.student), ("teacher", m.teacher)) if src]
+            where = f" (none could be loaded from {', '.join(tried)})" if tried else ""
             raise ModelError(
-                "no tokenizer: set model.tokenizer, load a model that has one, or set "
+                f"no tokenizer{where}: set model.tokenizer, load a model that has one, or set "
                 "model.train_tokenizer: {vocab_size: 4096} to train a BPE on the training data"
             )
         tok = _train_tokenizer(m.train_tokenizer, data_cfg)

@@ -263,11 +263,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+OVERRIDE = "command-line override"  # how an error names a value given on the command line
+
+
 def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, *, source: str = "config") -> RunConfig:
     """Validate a nested dict (from YAML) plus dotted overrides into a RunConfig. Errors name the bad key.
 
     Every value is converted to its field's declared type (egad/coerce.py), whether YAML read it or it is the text
-    of a command-line override; a bad file value's message starts with `source`.
+    of a command-line override. An error is blamed on where the bad value came from: a file value's message starts
+    with `source`, an override's with `command-line override --section.field`.
     """
     unknown = set(raw or {}) - set(SECTIONS)
     if unknown:
@@ -275,31 +279,47 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, *
     bad = sorted(k for k, v in (raw or {}).items() if not isinstance(v, (dict, type(None))))
     if bad:
         raise ConfigError(f"{source}: section(s) {bad} must be mappings of field: value")
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
-    raw = {section: _coerce_section(section, values, source) for section, values in raw.items()}
+    raw = {section: _coerce_section(section, dict(v or {}), source) for section, v in (raw or {}).items()}
+    over: dict[str, dict[str, Any]] = {}
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise ConfigError(f"override --{key}: the section must be one of {list(SECTIONS)}")
-        raw.setdefault(section, {}).update(_coerce_section(section, {name: value}))
-    for section, cls in SECTIONS.items():
-        known = {f.name for f in fields(cls)} | ({"preset"} if section == "objective" else set())
-        bad = set(raw.get(section, {})) - known
-        if bad:
-            raise ConfigError(
-                f"{source}: unknown field(s) {sorted(f'{section}.{b}' for b in bad)}; `egad train --help` lists them"
-            )
-    obj = dict(raw.get("objective", {}))
+        over.setdefault(section, {}).update(_coerce_section(section, {name: value}, f"{OVERRIDE} --{key}"))
+    _check_fields(raw, source)
+    _check_fields(over, OVERRIDE)
+    merged = {s: {**raw.get(s, {}), **over.get(s, {})} for s in SECTIONS}
+    obj = merged["objective"]
     method = obj.pop("preset", "egad")
     if method not in PRESETS:
-        raise ConfigError(f"{source}: objective.preset={method!r} is unknown; choose one of {sorted(PRESETS)}")
-    return RunConfig(
-        model=ModelConfig(**raw.get("model", {})),
-        data=DataConfig(**raw.get("data", {})),
-        objective=preset(method, **obj),
-        train=TrainConfig(**raw.get("train", {})),
-        method=method,
+        blame = f"{OVERRIDE} --objective.preset" if "preset" in over.get("objective", {}) else source
+        raise ConfigError(f"{blame}: objective.preset={method!r} is unknown; choose one of {sorted(PRESETS)}")
+    try:
+        return RunConfig(
+            model=ModelConfig(**merged["model"]),
+            data=DataConfig(**merged["data"]),
+            objective=preset(method, **obj),
+            train=TrainConfig(**merged["train"]),
+            method=method,
+        )
+    except ConfigError as e:  # a field's own check: blame the override or the file that set the field it names
+        named = [f"{s}.{n}" for s in SECTIONS for n in merged[s] if f"{s}.{n}=" in str(e)]
+        given = [k for k in named if k.partition(".")[2] in over.get(k.partition(".")[0], {})]
+        blame = f"{OVERRIDE} --{given[0]}" if given else source if named else None
+        raise ConfigError(f"{blame}: {e}" if blame else str(e)) from None
+
+
+def _check_fields(raw: dict[str, dict[str, Any]], source: str) -> None:
+    """Refuse unknown fields, all of them in one message that names where they were given."""
+    bad = sorted(
+        f"{section}.{name}"
+        for section, cls in SECTIONS.items()
+        for name in set(raw.get(section, {}))
+        - {f.name for f in fields(cls)}
+        - ({"preset"} if section == "objective" else set())
     )
+    if bad:
+        raise ConfigError(f"{source}: unknown field(s) {bad}; `egad train --help` lists them")
 
 
 def _coerce_section(section: str, values: dict[str, Any], source: str | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|endoftext|>' }}"
@@ -101,8 +102,9 @@ def write_tiny_llama_gguf(
     tie_embeddings: bool = False,
     chat_template: str | None = CHAT_TEMPLATE,
 ) -> WrittenGGUF:
-    """Write a Llama GGUF file with random weights and the tokenizer of `tokenizer_dir`; return what is in it."""
-    import gguf
+    """Write a Llama GGUF file with random weights and the tokenizer of `tokenizer_dir`; return what is in it. The
+    test that asks for one is skipped where the gguf extra is not installed."""
+    gguf = pytest.importorskip("gguf", reason="writing a GGUF file needs the gguf extra: pip install -e '.[gguf]'")
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize, quantize
 

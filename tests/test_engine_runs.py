@@ -89,7 +89,7 @@ def reference(tmp_path_factory, tiny_tokenizer_dir):
 
 def _needs(engine: str) -> None:
     if engine.startswith("deepspeed"):
-        pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'egad[deepspeed]'")
+        pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install -e '.[deepspeed]'")
 
 
 @pytest.mark.parametrize("engine", list(CONFIGS))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import pytest
 from conftest import REPO, tiny_run_overrides
 
@@ -9,14 +12,26 @@ from egad.config import ConfigError
 from egad.engines import check_engine_runs_here, requested_engine, resolve_placement
 
 ENGINE_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP", "FSDP_VERSION")
+# A DeepSpeed engine is accepted only where deepspeed is installed (without it, it is refused: see below).
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra: pip install -e '.[deepspeed]'"
+)
 
 
 @pytest.mark.parametrize(
     ("env", "engine"),
     [
         ({}, "ddp"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed-zero3"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "deepspeed-zero2"),
+        pytest.param(
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            "deepspeed-zero3",
+            marks=needs_deepspeed,
+        ),
+        pytest.param(
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+            "deepspeed-zero2",
+            marks=needs_deepspeed,
+        ),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "fsdp2"),
         ({"ACCELERATE_USE_FSDP": "true"}, "fsdp1"),
     ],
@@ -35,10 +50,20 @@ def test_requested_engine_is_read_from_the_launcher(monkeypatch, env, engine):
         check_engine_runs_here(False)
 
 
+@needs_deepspeed
 def test_an_unsupported_deepspeed_stage_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
     with pytest.raises(ConfigError, match="deepspeed-zero1; egad supports DeepSpeed ZeRO stages 2 and 3"):
+        check_engine_runs_here(True)
+
+
+def test_a_deepspeed_engine_without_deepspeed_is_refused_naming_the_install(monkeypatch):
+    """Where deepspeed cannot be imported (as with only the dev extra), asking for it stops with the install line."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now fails, installed or not
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match=r"deepspeed-zero3, but deepspeed is not installed: pip install"):
         check_engine_runs_here(True)
 
 

@@ -13,7 +13,7 @@ from egad.experiment import run_training
 from egad.models import build_model
 from egad.run_config import load_config
 
-peft = pytest.importorskip("peft", reason="LoRA students need the peft extra: pip install 'egad[lora]'")
+peft = pytest.importorskip("peft", reason="LoRA students need the lora extra (peft): pip install -e '.[lora]'")
 TINY = REPO / "configs" / "tiny.yaml"
 
 

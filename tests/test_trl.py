@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-trl = pytest.importorskip("trl", reason="the TRL integration needs the egad[trl] extra (pip install 'egad[trl]')")
+trl = pytest.importorskip("trl", reason="the TRL integration needs the trl extra: pip install -e '.[trl]'")
 
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402

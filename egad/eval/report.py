@@ -1,12 +1,15 @@
 """`egad report`: a Markdown table and PNG plots built from run folders, never typed by hand.
 
 A run folder is what `egad train` writes (config.yaml, metrics.jsonl, entropy_knots.safetensors) plus what
-`egad eval --out RUN/eval` adds (eval/summary.json). The folder's name labels the run.
+`egad eval --out RUN/eval` adds (eval/summary.json). The folder's name labels the run. report.md holds the table,
+the setup the numbers come from (models, data, steps, seeds, the command) and each figure with its caption.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +23,17 @@ from safetensors.torch import load_file  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from egad.config import ObjectiveConfig  # noqa: E402
+from egad.errors import EgadError  # noqa: E402
 from egad.presets import preset  # noqa: E402
 from egad.run_log import read_metrics  # noqa: E402
 from egad.token_plan import PlanState, token_plan  # noqa: E402
+
+
+class ReportError(EgadError):
+    """A folder that `egad report` cannot read as a run; the message names it and what a run folder holds."""
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval/summary.json")  # a run folder holds at least one of them
 
 
 @dataclass
@@ -32,6 +43,7 @@ class Run:
     config: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
     evals: dict = field(default_factory=dict)
+    evaluated: str | None = None  # the model folder or id that eval/summary.json scored
 
     @property
     def method(self) -> str:
@@ -41,6 +53,21 @@ class Run:
     def series(self, key: str) -> tuple[list[int], list[float]]:
         rows = [r for r in self.metrics if key in r and "step" in r]
         return [r["step"] for r in rows], [r[key] for r in rows]
+
+    def train_series(self, key: str) -> tuple[list[float], list[float]]:
+        """A training-log value against the mean step of the window it averages. A row at step s averages the steps
+        since the previous training row: log_every of them, fewer in a partial last window. Drawn at s, each full
+        window lagged (log_every - 1) / 2 steps behind a one-step last one: a jump at the end that training did not
+        make. Drawn at its mean step, the partial window is kept (the only reading of the last steps) where it is."""
+        xs, ys, prev = [], [], 0
+        for r in self.metrics:
+            if "lr" not in r or "step" not in r:  # evaluations and events are not window means
+                continue
+            if key in r:
+                xs.append((prev + 1 + r["step"]) / 2)
+                ys.append(r[key])
+            prev = r["step"]
+        return xs, ys
 
     @property
     def best_dev_nll(self) -> float | None:
@@ -63,14 +90,15 @@ def rouge_sets(runs: list[Run]) -> list[str]:
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"run folder {path} does not exist")
+        raise ReportError(f"run folder {path} does not exist: pass folders written by `egad train` (train.output_dir)")
     run = Run(label=path.name, path=path)
     if (path / "config.yaml").is_file():
         run.config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     if (path / "metrics.jsonl").is_file():
         run.metrics = read_metrics(path)
     if (path / "eval" / "summary.json").is_file():
-        run.evals = json.loads((path / "eval" / "summary.json").read_text())["sets"]
+        summary = json.loads((path / "eval" / "summary.json").read_text())
+        run.evals, run.evaluated = summary["sets"], summary.get("model")
     return run
 
 
@@ -96,9 +124,29 @@ def _rouge_cell(e: dict | None) -> str:
     """mean ± std over sampling seeds; a single seed has no spread to show."""
     if not e:
         return "—"
-    if len(e.get("rouge_l_per_seed", {})) == 1:
+    if _seeds(e) == 1:
         return f"{e['rouge_l_mean']:.2f} (1 seed)"
     return f"{e['rouge_l_mean']:.2f} ± {e['rouge_l_std']:.2f}"
+
+
+def _seeds(e: dict | None) -> int:
+    """How many sampling passes (seeds, or one greedy pass) an eval set's ROUGE-L is the mean of."""
+    if not e or "rouge_l_mean" not in e:
+        return 0
+    if "rouge_l_per_seed" in e:
+        return len(e["rouge_l_per_seed"])
+    settings = e.get("settings", {})
+    return 1 if settings.get("greedy") else len(settings.get("seeds", ())) or 1
+
+
+def _seed_note(runs: list[Run]) -> str:
+    """What the ROUGE-L bars and their error bars show, from the seed counts actually evaluated."""
+    counts = {_seeds(e) for r in runs for e in r.evals.values() if _seeds(e)}
+    if counts == {1}:
+        return "one sampling seed, so no error bars"
+    if len(counts) == 1:
+        return f"mean ± std over {counts.pop()} sampling seeds"
+    return "mean ± std over sampling seeds; none on one-seed bars"
 
 
 def plot_training_curves(runs: list[Run], out: Path) -> Path:
@@ -106,7 +154,7 @@ def plot_training_curves(runs: list[Run], out: Path) -> Path:
     model once, after training), the dev NLL of each model as bars, the teacher and the untrained cut among them."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
-        steps, ce = r.series("ce")
+        steps, ce = r.train_series("ce")
         if steps:
             a.plot(steps, ce, label=r.label)
     curves = [(r, *r.series("dev_nll")) for r in runs if r.series("dev_nll")[0]]
@@ -122,7 +170,9 @@ def plot_training_curves(runs: list[Run], out: Path) -> Path:
         b.set(title="Dev response NLL of each model", ylabel="NLL (nats/token)")
     else:
         b.set(title="Dev response NLL", xlabel="step", ylabel="NLL (nats/token)")
-    a.set(title="Training cross-entropy on labels", xlabel="step", ylabel="CE (nats/token)")
+    a.set(
+        title="Training cross-entropy on labels", xlabel="step (mean of each logged window)", ylabel="CE (nats/token)"
+    )
     for ax in (a, b):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -216,8 +266,8 @@ def plot_routing_temperature(runs: list[Run], out: Path) -> Path | None:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in with_stats:
-        a.plot(*r.series("routed_frac"), label=r.label)
-        b.plot(*r.series("tau_mean"), label=r.label)
+        a.plot(*r.train_series("routed_frac"), label=r.label)
+        b.plot(*r.train_series("tau_mean"), label=r.label)
     a.set(title="Fraction of tokens routed to the feature branch", xlabel="step", ylabel="routed fraction")
     b.set(title="Mean per-token temperature", xlabel="step", ylabel="mean τ")
     for ax in (a, b):
@@ -235,10 +285,13 @@ def plot_rouge(runs: list[Run], out: Path) -> Path | None:
     for i, r in enumerate(runs):
         xs = [j + i * width for j in range(len(sets))]
         means = [r.evals.get(s, {}).get("rouge_l_mean", 0.0) for s in sets]
-        stds = [r.evals.get(s, {}).get("rouge_l_std", 0.0) for s in sets]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=r.label)
+        # An error bar only where there is a spread to show: a single sampling seed has none (std 0 is not "no
+        # spread", it is no measurement of it).
+        stds = [r.evals[s]["rouge_l_std"] if _seeds(r.evals.get(s)) > 1 else math.nan for s in sets]
+        shown = None if all(math.isnan(x) for x in stds) else stds
+        ax.bar(xs, means, width, yerr=shown, capsize=3 if shown else 0, label=r.label)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
-    ax.set(title="ROUGE-L by method (mean ± std over sampling seeds)", ylabel="ROUGE-L")
+    ax.set(title=f"ROUGE-L by method ({_seed_note(runs)})", ylabel="ROUGE-L")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "rouge_by_method.png")
@@ -251,9 +304,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, list[Path]]:
-    """Write report.md and the PNG plots into out_dir; returns the table and the plot paths."""
+def write_report(
+    run_dirs: list[str | Path], out_dir: str | Path, *, command: str | None = None
+) -> tuple[str, list[Path]]:
+    """Write report.md (the table, the setup, each plot with its caption) and the PNG plots into out_dir; returns
+    the table and the plot paths. `command` is the command line shown in the setup (default: the `egad report`
+    call that rebuilds this report)."""
     runs = [load_run(p) for p in run_dirs]
+    empty = [str(r.path) for r in runs if not any((r.path / f).is_file() for f in RUN_FILES)]
+    if empty:
+        raise ReportError(
+            f"{', '.join(empty)}: not a run folder (holds none of {', '.join(RUN_FILES)}); pass folders written by "
+            "`egad train`, with RUN/eval from `egad eval --out RUN/eval`"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(runs)
@@ -268,6 +331,81 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, 
         )
         if p is not None
     ]
-    md = ["# egad report", "", table, ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    command = command or shlex.join(["egad", "report", *map(str, run_dirs), "--out", str(out_dir)])
+    md = ["# egad report", "", table, "", "## Setup", "", *setup_lines(runs, command), "", "## Figures", ""]
+    for p in plots:
+        md += [f"![{p.stem}]({p.name})", "", f"*{caption(p.stem, runs)}*", ""]
+    (out / "report.md").write_text("\n".join(md).rstrip() + "\n")
     return table, plots
+
+
+# ------------------------------------------------------------------------------------------------ setup and captions
+def _model_text(cfg: dict, side: str) -> str:
+    """One model of a run config as a reader needs it: a path or hub id, a from-config size, or a cut's layers."""
+    m = cfg.get("model", {})
+    built, cut = m.get(f"{side}_config"), m.get("student_cut") if side == "student" else None
+    if m.get(side):
+        return str(m[side])
+    if cut is not None:
+        return f"cut of the teacher: {cut} layers" if isinstance(cut, int) else f"cut of the teacher: layers {cut}"
+    if built:
+        return f"{built.get('model_type')} {built.get('hidden_size')} wide x {built.get('num_hidden_layers')} layers"
+    return "—"
+
+
+def setup_lines(runs: list[Run], command: str) -> list[str]:
+    """The setup the table's numbers come from: each run's models, training data, steps, batch and seed (config.yaml
+    and the training log's setup event), then the evaluation settings (eval/summary.json)."""
+    head = "| run | method | teacher | student | train examples | steps x batch | lr | seed |"
+    lines = [f"Command: `{command}`", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        if not r.config:  # a model that egad did not train here (the real teacher, an untrained cut)
+            lines.append(f"| {r.label} | — | evaluated as is, not trained here: {r.evaluated or '?'} | | | | | |")
+            continue
+        t, d, m = r.config.get("train", {}), r.config.get("data", {}), r.config.get("model", {})
+        ev = next((x for x in r.metrics if x.get("event") == "setup"), {})
+        teacher = _model_text(r.config, "teacher") + (
+            f" (cache {m['teacher_cache']})" if m.get("teacher_cache") else ""
+        )
+        examples = ev.get("train_examples", d.get("max_train_examples") or "all")
+        steps = ev.get("total_steps", t.get("max_steps") or f"{t.get('epochs', 1)} epochs of")
+        batch = t.get("per_device_batch_size", 0) * t.get("grad_accum", 1) * ev.get("processes", 1)
+        lines.append(
+            f"| {r.label} | {r.method} | {teacher} | {_model_text(r.config, 'student')} | {examples} of "
+            f"{d.get('train')} | {steps} x {batch} | {t.get('lr')} | {t.get('seed', 0)} |"
+        )
+    evals: dict[tuple, list[str]] = {}  # one line per eval set and setting, naming the runs that share it
+    for r in runs:
+        for name, e in r.evals.items():
+            st = e.get("settings", {})
+            how = "teacher-forced NLL only"
+            if "rouge_l_mean" in e:
+                how = "greedy" if st.get("greedy") else f"sampled with seeds {', '.join(map(str, st.get('seeds', [])))}"
+                how += f", at most {st.get('max_new_tokens') or st.get('max_len')} new tokens"
+            evals.setdefault((name, e.get("examples"), how, st.get("template")), []).append(r.label)
+    lines.append("")
+    for (name, n, how, template), labels in evals.items():
+        who = "every run" if len(labels) == len(runs) else ", ".join(labels)
+        lines.append(f"- Evaluation on {name}: {n} examples, {how}, template {template} ({who}).")
+    return lines if evals else lines + ["- No run has an evaluation (RUN/eval/summary.json from `egad eval`)."]
+
+
+def caption(stem: str, runs: list[Run]) -> str:
+    """What a figure shows and how to read it."""
+    dev = (
+        "right: the dev response NLL at each evaluation (the teacher's dashed, when logged)"
+        if any(r.series("dev_nll")[0] for r in runs)
+        else "right: the dev response NLL of each model, scored once after training"
+    )
+    knots = _knots_run(runs)
+    return {
+        "training_curves": "Left: training cross-entropy on the reference tokens, each point the mean of one logging "
+        f"window drawn at the window's mean step; {dev}. Lower is better.",
+        "entropy_hist": f"The teacher's entropy on response tokens ({knots.label if knots else '?'}'s calibration "
+        "sample); the red line is the threshold above which EGAD routes a token to its feature branch.",
+        "curriculum": "The KD weight (left, at five points of training) and the temperature (right, mid-training) "
+        "that the run's objective gives a token of each teacher entropy, from training's own per-token plan.",
+        "routing_temperature": "The fraction of tokens routed to the feature branch and the mean per-token "
+        "temperature, each point the mean of one logging window.",
+        "rouge_by_method": f"ROUGE-L of each model's answers against the references per set ({_seed_note(runs)}).",
+    }.get(stem, stem)

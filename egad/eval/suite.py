@@ -25,7 +25,7 @@ from egad.eval.generate import generate_responses
 from egad.eval.metrics import HiddenLogits, entropy_buckets, token_metrics
 from egad.eval.rouge import rouge_l
 from egad.heads import HeadError, check_output_head, decoder_hidden, output_head
-from egad.model_files import resolve_model_source
+from egad.model_files import load_error, resolve_model_source
 from egad.models import check_tokenizers, shared_vocab
 from egad.paths import default_data_dir  # noqa: F401  (egad eval's default)
 
@@ -45,15 +45,15 @@ def resolve_eval_set(spec: str, data_dir: Path | None) -> tuple[str, Path, str |
     """A set name (see EVAL_SETS) or a JSONL path -> (name, path, split)."""
     if spec in EVAL_SETS:
         if data_dir is None:
-            raise FileNotFoundError(f"eval set {spec!r} is read from the data dir: pass --data-dir or $EGAD_DATA_DIR")
+            raise ConfigError(f"eval set {spec!r} is read from the data dir: pass --data-dir or set $EGAD_DATA_DIR")
         rel, split = EVAL_SETS[spec]
         path = Path(data_dir) / rel
         if not path.is_file():
-            raise FileNotFoundError(f"eval set {spec!r}: {path} does not exist (check --data-dir)")
+            raise ConfigError(f"eval set {spec!r}: {path} does not exist (check --data-dir)")
         return spec, path, split
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"eval set {spec!r} is neither a known name ({', '.join(EVAL_SETS)}) nor a file")
+        raise ConfigError(f"eval set {spec!r} is neither a known name ({', '.join(EVAL_SETS)}) nor a JSONL file")
     return path.stem, path, None
 
 
@@ -88,8 +88,12 @@ class EvalSettings:
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """A model folder, hub id, GGUF file or shortcut (egad.model_files) and its tokenizer, in eval mode."""
     source = resolve_model_source(path)
-    model = AutoModelForCausalLM.from_pretrained(source).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:  # a hub id that does not exist or cannot be reached, a folder with no model
+        raise load_error(path, e) from None
+    return model.to(device).eval(), tokenizer
 
 
 def _autocast(settings: EvalSettings, model) -> contextlib.AbstractContextManager:
@@ -218,6 +222,10 @@ def run_eval(
 ) -> dict:
     """Evaluate one model on several sets; writes <out_dir>/<set>/... and <out_dir>/summary.json."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for spec in (model_path, teacher_path):  # bad inputs are refused before any model is loaded
+        resolve_model_source(spec)
+    for name in sets:
+        resolve_eval_set(name, data_dir)
     model, tokenizer = load_model(model_path, device)
     teacher = None
     if teacher_path is not None:
