@@ -289,7 +289,7 @@ def losses(
     chunk_size: int = typer.Option(512, help="Tokens per chunk of the vocabulary-sized work."),
     presets: str = typer.Option(
         "sft,kd,rkl,jsd,skl,srkl,akl,ttm,todi,bild,ea_kd,adakd_idts,se_kd_teacher,at_kd,feat_kd_all,egad",
-        help="Comma-separated preset names (see egad.presets.PRESETS).",
+        help="Comma-separated method names (egad.methods.METHODS; `egad train --help` lists them).",
     ),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
@@ -303,8 +303,8 @@ def losses(
     from egad.entropy import fit_quantile_knots, token_entropy
     from egad.losses.divergences import hellinger_from_logprobs
     from egad.losses.features import FeatureProjector
+    from egad.methods import method
     from egad.objective import StudentOutputs, distillation_loss
-    from egad.presets import preset
     from egad.teacher.signal import DenseSignal
     from egad.token_plan import PlanState
 
@@ -336,7 +336,7 @@ def losses(
     typer.echo(header)
     typer.echo("-" * len(header))
     for name in [p.strip() for p in presets.split(",") if p.strip()]:
-        cfg = preset(name, chunk_size=chunk_size, feat_layers=k)
+        cfg = method(name).objective_config(chunk_size=chunk_size, feat_layers=k)
         proj = FeatureProjector(ds, dt, k) if cfg.uses_features else None
         corr = []
         for s in (0.0, 1.0):

@@ -15,7 +15,7 @@ import yaml
 
 from egad.coerce import coerce_fields, load_yaml
 from egad.config import ConfigError, ObjectiveConfig, field_docs
-from egad.presets import PRESETS, preset
+from egad.methods import METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
@@ -225,7 +225,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["objective"] = {"preset": self.method, **_diff(self.objective, preset(self.method))}
+        d["objective"] = {"preset": self.method, **_diff(self.objective, METHODS[self.method].objective_config())}
         d["train"]["adam_betas"] = list(self.train.adam_betas)
         return d
 
@@ -291,14 +291,17 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None, *
     merged = {s: {**raw.get(s, {}), **over.get(s, {})} for s in SECTIONS}
     obj = merged["objective"]
     method = obj.pop("preset", "egad")
-    if method not in PRESETS:
+    if method not in METHODS:
         blame = f"{OVERRIDE} --objective.preset" if "preset" in over.get("objective", {}) else source
-        raise ConfigError(f"{blame}: objective.preset={method!r} is unknown; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"{blame}: objective.preset={method!r} is unknown; choose one of {sorted(METHODS)}")
+    for key, value in METHODS[method].run.items():  # gkd's on-policy fraction, the anchor's pull: unless set
+        section, _, name = key.partition(".")
+        merged[section].setdefault(name, value)
     try:
         return RunConfig(
             model=ModelConfig(**merged["model"]),
             data=DataConfig(**merged["data"]),
-            objective=preset(method, **obj),
+            objective=METHODS[method].objective_config(**obj),
             train=TrainConfig(**merged["train"]),
             method=method,
         )
@@ -351,7 +354,7 @@ def help_text() -> str:
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         if section == "objective":
-            lines.append(f"  preset  (default egad)  one of: {', '.join(sorted(PRESETS))}")
+            lines.append(f"  preset  (default egad)  one of: {', '.join(sorted(METHODS))}")
         defaults = {f.name: f.default for f in fields(cls)}
         for name, doc in field_docs(cls).items():
             default = defaults.get(name)

@@ -143,6 +143,8 @@ def build_parts(cfg: RunConfig, acc, engine: str, tokenizer, train_set) -> RunPa
         if m.lora is not None:
             student.enable_input_require_grads()  # the frozen embeddings would cut the checkpointed graph
     pairs, projector = [], None
+    if cache is not None and not obj.uses_features:
+        cache.require_layers([])  # no hidden state is read for an objective without the feature branch
     if obj.uses_features:
         dims = model_dims(teacher) if teacher is not None else cache.teacher_dims()
         pairs, projector = feature_branch(obj, student, dims, acc.device)

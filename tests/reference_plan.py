@@ -281,9 +281,7 @@ def ref_tau2(cfg: Any, tau: Tensor, cdfs: dict[str, Tensor], vocab: int) -> Tens
 
 
 # ------------------------------------------------------------------------------------------------------------ routes
-def ref_route(
-    cfg: Any, d: Tensor | None, h: Tensor, cdfs: dict[str, Tensor], keys: list[int], seed: int
-) -> Tensor:
+def ref_route(cfg: Any, d: Tensor | None, h: Tensor, cdfs: dict[str, Tensor], keys: list[int], seed: int) -> Tensor:
     n = h.numel()
     r = torch.zeros(n, dtype=torch.bool)
     if not uses_features(cfg):

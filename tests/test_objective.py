@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
-from conftest import plan_state
 import torch
 import torch.nn.functional as F
+from conftest import plan_state
 
 from egad.config import ObjectiveConfig
 from egad.data import shift_labels
-from egad.entropy import fit_quantile_knots, token_entropy
+from egad.entropy import token_entropy
 from egad.losses.divergences import DIVERGENCES
 from egad.losses.features import FEATURE_LOSSES, FeatureProjector
 from egad.objective import StudentOutputs, distillation_loss
@@ -289,7 +287,10 @@ def test_errors_name_the_fix():
         distillation_loss(StudentOutputs(logits=zs), DenseSignal(zt), targets, preset("egad_no_c3"))
     with pytest.raises(ValueError, match="FeatureProjector"):
         distillation_loss(
-            StudentOutputs(logits=zs), DenseSignal(zt), targets, preset("egad", cdf_mode="batch", route_mode="batch_topk")
+            StudentOutputs(logits=zs),
+            DenseSignal(zt),
+            targets,
+            preset("egad", cdf_mode="batch", route_mode="batch_topk"),
         )
     with pytest.raises(ValueError, match="teacher"):
         distillation_loss(StudentOutputs(logits=zs), None, targets, preset("kd"))

@@ -13,6 +13,7 @@ from conftest import REPO
 
 from egad import experiment as X
 from egad.config import ConfigError
+from egad.methods import paper_index
 from egad.study import driver
 from egad.study import grid as G
 from egad.study import results as R
@@ -64,7 +65,7 @@ def test_compare_gives_token_mean_nll_difference(tmp_path):
 
 
 def test_paper_index_and_discussion_survive_regeneration(tmp_path):
-    index = R.paper_index(REPO / "README.md", ["kd", "egad"])
+    index = paper_index(["kd", "egad"])
     assert index[0] == "| method | preset | citation |" and any("`egad`" in ln for ln in index)
     assert not any("`todi`" in ln for ln in index)
     page = tmp_path / "results.md"

@@ -324,7 +324,6 @@ def main(argv: list[str] | None = None) -> None:
         tuning,
         chosen,
         invocations,
-        readme=REPO / "README.md",
         previous=results,
         cut=cut,
         beside=Path(args.beside) if args.beside else None,

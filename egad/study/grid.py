@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from egad import experiment as X
 from egad.eval.suite import MINILLM_SEEDS
-from egad.presets import PRESETS
+from egad.methods import DERIVED, METHODS, method
 
 BASELINES = [
     "sft",
@@ -43,32 +43,17 @@ CONTROLS = [
     "egad_feat_only",
     "kd_alpha0.8",
 ]
-# Cells that are a preset plus overrides. kd_alpha0.8 gives KD the KD:CE ratio that EA-KD's unnormalised weights
-# (mean about 4 on this data) give it, so that EA-KD's gain can be told apart from a heavier KD term.
-DERIVED = {"kd_alpha0.8": ("kd", {"alpha": 0.8})}
-# Cells that change what the student trains on rather than the loss (issue: on-policy, seq-KD). The on-policy cells
-# need the teacher online (a cache cannot hold the student's samples); `seqkd` is SFT on the teacher's sampled answers
-# to the same training prompts (TEACHER_ANSWERS, generated once per study).
+# Cells that change what the student trains on rather than the loss: the on-policy cells need the teacher online (a
+# cache cannot hold the student's samples); `seqkd` is SFT on the teacher's sampled answers to the same training
+# prompts (TEACHER_ANSWERS, generated once per study). Every cell is a method of egad.methods.
 TEACHER_ANSWERS = "teacher_answers"
-STUDENT_DATA = {
-    # GKD (Agarwal et al. 2024): lambda = 0.5 of the batches on-policy, JSD with beta = 0.5, KD's alpha as in `kd`.
-    "gkd": ("jsd", {"jsd_beta": 0.5}, {"train.on_policy": 0.5}),
-    "egad_on_policy": ("egad", {}, {"train.on_policy": 0.5}),
-    "seqkd": ("sft", {}, {"data.train": TEACHER_ANSWERS}),
-}
-# The pre-registered study's controls for the feature branch (docs/preregistration.md). A cut student's first
-# mapped layer sits on blocks copied from the teacher, so its feature target starts equal to the student's own
-# feature: the term then partly anchors the student to its initialisation. `kd_anchor` is KD with an explicit L2 pull
-# to the initial weights (strength tuned on dev by the protocol; this default is the grid's middle); `feat_kd_last`
-# is feature KD on the last layer only, whose student side is not the teacher's at the start.
+STUDENT_DATA = [m.name for m in DERIVED if "train.on_policy" in m.run or m.teacher_answers]
+# The pre-registered study's controls for the feature branch (egad.methods, docs/preregistration.md).
 ANCHOR_CELL = "kd_anchor"
-PREREG_CONTROLS = {
-    ANCHOR_CELL: ("kd", {}, {"train.anchor_l2": 0.01}),
-    "feat_kd_last": ("feat_kd_all", {"layer_map": "last"}, {}),
-}
+PREREG_CONTROLS = [ANCHOR_CELL, "feat_kd_last"]
 # In priority order: a study that runs out of time drops cells from the end.
 PREREG_CELLS = ["kd", "feat_kd_all", "egad", ANCHOR_CELL, "feat_kd_last", "sft", "rkl", "adakd_idts"]
-PRESETS_AND_DERIVED = set(PRESETS) | set(DERIVED) | set(STUDENT_DATA) | set(PREREG_CONTROLS)
+PRESETS_AND_DERIVED = set(METHODS)
 GRID = list(dict.fromkeys(BASELINES + COMPONENTS + CONTROLS))
 QUICK_CELLS = ["sft", "kd", "egad_c1", "egad"]
 # The real-teacher grid (issue: real pretrained LLMs): the baselines users ask for, and the 2^3 component grid.
@@ -135,11 +120,9 @@ class Setup:
 
 
 def cell(name: str) -> Cell:
-    if name in STUDENT_DATA or name in PREREG_CONTROLS:
-        preset, overrides, run = STUDENT_DATA.get(name) or PREREG_CONTROLS[name]
-        return Cell(name, preset, overrides, run=run)
-    preset, overrides = DERIVED.get(name, (name, {}))
-    return Cell(name, preset, overrides)
+    m = method(name)
+    run = {**m.run, **({"data.train": TEACHER_ANSWERS} if m.teacher_answers else {})}
+    return Cell(name, m.base, dict(m.objective), run=run)
 
 
 def expand_cells(spec: str) -> list[str]:

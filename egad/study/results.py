@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from egad.eval.report import load_run  # noqa: E402
 from egad.experiment import OTHER_SETS  # noqa: E402
+from egad.methods import paper_index  # noqa: E402
 from egad.study.grid import sampling_seed  # noqa: E402
 from egad.study.stats import compare_seeds, holm, main_effects_per_seed, seed_test  # noqa: E402
 
@@ -103,16 +103,6 @@ def table(rows: list[Row], teacher: dict | None = None, cut: dict | None = None)
         cells = [r.group, f"`{r.cell}`", dev, test] + [ms(r.rouge[s]) for s in sets] + [minutes]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def paper_index(readme: Path, cells: list[str]) -> list[str]:
-    """The README's paper-index rows that name a preset in the study (one source of truth for citations)."""
-    if not readme.is_file():
-        return []
-    text = readme.read_text().split("## Paper index", 1)[-1]
-    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "`" in ln]
-    keep = [ln for ln in rows if set(re.findall(r"`([^`]+)`", ln)) & set(cells)]
-    return ["| method | preset | citation |", "|---|---|---|", *keep] if keep else []
 
 
 def kept_discussion(path: Path) -> list[str]:
@@ -351,7 +341,6 @@ def page(
     chosen,
     invocations: list[dict],
     *,
-    readme: Path,
     previous: Path,
     cut: dict | None = None,
     beside: Path | None = None,
@@ -360,7 +349,7 @@ def page(
     """The results page; `previous` is the page being replaced, whose discussion is kept; `beside` an earlier page
     whose table is shown for comparison; `cut` the untrained cut student's row; `primary` the pre-registered primary
     comparisons (a, b) (default: see `comparison_pairs`)."""
-    index = paper_index(readme, [r.cell for r in rows])
+    index = paper_index([r.cell for r in rows])
     discussion = kept_discussion(previous)
     size = setup.size
     student = _student_text(size)
@@ -424,16 +413,6 @@ def page(
             "## Paper index",
             "",
             *index,
-            "| Controls | `egad_reverse_curriculum`, `egad_direct_temp`, "
-            "`egad_random_route`, `egad_feat_only`; `kd_alpha0.8` (KD at alpha = 0.8) | spec section 9; this study |",
-            *(
-                [
-                    "| Student data | `gkd`, `egad_on_policy` (on-policy); `seqkd` (the teacher's answers) | "
-                    "GKD, arXiv 2306.13649; sequence-level KD, arXiv 1606.07947 |"
-                ]
-                if any(r.group == "student data" for r in rows)
-                else []
-            ),
             "",
         ]
     return "\n".join(text)
