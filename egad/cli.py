@@ -195,7 +195,8 @@ def eval_cmd(
     from pathlib import Path
 
     from egad.checkpoint import saved_prompt
-    from egad.eval.suite import EvalSettings, default_data_dir, run_eval
+    from egad.eval.suite import EvalSettings, run_eval
+    from egad.paths import default_data_dir
 
     settings = EvalSettings(
         seeds=_int_list(seeds, "--seeds"),

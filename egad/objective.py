@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from egad.config import ObjectiveConfig
-from egad.data import shift_labels  # noqa: F401  (re-exported: the objective's targets come from it)
 from egad.heads import OutputHead
 from egad.losses.features import FeatureProjector, feature_loss
 from egad.teacher.signal import TeacherSignal, chunk_signals

@@ -14,7 +14,7 @@ from egad.config import ConfigError
 from egad.data import DataError
 from egad.experiment import run_training
 from egad.models import ModelError, check_tokenizers
-from egad.run_config import load_config
+from egad.run_config import build_config, load_config
 from egad.trainer import Trainer
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -135,6 +135,15 @@ def test_every_config_parses():
 
     for f in sorted((REPO / "configs" / "accelerate").glob("*.yaml")):
         assert yaml.safe_load(f.read_text())["distributed_type"] in ("DEEPSPEED", "FSDP", "MULTI_GPU"), f
+    from egad import experiment as X
+
+    scales = sorted((REPO / "configs" / "study").glob("*.yaml"))
+    assert len(scales) >= 3
+    for f in scales:  # every study scale parses, and its run overrides build a run config
+        size = X.load_scale(f, X.TOY)
+        raw = X.base_run(size, REPO / "d.jsonl", REPO / "runs" / "x", "tok")
+        raw["model"].update(X.model_fields("student", size.student), teacher="t")
+        assert isinstance(size, X.Scale) and build_config(raw).train.per_device_batch_size == size.batch, f
 
 
 def test_documented_errors(tmp_path, tiny_tokenizer_dir):

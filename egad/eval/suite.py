@@ -27,7 +27,6 @@ from egad.eval.rouge import rouge_l
 from egad.heads import HeadError, check_output_head, decoder_hidden, output_head
 from egad.model_files import load_error, resolve_model_source
 from egad.models import check_tokenizers, shared_vocab
-from egad.paths import default_data_dir  # noqa: F401  (egad eval's default)
 
 # name -> (file under the data dir, split filter)
 EVAL_SETS: dict[str, tuple[str, str | None]] = {

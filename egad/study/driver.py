@@ -41,14 +41,23 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 REPO = _CHECKOUT if (_CHECKOUT / "README.md").is_file() and (_CHECKOUT / "docs").is_dir() else Path.cwd()
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written; each option's help as a sentence with its default, as the other commands'."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        h = action.help or ""
+        h = h[:1].upper() + h[1:]
+        if "default" in h or action.default in (None, False, argparse.SUPPRESS):
+            return h
+        return f"{h} [default: {action.default}]"
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="egad study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(prog="egad study", description=__doc__, formatter_class=_Help)
     ap.add_argument("--quick", action="store_true", help="4 cells, 1 seed, 2 tuning knobs, miniature models")
-    ap.add_argument("--out", default="runs/study")
-    ap.add_argument("--results", default=None, help="Markdown output (default docs/results.md, quick: OUT/results.md)")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out", default="runs/study", help="the study's folder: cache, runs, results; reruns resume")
+    ap.add_argument("--results", default=None, help="the results page (default: OUT/results.md)")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per cell (0, 1, ...)")
     ap.add_argument(
         "--cells",
         default=None,
@@ -77,12 +86,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--step-times",
         default=None,
-        help="JSON {cell: seconds}: quiet step times per method (bench/step_cost.py), for the protocol's page",
+        help="JSON {cell: seconds}: quiet step times per method (bench/study_step_time.py), for the protocol's page",
     )
     ap.add_argument("--beside", default=None, help="an earlier results page whose table this page shows for comparison")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     ap.add_argument("--size", default=None, help="YAML: `size:` fields replacing the built-in sizes, `run:` overrides")
-    ap.add_argument("--data", default=None)
+    ap.add_argument(
+        "--data", default=None, help="folder with dolly/ and eval/ (default: $EGAD_DATA_DIR, ../shared/data, the hub)"
+    )
     ap.add_argument(
         "--teacher",
         default=None,
@@ -289,8 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             groups["dev-tuned"] = [G.TUNED]
     teacher = eval_teacher(setup, teacher_run, seeds)
     cut = eval_cut(setup)
-    default = setup.out / "results.md" if args.quick else REPO / "docs" / "results.md"
-    results = Path(args.results) if args.results else default
+    results = Path(args.results) if args.results else setup.out / "results.md"  # the checkout's docs/ only if asked
     results.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["egad study", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
     log = setup.out / "invocations.jsonl"
