@@ -62,83 +62,22 @@ class Scale:
         return str(self.run.get("train.mixed_precision", "no"))
 
 
-def llama_config(hidden: int, layers: int, heads: int) -> dict:
-    """A small Llama-style from-scratch config (tied embeddings, GQA with half the heads)."""
-    return {
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": 3 * hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 2),
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": True,
-    }
+SCALE_DIR = Path(__file__).parent / "scales"  # package data: an installed egad carries its scales
 
 
-# The toy scales: a from-scratch teacher and a 4x smaller student (about 20 min on 2 cores), and its miniature.
-TOY = Scale(
-    vocab=4096,
-    teacher=llama_config(192, 4, 4),
-    student=llama_config(96, 2, 2),
-    teacher_steps=700,
-    student_steps=250,
-    batch=16,
-    max_prompt_len=96,
-    max_len=192,
-    dev_examples=200,
-    test_examples=None,
-    other_examples=40,
-    seeds=(10, 20, 30, 40, 50),
-    max_new_tokens=96,
-)
-TOY_QUICK = Scale(
-    vocab=1024,
-    teacher=llama_config(96, 2, 2),
-    student=llama_config(48, 1, 2),
-    teacher_steps=120,
-    student_steps=40,
-    batch=16,
-    max_prompt_len=96,
-    max_len=160,
-    dev_examples=64,
-    test_examples=48,
-    other_examples=0,
-    seeds=(10,),
-    max_new_tokens=24,
-)
+def read_scale(path: Path) -> Scale:
+    """A scale file that gives every field of Scale (egad/scales/*.yaml)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(Scale)}
+    if set(raw) - known:
+        raise ConfigError(f"{path}: unknown field(s) {sorted(set(raw) - known)}; expected {sorted(known)}")
+    return Scale(**{**raw, "seeds": tuple(raw.get("seeds", ())), "run": dict(raw.get("run") or {})})
 
 
-# The real job on this machine: SmolLM2-135M-Instruct (the packaged GGUF) distilled into a depth cut of itself on a
-# Dolly train subset; sized for `egad demo` to finish in about 20 minutes on 2 cores, install included.
-SMOLLM2 = Scale(
-    vocab=0,  # unused: the teacher's tokenizer
-    teacher="smollm2-135m-instruct",
-    student=list(range(7)) + list(range(22, 30)),  # 15 of 30 layers: the first 7 and the last 8 (docs/benchmarks.md)
-    teacher_steps=0,
-    student_steps=36,
-    batch=8,
-    max_prompt_len=128,
-    max_len=256,
-    dev_examples=64,
-    test_examples=100,
-    other_examples=0,
-    seeds=(10,),
-    max_new_tokens=64,
-    feat_layers=2,
-    template="alpaca",  # chosen on dev over chat: NLL 2.655 vs 2.680, ROUGE-L 11.9 vs 11.4 (README)
-    train_examples=400,
-    test_kl=False,
-    run={
-        "train.lr": 1e-3,
-        "train.warmup_ratio": 0.1,
-        "train.mixed_precision": "bf16",
-        "train.fused_lm_head": True,
-        "train.log_every": 5,
-        "train.calib_examples": 128,  # also the cache's hidden-state threshold pass
-    },
-)
-SCALES = {"toy": TOY, "toy_quick": TOY_QUICK, "smollm2": SMOLLM2}
+# The toy scale (a from-scratch teacher and a 4x smaller student), its miniature, and the real job on this machine
+# (SmolLM2-135M-Instruct into a depth cut of itself): egad/scales/{toy,toy_quick,smollm2}.yaml.
+SCALES = {p.stem: read_scale(p) for p in sorted(SCALE_DIR.glob("*.yaml"))}
+TOY, TOY_QUICK, SMOLLM2 = SCALES["toy"], SCALES["toy_quick"], SCALES["smollm2"]
 
 
 def load_scale(path: str | Path, base: Scale) -> Scale:

@@ -397,3 +397,14 @@ def test_primary_comparisons_parse_and_name_bad_cells():
         driver.parse_primary("egad-rkl", cells)
     with pytest.raises(ConfigError, match="a-b"):
         driver.parse_primary("egad", cells)
+
+
+def test_builtin_scales_are_package_yaml(tmp_path):
+    names = sorted(p.stem for p in X.SCALE_DIR.glob("*.yaml"))
+    assert names == sorted(X.SCALES) and {"toy", "toy_quick", "smollm2"} <= set(names)
+    assert X.SMOLLM2.teacher == "smollm2-135m-instruct" and X.SMOLLM2.run["train.mixed_precision"] == "bf16"
+    assert X.TOY.seeds == (10, 20, 30, 40, 50) and X.TOY.student["num_hidden_layers"] == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((X.SCALE_DIR / "toy.yaml").read_text() + "stduent_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['stduent_steps'\]"):
+        X.read_scale(bad)
