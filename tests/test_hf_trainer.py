@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from egad import data as D
 from egad.entropy import fit_quantile_knots
-from egad.integrations.hf import PROJECTOR_ATTR, EgadTrainer
+from egad.integrations.common import PROJECTOR_ATTR
+from egad.integrations.hf import EgadTrainer
 from egad.presets import preset
 
 torch.set_num_threads(1)

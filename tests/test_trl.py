@@ -19,7 +19,7 @@ from trl import DistillationConfig  # noqa: E402
 
 from egad.config import ConfigError  # noqa: E402
 from egad.entropy import fit_quantile_knots  # noqa: E402
-from egad.integrations.hf import PROJECTOR_ATTR  # noqa: E402
+from egad.integrations.common import PROJECTOR_ATTR  # noqa: E402
 from egad.integrations.trl import (  # noqa: E402
     TRL_VERSIONS,
     EgadDistillationTrainer,

@@ -50,7 +50,7 @@ from egad.config import ConfigError, ObjectiveConfig
 from egad.data import IGNORE_INDEX
 from egad.errors import EgadError
 from egad.heads import OutputHead, check_output_head, output_head
-from egad.integrations.hf import (
+from egad.integrations.common import (
     PROJECTOR_ATTR,
     EgadObjective,
     check_knots,
