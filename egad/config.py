@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 from egad.curriculum import CURRICULUM_MODES, PACING_KINDS
 from egad.errors import EgadError
+from egad.losses.cross_vocab import CROSS_VOCAB_LOSSES, EXACT_DIVERGENCES
 from egad.losses.divergences import DIVERGENCES, NO_TAU2
 from egad.losses.features import FEATURE_LOSSES
 from egad.routing import ROUTE_MODES
@@ -38,6 +39,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "layer_map": ("uniform", "last"),
     "hard_branch": ("feat_plus_logits", "feat_only"),
     "feat_weight_schedule": ("constant", "follow_lambda"),
+    "cross_vocab": ("none", *CROSS_VOCAB_LOSSES),
 }
 
 
@@ -145,6 +147,12 @@ class ObjectiveConfig:
     chunk_size: int = 0
     """Tokens per chunk of the vocabulary-sized work; 0 = auto, 2^24 / V (64 MiB per fp32 chunk x V tensor)."""
 
+    cross_vocab: str = "none"
+    """Teacher and student tokenizers: 'none' (one shared tokenizer, checked), or distil across tokenizers at aligned
+    positions (egad.xtok) with the 'exact' (matched tokens + a tail bucket), 'uld' or 'hybrid' per-token loss."""
+    cross_vocab_weight: float = 0.5
+    """Hybrid only: weight of the exact part; (1 - weight) weighs the ULD term over the unmatched tokens."""
+
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
@@ -169,6 +177,19 @@ class ObjectiveConfig:
         for name in ("tau0", "ea_temperature", "h_ref", "feat_layers", "edt_t0"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"objective.{name}={getattr(self, name)} must be > 0")
+        _check_range("cross_vocab_weight", self.cross_vocab_weight, 0.0, 1.0)
+        if self.cross_vocab in ("exact", "hybrid") and self.divergence not in EXACT_DIVERGENCES:
+            raise ConfigError(
+                f"objective.divergence={self.divergence!r} is not offered across tokenizers "
+                f"(objective.cross_vocab={self.cross_vocab!r}); choose one of {list(EXACT_DIVERGENCES)}"
+            )
+        student_side = sorted(self.signals_needed & {"student_entropy", "student_ea", "hellinger"})
+        if self.cross_vocab != "none" and student_side:
+            raise ConfigError(
+                f"objective.cross_vocab={self.cross_vocab!r}: the plan reads {student_side}, which compare the two "
+                "models over one vocabulary; across tokenizers the plan reads the teacher's entropy only "
+                "(weighting curriculum, none or select_teacher_entropy; temp_signal teacher_entropy)"
+            )
         if self.beta_f < 0:
             raise ConfigError(f"objective.beta_f={self.beta_f} must be >= 0 (0 turns features off)")
         if self.bild_top_k < 2:

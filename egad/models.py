@@ -269,17 +269,27 @@ def capture_hidden(model: PreTrainedModel, layers: list[int]) -> Iterator[list[T
     result.extend(slots[m] for m in layers if m in slots)
 
 
-def resolve_tokenizer(model_cfg, data_cfg):
+def tokenizer_name(tok) -> str:
+    return getattr(tok, "name_or_path", "") or type(tok).__name__
+
+
+def resolve_tokenizer(model_cfg, data_cfg, *, cross: bool = False):
     """The run's tokenizer: model.tokenizer, else the student's, else the teacher's, else a BPE trained on the
-    training data (model.train_tokenizer). Every tokenizer found beside a model must agree with it."""
+    training data (model.train_tokenizer). Every tokenizer found beside a model must agree with it, the teacher's
+    (or model.teacher_tokenizer) too unless `cross` (objective.cross_vocab: the teacher keeps its own)."""
     m = model_cfg
     found = {
         side: try_load_tokenizer(src, m.revision, m.trust_remote_code)
         for side, src in (("tokenizer", m.tokenizer), ("student", m.student), ("teacher", m.teacher))
     }
+    if getattr(m, "teacher_tokenizer", None):
+        found["teacher"] = try_load_tokenizer(m.teacher_tokenizer, m.revision, m.trust_remote_code)
+        if found["teacher"] is None:
+            raise ModelError(f"model.teacher_tokenizer={m.teacher_tokenizer!r} could not be loaded")
     if m.tokenizer and found["tokenizer"] is None:
         raise ModelError(f"model.tokenizer={m.tokenizer!r} could not be loaded")
-    tok = found["tokenizer"] or found["student"] or found["teacher"]
+    # Across tokenizers the teacher's is its own, never the student's default.
+    tok = found["tokenizer"] or found["student"] or (None if cross else found["teacher"])
     if tok is None:
         if not m.train_tokenizer:
             tried = [f"model.{side}={src!r}" for side, src in (("student", m.student), ("teacher", m.teacher)) if src]
@@ -289,9 +299,17 @@ def resolve_tokenizer(model_cfg, data_cfg):
                 "model.train_tokenizer: {vocab_size: 4096} to train a BPE on the training data"
             )
         tok = _train_tokenizer(m.train_tokenizer, data_cfg)
-    for side in ("student", "teacher"):
-        if found[side] is not None and found[side] is not tok:
-            check_tokenizers(found[side], tok, side, "run")
+    if found["student"] is not None and found["student"] is not tok:
+        check_tokenizers(found["student"], tok, "student", "run")
+    if found["teacher"] is not None and found["teacher"] is not tok and not cross:
+        try:
+            check_tokenizers(found["teacher"], tok, "teacher", "run")
+        except ModelError as e:
+            raise ModelError(
+                f"{e} The teacher's tokenizer is {tokenizer_name(found['teacher'])!r}, the run's (student's) "
+                f"{tokenizer_name(tok)!r}. To distil across tokenizers set objective.cross_vocab to exact, uld or "
+                "hybrid"
+            ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -41,6 +41,9 @@ class ModelConfig:
     all-linear}; checkpoints hold the merged model and the adapter (adapter/)."""
     tokenizer: str | None = None
     """Tokenizer dir or hub id. Default: the student's, else the teacher's. Checked against the other model's."""
+    teacher_tokenizer: str | None = None
+    """The teacher's tokenizer (dir or hub id) when it differs from the student's: needs objective.cross_vocab.
+    Default: the teacher model's own."""
     train_tokenizer: dict | None = None
     """Train a byte-level BPE tokenizer on the training data instead: {vocab_size: 4096, examples: 20000}."""
     teacher_cache: str | None = None
@@ -217,6 +220,18 @@ class RunConfig:
     method: str = "egad"
 
     def __post_init__(self) -> None:
+        cross = self.objective.cross_vocab != "none" and self.objective.uses_teacher
+        if cross and self.model.teacher_cache:
+            raise ConfigError(
+                f"objective.cross_vocab={self.objective.cross_vocab!r} with model.teacher_cache: a teacher cache for a "
+                "student with another tokenizer is not supported yet; drop model.teacher_cache (the teacher then runs "
+                "online)"
+            )
+        if cross and self.train.on_policy > 0:
+            raise ConfigError(
+                f"train.on_policy={self.train.on_policy} with objective.cross_vocab={self.objective.cross_vocab!r}: "
+                "the student's samples are not re-tokenized for the teacher yet; set train.on_policy: 0"
+            )
         if self.train.on_policy > 0 and self.model.teacher_cache and self.objective.uses_teacher:
             raise ConfigError(
                 f"train.on_policy={self.train.on_policy} trains on the student's own samples, which a teacher cache "

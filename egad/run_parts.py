@@ -30,6 +30,7 @@ from egad.student import DistillationModule
 from egad.teacher.cache import TeacherCache, run_identity
 from egad.teacher.online import OnlineTeacher
 from egad.teacher.signal import TeacherSource
+from egad.xtok.run import cross_source, is_cross
 
 log = logging.getLogger("egad.trainer")
 
@@ -85,7 +86,7 @@ def cache_route_threshold(obj: ObjectiveConfig, cache: TeacherCache) -> float | 
     return float(thr) if abs(obj.rho - stored) <= 1e-9 else None
 
 
-def _student_and_teacher(cfg: RunConfig, acc, tokenizer) -> tuple[nn.Module, nn.Module | None]:
+def _student_and_teacher(cfg: RunConfig, acc, tokenizer, teacher_tok=None) -> tuple[nn.Module, nn.Module | None]:
     """The student (cut from the teacher, or built) and the teacher when it must be loaded (to run, or to cut)."""
     m, dev, obj = cfg.model, acc.device, cfg.objective
     teacher = None
@@ -96,7 +97,7 @@ def _student_and_teacher(cfg: RunConfig, acc, tokenizer) -> tuple[nn.Module, nn.
                 "id, .gguf file or shortcut), model.teacher_config or model.teacher_cache, or use preset sft"
             )
         with engines.whole_models(acc):
-            teacher = freeze(build_model_side(cfg, "teacher", tokenizer, dev)).to(dev)
+            teacher = freeze(build_model_side(cfg, "teacher", teacher_tok or tokenizer, dev)).to(dev)
     if m.student_cut is not None:
         layers = cut_layers(m.student_cut, len(decoder_layers(teacher)))
         student = cut_student(teacher, layers, dtype=resolve_dtype(m.student_dtype, dev))
@@ -123,14 +124,15 @@ def _online_source(cfg: RunConfig, teacher: nn.Module, placement: str, layers: l
     return OnlineTeacher(teacher, layers, fused=fused, vocab=vocab)
 
 
-def build_parts(cfg: RunConfig, acc, engine: str, tokenizer, train_set) -> RunParts:
+def build_parts(cfg: RunConfig, acc, engine: str, tokenizer, train_set, teacher_tokenizer=None) -> RunParts:
     """Every part of a run, on `acc`'s device, under `engine`; `train_set` is the tokenized split a cache is checked
-    against."""
+    against. `teacher_tokenizer`: the teacher's own, in a cross-tokenizer run (egad.xtok.run)."""
     m, obj = cfg.model, cfg.objective
-    student, teacher = _student_and_teacher(cfg, acc, tokenizer)
+    cross = is_cross(cfg)
+    student, teacher = _student_and_teacher(cfg, acc, tokenizer, teacher_tokenizer if cross else None)
     if m.teacher_cache:
         teacher = None  # loaded only to cut the student from: with a cache the teacher never runs
-    vocab = shared_vocab(tokenizer, student, *([teacher] if teacher is not None else []))
+    vocab = shared_vocab(tokenizer, student, *([teacher] if teacher is not None and not cross else []))
     cache, route_threshold = None, None
     if obj.uses_teacher and m.teacher_cache:
         # Checked once, by the cache, against this run's tokenizer, tokenized data, template and vocabulary.
@@ -155,9 +157,13 @@ def build_parts(cfg: RunConfig, acc, engine: str, tokenizer, train_set) -> RunPa
     if teacher is not None and placement == "shard":
         teacher, teacher_engine = engines.shard_teacher(teacher, acc, decoder_layers(teacher), engine)
     source: TeacherSource | None = cache
-    if teacher is not None and obj.uses_teacher:
+    if teacher is not None and obj.uses_teacher and cross:
+        layers = [p[1] for p in pairs]
+        source = cross_source(cfg, teacher, teacher_tokenizer, tokenizer, train_set, layers, placement)[0]
+    elif teacher is not None and obj.uses_teacher:
         source = _online_source(cfg, teacher, placement, [p[1] for p in pairs], vocab)
-    module = DistillationModule(student, projector, [p[0] for p in pairs], cfg.train.fused_lm_head, vocab=vocab)
-    if cfg.train.fused_lm_head:
+    fused = cfg.train.fused_lm_head or cross  # across tokenizers the loss projects the student's aligned rows
+    module = DistillationModule(student, projector, [p[0] for p in pairs], fused, vocab=vocab)
+    if fused:
         engines.share_head(module, output_head(student), engine)
     return RunParts(module, teacher, cache, source, pairs, vocab, placement, teacher_engine, route_threshold)

@@ -13,6 +13,7 @@ from egad.losses.features import FeatureProjector
 from egad.models import capture_hidden
 from egad.objective import StudentOutputs, distillation_loss
 from egad.teacher.signal import TeacherSignal
+from egad.xtok.objective import cross_distillation_loss
 
 
 class DistillationModule(nn.Module):
@@ -44,5 +45,7 @@ class DistillationModule(nn.Module):
             s_out = StudentOutputs(hidden=hidden, head=output_head(self.student), features=feats or None)
         else:
             s_out = StudentOutputs(logits=logits, features=feats or None)
-        out = distillation_loss(s_out, teacher, targets, cfg, projector=self.projector, **kw)
+        # A teacher with its own tokenizer (egad.xtok.source.CrossSignal) is read at the aligned rows only.
+        loss_fn = cross_distillation_loss if getattr(teacher, "cross", False) else distillation_loss
+        out = loss_fn(s_out, teacher, targets, cfg, projector=self.projector, **kw)
         return out.loss, out.metrics, out.tokens

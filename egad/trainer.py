@@ -47,6 +47,7 @@ from egad.run_log import RunLog
 from egad.run_parts import build_parts
 from egad.token_plan import check_window_exact
 from egad.windows import Windows, token_keys
+from egad.xtok.run import teacher_tokenizer
 
 log = logging.getLogger("egad.trainer")
 
@@ -72,7 +73,10 @@ class Trainer:
         set_seed(t.seed)
         self.main = self.acc.is_main_process
         with self.acc.main_process_first():
-            self.tokenizer = resolve_tokenizer(self.cfg.model, self.cfg.data)
+            cross = cfg.objective.cross_vocab != "none"  # the teacher may keep a tokenizer of its own
+            self.tokenizer = resolve_tokenizer(self.cfg.model, self.cfg.data, cross=cross)
+            # None unless the teacher keeps its own tokenizer (egad.xtok)
+            self.teacher_tokenizer = teacher_tokenizer(cfg, self.tokenizer)
         self._setup_data()
         check_window_exact(cfg.objective, grad_accum=t.grad_accum, processes=self.world)
         self._setup_models()
@@ -132,7 +136,7 @@ class Trainer:
         return scorer(self.acc.unwrap_model(self.module).student, self.vocab)
 
     def _setup_models(self) -> None:
-        parts = build_parts(self.cfg, self.acc, self.engine, self.tokenizer, self.train_set)
+        parts = build_parts(self.cfg, self.acc, self.engine, self.tokenizer, self.train_set, self.teacher_tokenizer)
         self.module, self.teacher_model, self.source = parts.module, parts.teacher_model, parts.source
         self.cache = parts.cache
         self.pairs, self.vocab, self.placement = parts.pairs, parts.vocab, parts.placement
@@ -299,7 +303,7 @@ class Trainer:
         agreement (egad.dev_eval)."""
         self.module.eval()
         teacher, score_t = self.teacher_model, None
-        if teacher is not None:
+        if teacher is not None and self.teacher_tokenizer is None:  # across tokenizers: the student's NLL only
             score_t = (
                 (lambda b: teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
                 if self.placement == "shard"

@@ -255,15 +255,20 @@ class _Run:
     step: int
     weights: Tensor | None  # (N,) the caller's reduction weights, or None
     grads: tuple[bool, bool, bool]  # hidden, weight, bias need a gradient
+    plan: Callable[[Tensor, slice], tuple[Tensor, Tensor]] | None = None  # see chunked_cross_vocab_loss
 
     def chunk(self, hs: Tensor, sl: slice, coef: Tensor | None):
-        """Per-token values of rows `sl`, and with `coef` the gradient of sum(coef * values) w.r.t. the linear part
-        of the student head's output. -> (C,), (C, V_S) or None"""
-        tau = self.temperature
-        tau = tau[sl] if isinstance(tau, Tensor) and tau.dim() else tau
+        """Per-token values of rows `sl`, and with `coef` (N,) the gradient of sum(coef[sl] * values) w.r.t. the
+        linear part of the student head's output. -> (C,), (C, V_S) or None"""
         with torch.no_grad():
             # (C, V_T) fp32: the chunk's one teacher projection, in the head's dtype (no fp32 copy of the weight)
             zt = self.t_head.logits(self.t_hidden[sl].to(self.t_head.weight.dtype), self.v_t).float()
+            if self.plan is not None:  # first sweep: the caller's plan fills the chunk's temperatures and weights
+                tau_c, w_c = self.plan(zt, sl)
+                self.temperature[sl], self.weights[sl] = tau_c, w_c  # type: ignore[index]
+        tau = self.temperature
+        tau = tau[sl] if isinstance(tau, Tensor) and tau.dim() else tau
+        coef = None if coef is None else coef[sl]
         with torch.enable_grad():
             x = hs[sl].detach().to(self.s_head.weight.dtype)
             leaf = self.s_head.linear(x, self.v_s).float().detach().requires_grad_(coef is not None)  # (C, V_S)
@@ -296,7 +301,7 @@ class _Run:
         bufs = self.buffers(hs, w, b) if coef is not None else [None, None, None]
         for start in range(0, n, self.step):
             sl = slice(start, start + self.step)
-            values, g = self.chunk(hs, sl, None if coef is None else coef[sl])
+            values, g = self.chunk(hs, sl, coef)
             out[sl] = values
             if g is not None:
                 self.accumulate(hs, sl, g, bufs)
@@ -323,6 +328,7 @@ class _ChunkedCrossVocab(torch.autograd.Function):
     def forward(ctx, hs: Tensor, w: Tensor, b: Tensor | None, run: _Run):  # type: ignore[override]
         need = any(run.grads) and run.weights is not None
         out, bufs = run.sweep(hs, w, b, run.weights if need else None)
+        run.plan = None  # planned once: a backward sweep reads the filled temperatures and weights
         ctx.run, ctx.pre = run, (bufs if need else None)
         ctx.save_for_backward(hs, w, *(() if b is None else (b,)))
         ctx.dtypes = (hs.dtype, w.dtype, None if b is None else b.dtype)
@@ -361,6 +367,7 @@ def chunked_cross_vocab_loss(
     teacher_vocab: int | None = None,
     chunk_size: int | None = None,
     token_weights: Tensor | None = None,
+    plan: Callable[[Tensor, slice], tuple[Tensor, Tensor]] | None = None,
     **hyper: float | str,
 ) -> Tensor:
     """Per-token `CROSS_VOCAB_LOSSES[loss]` from the final hidden states of aligned rows and the heads. -> (N,) fp32
@@ -375,6 +382,12 @@ def chunked_cross_vocab_loss(
     times any constant (the objective's w_t tau_t^2 / N). The student gradient is then computed in the forward pass,
     one teacher projection per chunk. Without them (or when the upstream gradient is not proportional to them) the
     backward re-projects every chunk: exact, at twice the head GEMMs.
+
+    `plan(teacher_logits, rows) -> (temperature, token_weights)`, for a caller whose temperatures and weights depend
+    on the teacher (egad's per-token plan reads its entropy): called once per chunk under no_grad with the chunk's
+    teacher logits (C, V_T) fp32 and its row slice, before the chunk's loss, so that the plan and the loss share the
+    chunk's one teacher projection; it returns (C,) each, and `temperature` / `token_weights` are then ignored. Read
+    the filled values back from the caller's side (the plan sees every row once, in order).
     """
     if loss not in CROSS_VOCAB_LOSSES:
         raise ValueError(f"loss={loss!r}; expected one of {sorted(CROSS_VOCAB_LOSSES)}")
@@ -403,6 +416,10 @@ def chunked_cross_vocab_loss(
     frozen = OutputHead(w.detach(), None if b is None else b.detach(), s_head.hidden_scale, s_head.logit_scale,
                         s_head.softcap)  # fmt: skip
     tau = temperature.detach().float() if isinstance(temperature, Tensor) else temperature
+    if plan is not None:  # filled chunk by chunk by the plan
+        device = student_hidden.device
+        tau = torch.ones(n, device=device, dtype=torch.float32)
+        token_weights = torch.zeros(n, device=device, dtype=torch.float32)
     run = _Run(
         fn=CROSS_VOCAB_LOSSES[loss],
         hyper=dict(hyper),
@@ -416,6 +433,7 @@ def chunked_cross_vocab_loss(
         step=chunk_size or max(16, 2**24 // max(v_s, v_t)),
         weights=None if token_weights is None else token_weights.detach().float(),
         grads=grads,  # type: ignore[arg-type]
+        plan=plan,
     )
     if not any(grads):
         with torch.no_grad():

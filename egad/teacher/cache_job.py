@@ -55,6 +55,11 @@ def run_cache_job(
             "egad cache needs a teacher: set model.teacher (a folder, hub id, .gguf file or shortcut) or "
             "model.teacher_config"
         )
+    if cfg.objective.cross_vocab != "none":
+        raise ConfigError(
+            f"objective.cross_vocab={cfg.objective.cross_vocab!r}: egad cache does not write caches for a student with "
+            "another tokenizer yet; train with the teacher online (no model.teacher_cache)"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = resolve_tokenizer(m, cfg.data)
     teacher = build_model(

@@ -16,6 +16,8 @@ def response_entropies(teacher: TeacherSource, batch: dict[str, Tensor], vocab: 
     """Teacher entropy (tau = 1, nats) at every response token of a collated batch. -> (N,)"""
     rows = (D.shift_labels(batch["labels"]).reshape(-1) != D.IGNORE_INDEX).nonzero().squeeze(-1)
     sig = teacher.signal(batch)
+    if hasattr(sig, "response_entropies"):  # a teacher with its own tokenizer: at its aligned rows (egad.xtok)
+        return sig.response_entropies()
     step = max(16, 2**24 // vocab)
     parts = [sig.chunk(rows[i : i + step], vocab).entropy() for i in range(0, rows.numel(), step)]
     return torch.cat(parts) if parts else torch.zeros(0, device=rows.device)
