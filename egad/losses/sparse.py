@@ -62,6 +62,7 @@ from egad.losses.sparse_tail import (  # noqa: F401 (entropy_matched_tail, tempe
     teacher_atoms,
     tempered_tail,
 )
+from egad.losses.student_atoms import student_atom_logprobs, student_atom_logprobs_and_ce
 
 __all__ = [
     "SAMPLED_DIVERGENCES",
@@ -126,21 +127,6 @@ def _student_bucket_logits(student_logits: Tensor, ids: Tensor, temperature: flo
     if isinstance(temperature, Tensor) and temperature.requires_grad:
         return _student_buckets_autograd(z, ids, temperature)
     return _StudentBuckets.apply(z, ids, temperature)
-
-
-def student_atom_logprobs(student_logits: Tensor, ids: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:
-    """Exact student log-probs log softmax(z_S / tau) at `ids`, which may repeat. (N, V), (N, J) -> (N, J)
-
-    The bucket logits of `ids` with the normaliser taken over each distinct id once plus the rest: the (N, V) work
-    is `_StudentBuckets`' single scratch, and a repeated id's gradient accumulates like a gather's."""
-    raw = _student_bucket_logits(student_logits, ids, temperature)  # (N, J+1)
-    with torch.no_grad():
-        sorted_ids, order = ids.sort(dim=-1)
-        repeat = torch.zeros_like(ids, dtype=torch.bool)
-        repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
-        repeat = torch.zeros_like(repeat).scatter_(-1, order, repeat)  # back to the ids' order
-    unique = torch.cat([raw[:, :-1].masked_fill(repeat, -math.inf), raw[:, -1:]], dim=-1)
-    return raw[:, :-1] - torch.logsumexp(unique, dim=-1, keepdim=True)
 
 
 def _student_buckets_autograd(z: Tensor, ids: Tensor, temperature: float | Tensor) -> Tensor:
@@ -257,27 +243,29 @@ def _atom_kl(
     targets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """KL(P_a || q) with the teacher's tail from `sample` (module docstring, "sampled tail"), log Z_all(a), and with
-    `targets` (N,) the student's log q at them, read from the same normaliser (no second (N, V) pass).
+    `targets` (N,) the student's cross-entropy -log q_1(targets) at tau = 1, from the same call as its atoms
+    (`student_atom_logprobs_and_ce`: at tau = 1 the same normaliser, no second (N, V) pass).
 
     P_a = p^a / Z_all(a) is exact at the top-k ids; the tail contributes sum_s w_s (log P_a(v_s) - log q(v_s)),
-    q = softmax(z_S / student_temperature) exact over the full vocabulary. -> (N,) fp32, (N,) float64"""
+    q = softmax(z_S / student_temperature) exact over the full vocabulary. -> (N,) fp32, (N,) float64, (N,) fp32"""
     _check(student_logits, ids, teacher_logprobs, tail)
     if sample.ids.shape[0] != ids.shape[0]:
         raise ValueError(f"tail sample has {sample.ids.shape[0]} rows, the top-k {ids.shape[0]}")
     k = ids.shape[1]
     logp_top, logp_s, log_w, log_norm = teacher_atoms(teacher_logprobs, tail, sample, exponent)
-    atoms = [ids, sample.ids] + ([targets.reshape(-1, 1).to(ids)] if targets is not None else [])
-    logq = student_atom_logprobs(student_logits, torch.cat(atoms, dim=-1), temperature=student_temperature)
-    at_target = logq[:, -1] if targets is not None else None
-    s_end = k + sample.ids.shape[1]
-    logq = logq[:, :s_end]
+    atoms = torch.cat([ids, sample.ids], dim=-1)
+    ce = None
+    if targets is None:
+        logq = student_atom_logprobs(student_logits, atoms, temperature=student_temperature)
+    else:
+        logq, ce = student_atom_logprobs_and_ce(student_logits, atoms, targets, temperature=student_temperature)
     head = dense._kl_terms(logp_top.float(), logq[:, :k]).sum(-1)
     w = log_w.exp().float()  # (N, S); 0 on an empty tail
     logp_s = logp_s.float()
     keep = (w > 0) & torch.isfinite(logp_s)
     # Sanitised as in _kl_terms, so that a masked entry's -inf sends no NaN back through where().
     diff = torch.where(keep, logp_s, 0.0) - torch.where(keep, logq[:, k:], 0.0)
-    return head + torch.where(keep, w * diff, 0.0).sum(-1), log_norm, at_target
+    return head + torch.where(keep, w * diff, 0.0).sum(-1), log_norm, ce
 
 
 def forward_kl(
@@ -301,12 +289,22 @@ def forward_kl(
 
 
 def forward_kl_and_ce(
-    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor, tail: Tensor, sample: TailSample, targets: Tensor
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor,
+    sample: TailSample,
+    targets: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """The sampled `forward_kl` at tau = 1 and the cross-entropy -log q(targets), both (N,), from one student
-    normaliser: the targets join the atoms, so the CE costs no (N, V) pass of its own."""
-    kl, _, at_target = _atom_kl(student_logits, ids, teacher_logprobs, tail, sample, 1.0, 1.0, targets)
-    return kl, -at_target  # type: ignore[operator]
+    """The sampled `forward_kl` at `temperature` and the cross-entropy -log q(targets) at tau = 1, both (N,), from one
+    student call (`student_atom_logprobs_and_ce`): at a float temperature of 1 the CE shares the KL's normaliser (no
+    (N, V) pass of its own); at any other it takes one more in-place normaliser in the same call."""
+    tau = _check_temperature(temperature)
+    a = 1.0 / tau
+    kl, _, ce = _atom_kl(student_logits, ids, teacher_logprobs, tail, sample, a, tau, targets)
+    return kl, ce  # type: ignore[return-value]
 
 
 def _ttm_with_sample(student_logits, ids, teacher_logprobs, tail, temperature, gamma, sample):

@@ -82,22 +82,34 @@ def tail_log_power_sum(tail: Tensor, sample: TailSample, exponent: float | Tenso
 
     The importance estimate from the sample, corrected in log space by a term linear in a that makes it exact at
     a = 1 (log m) and leaves it exact at a = b (log Z_b). Rows whose tail mass is 0 give -inf."""
-    b = sample.exponent
     a = _exponent(exponent, tail)
+    return _power_sum(tail, sample, a, _is_one(exponent))[0]
+
+
+def _is_one(exponent: float | Tensor) -> bool:
+    """A Python number equal to 1 (then the estimate at a and at 1 are one computation)."""
+    return not isinstance(exponent, Tensor) and float(exponent) == 1.0
+
+
+def _power_sum(tail: Tensor, sample: TailSample, a: Tensor, at_one: bool) -> tuple[Tensor, Tensor]:
+    """`tail_log_power_sum` at a checked float64 exponent a, () or (N,), and (a - b) log p_s (N, S), which
+    `teacher_atoms` reuses; at_one: a is 1, so the estimate at 1 is the one at a."""
+    b = sample.exponent
     lp = sample.logprobs.double()  # (N, S)
     log_z = sample.log_z.double()
     log_s = math.log(sample.size)
 
-    def estimate(e: Tensor) -> Tensor:
-        e = e[:, None] if e.dim() == 1 else e
-        return log_z + torch.logsumexp((e - b) * lp, dim=-1) - log_s
+    def estimate(e: Tensor) -> tuple[Tensor, Tensor]:
+        x = ((e[:, None] if e.dim() == 1 else e) - b) * lp
+        return log_z + torch.logsumexp(x, dim=-1) - log_s, x
 
     m_log = tail.double()
     live = torch.isfinite(m_log) & torch.isfinite(log_z)
-    one = torch.ones((), dtype=torch.float64, device=tail.device)
-    c = torch.where(live, m_log - estimate(one), 0.0)
-    out = estimate(a) + c * (a - b) / (1.0 - b)
-    return torch.where(live, out, -math.inf)
+    at_a, x = estimate(a)
+    at_1 = at_a if at_one else estimate(torch.ones((), dtype=torch.float64, device=tail.device))[0]
+    c = torch.where(live, m_log - at_1, 0.0)
+    out = at_a + c * (a - b) / (1.0 - b)
+    return torch.where(live, out, -math.inf), x
 
 
 def teacher_atoms(
@@ -112,9 +124,9 @@ def teacher_atoms(
     a_col = a[:, None] if a.dim() == 1 else a
     lp, slp = logprobs.double(), sample.logprobs.double()
     top = a_col * lp  # (N, k)
-    log_tail = tail_log_power_sum(tail, sample, a)  # (N,)
+    log_tail, x = _power_sum(tail, sample, a, _is_one(exponent))  # (N,), (N, S) = (a - b) log p_s
     log_norm = torch.logaddexp(torch.logsumexp(top, dim=-1), log_tail)
-    log_w = (log_tail - log_norm)[:, None] + torch.log_softmax((a_col - sample.exponent) * slp, dim=-1)
+    log_w = (log_tail - log_norm)[:, None] + torch.log_softmax(x, dim=-1)
     log_w = torch.where(torch.isfinite(log_tail)[:, None], log_w, -math.inf)
     return top - log_norm[:, None], a_col * slp - log_norm[:, None], log_w, log_norm
 

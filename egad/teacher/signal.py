@@ -231,9 +231,12 @@ class TopKChunk:
     def divergence_and_ce(
         self, name: str, student_logits: Tensor, temperature: Tensor, targets: Tensor, **hyper: float
     ) -> tuple[Tensor, Tensor | None]:
-        """As `DenseChunk.divergence_and_ce`: the sampled forward KL at tau = 1 reads the CE from its own atoms."""
-        if name == "forward_kl" and self.sample is not None and _all_one(temperature):
-            return forward_kl_and_ce(student_logits, self.ids, self.logprobs, self.tail, self.sample, targets)
+        """As `DenseChunk.divergence_and_ce`, for the sampled forward KL at any temperature: at tau = 1 it reads the CE
+        from its own atoms, elsewhere from one in-place pass of the same kind (`sparse.forward_kl_and_ce`)."""
+        if name == "forward_kl" and self.sample is not None:
+            tau = 1.0 if _all_one(temperature) else temperature
+            args = (student_logits, self.ids, self.logprobs, self.tail, self.sample, targets)
+            return forward_kl_and_ce(*args, temperature=tau)
         return self.divergence(name, student_logits, temperature, **hyper), None
 
 

@@ -24,7 +24,16 @@ SAMPLE_EXPONENT = 0.5
 _R2 = (0.7548776662466927, 0.5698402909980532)
 _CODES = 254  # finite codes 0..254; 255 marks -inf
 
-__all__ = ["SAMPLE_EXPONENT", "bytes_per_token", "decode", "dequantise", "encode", "id_dtype", "quantise"]
+__all__ = [
+    "SAMPLE_EXPONENT",
+    "bytes_per_token",
+    "decode",
+    "decode_rows",
+    "dequantise",
+    "encode",
+    "id_dtype",
+    "quantise",
+]
 
 
 def id_dtype(vocab_size: int) -> torch.dtype:
@@ -120,16 +129,22 @@ def encode(
 def decode(t: dict[str, Tensor], lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Rows [lo, hi) of a shard's tensors, either format: (top-k ids long, top-k log-probs fp32, sample ids long or
     None, sample log-probs fp32 or None)."""
+    return decode_rows(t, slice(lo, hi))
+
+
+def decode_rows(t: dict[str, Tensor], rows: slice | Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """`decode` at any rows of a shard: a slice, or an index tensor (R,) (the rows of many examples at once; every
+    step is per row, so the values are those of `decode` row by row)."""
 
     def logprobs(name: str, scale: str) -> Tensor:
-        x = t[name][lo:hi]
-        return dequantise(x, t[scale][lo:hi]) if x.dtype == torch.uint8 else x.float()
+        x = t[name][rows]
+        return dequantise(x, t[scale][rows]) if x.dtype == torch.uint8 else x.float()
 
-    ids = t["topk_ids"][lo:hi].long()
+    ids = t["topk_ids"][rows].long()
     lp = logprobs("topk_logprobs", "topk_scale")
     if "sample_ids" not in t:
         return ids, lp, None, None
-    return ids, lp, t["sample_ids"][lo:hi].long(), logprobs("sample_logprobs", "sample_scale")
+    return ids, lp, t["sample_ids"][rows].long(), logprobs("sample_logprobs", "sample_scale")
 
 
 def bytes_per_token(k: int, samples: int, bits: int, vocab_size: int) -> int:

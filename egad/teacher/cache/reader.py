@@ -179,37 +179,50 @@ class TeacherCache:
         return tensors
 
     def _gather(self, i: int, items: list[tuple[int, int]], out: _Batch) -> None:
-        """Copy the rows of `items` ((batch row, example) pairs, all in shard i) into `out`. A function of its own so
-        that no view of the shard outlives the call: an evicted shard's map is then released at once."""
+        """Copy the rows of `items` ((batch row, example) pairs, all in shard i) into `out`, all examples at once: one
+        index of the shard's rows, one decode, one write per tensor. A function of its own so that no view of the
+        shard outlives the call: an evicted shard's map is then released at once."""
         t = self._shard(i)
-        for b, ex in items:
-            j = ex - self._starts[i]
-            lo, hi = int(t["token_offsets"][j]), int(t["token_offsets"][j + 1])
-            pos = out.mask[b].nonzero().squeeze(-1)
-            if pos.numel() != hi - lo:
-                raise CacheError(
-                    f"{self.path}: example {ex} has {pos.numel()} response tokens in the batch but {hi - lo} cache "
-                    "rows: cache rows do not match the tokenized data: the data, template or tokenizer changed"
-                )
-            ids, logprobs, sample_ids, sample_logprobs = codec.decode(t, lo, hi)
-            out.ids[b, pos] = ids
-            out.logprobs[b, pos] = logprobs
-            if self.tail_samples:
-                out.sample_ids[b, pos] = sample_ids
-                out.sample_logprobs[b, pos] = sample_logprobs
-                out.log_z[b, pos] = t["tail_logz"][lo:hi]
-            out.tail[b, pos] = t["tail_logmass"][lo:hi]
-            out.entropy[b, pos] = t["entropy"][lo:hi]
-            if self.layers:
-                rows = t["hidden_rows"]
-                a, z = int(torch.searchsorted(rows, lo)), int(torch.searchsorted(rows, hi))
-                at = pos[rows[a:z] - lo]
-                out.feature_mask[b, at] = True
-                if not out.feats:
-                    shape = out.tail.shape
-                    out.feats = [torch.zeros(*shape, t[f"hidden_{m}"].shape[-1]) for m in self.layers]
-                for f, m in zip(out.feats, self.layers, strict=True):
-                    f[b, at] = t[f"hidden_{m}"][a:z].float()
+        b = torch.tensor([b for b, _ in items])  # (n,) batch rows
+        ex = torch.tensor([ex for _, ex in items])
+        offsets = t["token_offsets"]
+        lo, hi = offsets[ex - self._starts[i]], offsets[ex - self._starts[i] + 1]  # (n,) each
+        mask = out.mask[b]  # (n, L)
+        counts = mask.sum(-1)
+        bad = (counts != hi - lo).nonzero()
+        if bad.numel():
+            j = int(bad[0, 0])
+            raise CacheError(
+                f"{self.path}: example {int(ex[j])} has {int(counts[j])} response tokens in the batch but "
+                f"{int(hi[j] - lo[j])} cache rows: cache rows do not match the tokenized data: the data, template or "
+                "tokenizer changed"
+            )
+        # Response positions row by row (nonzero's row-major order) against the examples' cache rows in order.
+        r, pos = mask.nonzero().unbind(-1)  # (R,) each
+        dst = b[r] * mask.shape[1] + pos  # flat (B * L) positions
+        starts = counts.cumsum(0) - counts
+        src = lo[r] + torch.arange(r.numel()) - starts[r]  # shard rows
+        ids, logprobs, sample_ids, sample_logprobs = codec.decode_rows(t, src)
+        k = self.k
+        out.ids.view(-1, k)[dst] = ids
+        out.logprobs.view(-1, k)[dst] = logprobs
+        if self.tail_samples:
+            s = self.tail_samples
+            out.sample_ids.view(-1, s)[dst] = sample_ids  # type: ignore[union-attr]
+            out.sample_logprobs.view(-1, s)[dst] = sample_logprobs  # type: ignore[union-attr]
+            out.log_z.view(-1)[dst] = t["tail_logz"][src]  # type: ignore[union-attr]
+        out.tail.view(-1)[dst] = t["tail_logmass"][src]
+        out.entropy.view(-1)[dst] = t["entropy"][src]
+        if self.layers:
+            rows = t["hidden_rows"]  # sorted shard rows that hold hidden states
+            at = torch.searchsorted(rows, src).clamp_max(max(rows.numel() - 1, 0))
+            hit = rows[at] == src if rows.numel() else torch.zeros_like(src, dtype=torch.bool)
+            out.feature_mask.view(-1)[dst[hit]] = True
+            if not out.feats:
+                shape = out.tail.shape
+                out.feats = [torch.zeros(*shape, t[f"hidden_{m}"].shape[-1]) for m in self.layers]
+            for f, m in zip(out.feats, self.layers, strict=True):
+                f.view(-1, f.shape[-1])[dst[hit]] = t[f"hidden_{m}"][at[hit]].float()
 
     def lookup(
         self, example_indices: list[int], targets: Tensor, *, device: torch.device | str | None = None
