@@ -20,6 +20,7 @@ from egad import data as D
 from egad.config import ConfigError
 from egad.eval.suite import EvalSettings, run_eval
 from egad.paths import cache_root, default_data_dir
+from egad.records import DataError
 from egad.run_config import RunConfig, build_config
 from egad.trainer import Trainer
 
@@ -126,7 +127,7 @@ def resolve_dolly(data: str | Path | None, out: Path) -> tuple[Path, Path]:
     if data_dir is not None and (data_dir / "dolly" / "dolly.jsonl").is_file():
         return data_dir / "dolly" / "dolly.jsonl", data_dir
     if data:
-        raise D.DataError(str(data), None, "holds no dolly/dolly.jsonl: pass the folder that holds dolly/ and eval/")
+        raise DataError(str(data), None, "holds no dolly/dolly.jsonl: pass the folder that holds dolly/ and eval/")
     root = out / "data"
     path = root / "dolly" / "dolly.jsonl"
     if path.is_file():

@@ -14,18 +14,16 @@ import torch
 
 from egad.data import (
     IGNORE_INDEX,
-    DataError,
-    Example,
     collate,
     fingerprint,
     format_prompt,
     global_batches,
-    load_records,
     shard,
     texts_for_tokenizer,
     tokenize_dataset,
     tokenize_example,
 )
+from egad.records import DataError, Example, load_records
 from egad.tokenizer import train_bpe_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 
-from egad.data import format_prompt, load_records
+from egad.data import format_prompt
 from egad.eval.generate import generate_ids, generate_responses, prompt_seeds
+from egad.records import load_records
 
 
 @pytest.fixture(scope="module")

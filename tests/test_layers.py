@@ -32,6 +32,7 @@ FLOORS: dict[int, list[str]] = {
         "egad.routing",
         "egad.losses",
         "egad.data",
+        "egad.records",
         "egad.tokenizer",
         "egad.models",
         "egad.checkpoint",

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from egad.cli import app
 from egad.coerce import coerce
 from egad.config import ConfigError, field_docs
-from egad.data import DataError
 from egad.errors import EgadError
+from egad.records import DataError
 from egad.run_config import SECTIONS, build_config, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from egad.config import ConfigError
-from egad.data import DataError
 from egad.experiment import run_training
 from egad.models import ModelError, check_tokenizers
+from egad.records import DataError
 from egad.run_config import build_config, load_config
 from egad.trainer import Trainer
 
