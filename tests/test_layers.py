@@ -44,7 +44,14 @@ FLOORS: dict[int, list[str]] = {
         "egad.xtok",
     ],
     2: ["egad.teacher", "egad.xtok.source"],
-    3: ["egad.token_plan", "egad.objective", "egad.student", "egad.plan_runtime", "egad.xtok.objective"],
+    3: [
+        "egad.token_plan",
+        "egad.objective",
+        "egad.chunked_logits",
+        "egad.student",
+        "egad.plan_runtime",
+        "egad.xtok.objective",
+    ],
     4: [
         "egad.trainer",
         "egad.run_parts",
