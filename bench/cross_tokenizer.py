@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loss_memory as LM  # noqa: E402
 
 from egad.heads import OutputHead  # noqa: E402
-from egad.losses.cross_vocab import VocabMap, chunked_cross_vocab_loss  # noqa: E402
+from egad.losses.cross_vocab import VocabMap  # noqa: E402
+from egad.losses.cross_vocab_chunked import chunked_cross_vocab_loss  # noqa: E402
 from egad.objective import StudentOutputs, distillation_loss  # noqa: E402
 from egad.presets import preset  # noqa: E402
 from egad.teacher.signal import FusedSignal  # noqa: E402

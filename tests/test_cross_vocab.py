@@ -12,7 +12,9 @@ from torch import Tensor
 
 from egad.heads import OutputHead
 from egad.losses import cross_vocab as cv
-from egad.losses.cross_vocab import EXACT_DIVERGENCES, VocabMap, chunked_cross_vocab_loss
+from egad.losses import cross_vocab_chunked as cvc
+from egad.losses.cross_vocab import EXACT_DIVERGENCES, VocabMap
+from egad.losses.cross_vocab_chunked import chunked_cross_vocab_loss
 from egad.losses.divergences import DIVERGENCES
 from egad.objective import StudentOutputs, distillation_loss
 from egad.presets import preset
@@ -360,8 +362,8 @@ def test_chunked_without_grad_and_empty():
 def test_chunked_projects_each_chunk_once_with_token_weights(monkeypatch):
     hs, ws, _, ht, wt = _head_case(15)
     vm, calls = _map(5), []
-    original = cv._Run.chunk
-    monkeypatch.setattr(cv._Run, "chunk", lambda self, *a: calls.append(1) or original(self, *a))
+    original = cvc._Run.chunk
+    monkeypatch.setattr(cvc._Run, "chunk", lambda self, *a: calls.append(1) or original(self, *a))
     weights = torch.rand(N, generator=torch.Generator().manual_seed(9))
     for tw, expected in ((weights, 3), (None, 6)):  # 3 chunks of 3 rows; without weights backward re-projects
         calls.clear()

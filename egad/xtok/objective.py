@@ -26,7 +26,7 @@ from torch import Tensor
 
 from egad.config import ObjectiveConfig
 from egad.entropy import token_entropy
-from egad.losses.cross_vocab import chunked_cross_vocab_loss
+from egad.losses.cross_vocab_chunked import chunked_cross_vocab_loss
 from egad.losses.features import FeatureProjector, feature_loss
 from egad.objective import ObjectiveOutput, StudentOutputs, _div_kwargs, _metrics, distillation_loss
 from egad.token_plan import PlanState, batch_decisions, batch_rules, expected_route_share, plan_constants, token_plan
