@@ -25,10 +25,11 @@ import torch
 from step_cost import SHAPES, _Tok, autocast, batches, llama
 
 from egad import data as D
-from egad.losses.features import FeatureProjector, feature_pairs
+from egad.losses.features import feature_pairs
 from egad.methods import method
 from egad.models import cut_student, model_dims
 from egad.optim import build_optimizer, pull_to_anchor
+from egad.plan_runtime import feature_branch
 from egad.run_config import TrainConfig
 from egad.student import DistillationModule
 from egad.study.grid import PREREG_CELLS
@@ -64,22 +65,17 @@ def main() -> None:
             m = method(name)
             cfg = m.objective_config(feat_layers=2)
             student = cut_student(teacher, cut, dtype=torch.float32).train()
-            _, ds = model_dims(student)
-            pairs = feature_pairs(cfg.layer_map, len(cut), lt, 2, copied_from=cut) if cfg.uses_features else []
-            projector = FeatureProjector(ds, dt, len(pairs)) if pairs else None
-            if pairs:
-                cache.require_layers([t for _, t in pairs])
+            pairs, projector = feature_branch(cfg, student, (lt, dt), "cpu")  # as the trainer pairs a cut's layers
             module = DistillationModule(student, projector, [s for s, _ in pairs], True, vocab=vocab)
             train = TrainConfig(lr=1e-5, anchor_l2=float(m.run.get("train.anchor_l2", 0.0)))
             opt, _, anchor = build_optimizer(student, projector, train, total_steps=args.steps + 1)
-            cache.layers = [t for _, t in pairs]  # each method reads the layers it maps
-            runs[name] = (module, opt, anchor, cfg, train.anchor_l2, list(cache.layers))
+            runs[name] = (module, opt, anchor, cfg, train.anchor_l2, [t for _, t in pairs])
         times: dict[str, list[float]] = {name: [] for name in runs}
         for i, group in enumerate(groups):
             batch = D.collate(group, 0)
             batch["train_index"] = torch.tensor([it["index"] for it in group])
             for name, (module, opt, anchor, cfg, gamma, layers) in runs.items():
-                cache.layers = layers
+                cache.require_layers(layers)  # each method reads only the hidden states it maps
                 t0 = time.perf_counter()
                 with autocast(True):
                     signal = cache.signal(batch) if cfg.uses_teacher else None

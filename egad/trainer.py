@@ -171,9 +171,6 @@ class Trainer:
         self.acc.register_for_checkpointing(self.sched)
 
     # ------------------------------------------------------------------ data
-    def _window(self, step: int) -> list[dict[str, Tensor]]:
-        return self.windows(step)
-
     def _student_samples(self, batch: dict[str, Tensor], micro: int) -> dict[str, Tensor]:
         student = self.acc.unwrap_model(self.module).student
         with self.acc.autocast():
@@ -234,7 +231,7 @@ class Trainer:
 
     def _train_step(self) -> tuple[dict[str, float], float]:
         t, obj = self.cfg.train, self.cfg.objective
-        window = self._window(self.step)
+        window = self.windows(self.step)
         on_policy = [is_on_policy(t.seed, self.step, i, t.on_policy) for i in range(len(window))]
         window = [
             self._student_samples(b, i) if on else b for i, (b, on) in enumerate(zip(window, on_policy, strict=True))

@@ -34,7 +34,7 @@ def _over(tok, out, **extra):
 
 def test_the_student_trains_on_its_own_samples_with_the_prompt_masked(tmp_path, tiny_tokenizer_dir, monkeypatch):
     trainer = Trainer(load_config(TINY, _over(tiny_tokenizer_dir, tmp_path / "r", **{"train.max_steps": 1}))).setup()
-    dataset = trainer._window(0)[0]
+    dataset = trainer.windows(0)[0]
     student = trainer.acc.unwrap_model(trainer.module).student
     # What the student samples from these prompts with the step's seed, computed here before training touches it.
     want = rollout.sample_batch(

@@ -32,9 +32,9 @@ with p^u, q^u the probabilities of the unmatched teacher and student tokens (not
 zero-padded. `exact` already matches the total unmatched mass through its tail bucket; the ULD term teaches its
 shape. w = `matched_weight`, default 0.5 (GOLD's default is G / V_T, the teacher's matched share; pass it).
 
-CHUNKED (`egad.losses.cross_vocab_chunked.chunked_cross_vocab_loss`). From the final hidden states and the heads, chunk by chunk: neither (N, V_T)
-nor (N, V_S) logits are ever alive, only (C, V) ones for a chunk of C rows; the student's gradient is accumulated
-into (N, d_S) and (V_S, d_S) buffers.
+CHUNKED (`egad.losses.cross_vocab_chunked.chunked_cross_vocab_loss`). From the final hidden states and the heads,
+chunk by chunk: neither (N, V_T) nor (N, V_S) logits are ever alive, only (C, V) ones for a chunk of C rows; the
+student's gradient is accumulated into (N, d_S) and (V_S, d_S) buffers.
 """
 
 from __future__ import annotations
