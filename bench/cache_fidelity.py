@@ -35,12 +35,12 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer
 
-from egad import data as D
+from egad.data import batches as D
 from egad.experiment import SMOLLM2
 from egad.losses.divergences import forward_kl as exact_forward_kl
 from egad.losses.sparse_tail import TailSample
-from egad.model_files import resolve_model_source
-from egad.models import build_model, cut_student
+from egad.models.load import build_model, cut_student
+from egad.models.model_files import resolve_model_source
 from egad.paths import default_data_dir
 from egad.teacher.cache import TeacherCache, codec, write_cache
 from egad.teacher.signal import TopKChunk

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from egad import data as D
+from egad.data import batches as D
 from egad.teacher.cache import TeacherCache, write_cache
 
 VOCAB = 4096

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from egad.config.run_config import build_config
 from egad.experiment import run_training
-from egad.run_config import build_config
 from egad.teacher.cache_job import run_cache_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from egad import data as D
-from egad.data import shift_labels
+from egad.config.presets import preset
+from egad.data import batches as D
+from egad.data.batches import shift_labels
 from egad.eval.generate import generate_responses
 from egad.eval.suite import load_model
 from egad.losses.features import FeatureProjector, feature_pairs
-from egad.models import copied_layers, cut_student, even_layers, model_dims
-from egad.presets import preset
-from egad.student import DistillationModule
+from egad.models.load import copied_layers, cut_student, even_layers, model_dims
+from egad.objective.student import DistillationModule
 from egad.teacher.online import OnlineTeacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,8 +125,8 @@ def main() -> None:
 
 def dev_nll_runs(args) -> dict[str, float]:
     """The same KD run from the online teacher, fp32 and bf16 autocast; dev NLL at the end of each."""
+    from egad.config.run_config import build_config
     from egad.experiment import run_training
-    from egad.run_config import build_config
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

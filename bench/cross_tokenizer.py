@@ -6,7 +6,7 @@ with a 49,152-row one (SmolLM2-135M's: d_S = 576), both given as final hidden st
 in this one process. `egad.losses.cross_vocab.chunked_cross_vocab_loss` (exact matching over G matched pairs, forward
 KL at tau = 1, with the objective's reduction weights so the gradient is made in the forward pass; optionally the
 ULD and hybrid losses, which sort both vocabularies) is compared with egad's same-tokenizer fused KD loss
-(`egad.objective.distillation_loss`, student and teacher fused, forward KL at tau = 1) on a pair that shares the
+(`egad.objective.compose.distillation_loss`, student and teacher fused, forward KL at tau = 1) on a pair that shares the
 student's vocabulary (V = 49,152) and on one that shares the teacher's (V = 262,144). Memory is the peak above the
 level at the start of each variant (CUDA allocator counters, or the CPU resident high-water mark, as in
 `bench/loss_memory.py`, whose helpers this reuses); times are the fastest of --repeats.
@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loss_memory as LM  # noqa: E402
 
-from egad.heads import OutputHead  # noqa: E402
+from egad.config.presets import preset  # noqa: E402
 from egad.losses.cross_vocab import VocabMap  # noqa: E402
 from egad.losses.cross_vocab_chunked import chunked_cross_vocab_loss  # noqa: E402
-from egad.objective import StudentOutputs, distillation_loss  # noqa: E402
-from egad.presets import preset  # noqa: E402
+from egad.models.heads import OutputHead  # noqa: E402
+from egad.objective.compose import StudentOutputs, distillation_loss  # noqa: E402
 from egad.teacher.signal import FusedSignal  # noqa: E402
 
 V_T, V_S, D_T, D_S = 262_144, 49_152, 1_152, 576
@@ -116,10 +116,10 @@ def loss_part(args, device: torch.device) -> None:
 def align_part(args) -> None:
     from transformers import AutoTokenizer
 
-    from egad import data as D
-    from egad.model_files import resolve_model_source
+    from egad.data import batches as D
+    from egad.models.model_files import resolve_model_source
+    from egad.models.tokenizer import cached_bpe_tokenizer
     from egad.paths import cache_root, default_data_dir
-    from egad.tokenizer import cached_bpe_tokenizer
     from egad.xtok import align_responses, build_vocab_map
 
     dolly = Path(args.dolly) if args.dolly else (default_data_dir() or Path("data")) / "dolly" / "dolly.jsonl"

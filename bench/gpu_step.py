@@ -18,11 +18,11 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from egad.entropy import fit_quantile_knots, token_entropy
+from egad.config.presets import preset
 from egad.losses.features import FeatureProjector, feature_pairs
-from egad.models import model_dims
-from egad.presets import preset
-from egad.student import DistillationModule
+from egad.models.load import model_dims
+from egad.objective.student import DistillationModule
+from egad.plan.entropy import fit_quantile_knots, token_entropy
 from egad.teacher.online import OnlineTeacher
 
 QWEN = {  # Qwen2.5 config.json values

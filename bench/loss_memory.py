@@ -27,12 +27,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from egad.entropy import fit_quantile_knots, token_entropy
-from egad.heads import OutputHead
+from egad.config.presets import preset
 from egad.losses.divergences import forward_kl
 from egad.losses.features import FeatureProjector
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import preset
+from egad.models.heads import OutputHead
+from egad.objective.compose import StudentOutputs, distillation_loss
+from egad.plan.entropy import fit_quantile_knots, token_entropy
 from egad.teacher.signal import DenseSignal, FusedSignal
 
 V_ROWS, V_REAL, D_S, D_T, K = 151_936, 151_665, 896, 3584, 4
@@ -88,7 +88,7 @@ def naive_egad(h_s, w_lm, zt, targets_flat, fs, ft, proj, knots, cfg, progress):
     n = int(mask.sum())
     with torch.no_grad():
         h = token_entropy(t, chunk_size=None)
-        from egad.entropy import quantile_cdf
+        from egad.plan.entropy import quantile_cdf
 
         d = quantile_cdf(h, knots)
         lam = progress

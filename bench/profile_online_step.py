@@ -18,11 +18,11 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_cost as S  # noqa: E402
 
-from egad import data as D  # noqa: E402
+from egad.config.presets import preset  # noqa: E402
+from egad.data import batches as D  # noqa: E402
 from egad.losses.features import FeatureProjector, feature_pairs  # noqa: E402
-from egad.models import cut_student, model_dims  # noqa: E402
-from egad.presets import preset  # noqa: E402
-from egad.student import DistillationModule  # noqa: E402
+from egad.models.load import cut_student, model_dims  # noqa: E402
+from egad.objective.student import DistillationModule  # noqa: E402
 from egad.teacher.online import OnlineTeacher  # noqa: E402
 
 

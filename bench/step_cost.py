@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from egad import data as D
+from egad.config.presets import preset
+from egad.data import batches as D
 from egad.losses.features import FeatureProjector, feature_pairs
-from egad.models import cut_student, model_dims
-from egad.presets import preset
-from egad.student import DistillationModule
+from egad.models.load import cut_student, model_dims
+from egad.objective.student import DistillationModule
+from egad.objective.token_plan import PlanState
 from egad.teacher.cache import TeacherCache, write_cache
 from egad.teacher.online import OnlineTeacher
-from egad.token_plan import PlanState
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly" / "dolly.jsonl"

@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 from step_cost import SHAPES, _Tok, autocast, batches, llama
 
-from egad import data as D
+from egad.config.methods import method
+from egad.config.run_config import TrainConfig
+from egad.data import batches as D
 from egad.losses.features import feature_pairs
-from egad.methods import method
-from egad.models import cut_student, model_dims
-from egad.optim import build_optimizer, pull_to_anchor
-from egad.plan_runtime import feature_branch
-from egad.run_config import TrainConfig
-from egad.student import DistillationModule
+from egad.models.load import cut_student, model_dims
+from egad.objective.plan_runtime import feature_branch
+from egad.objective.student import DistillationModule
+from egad.objective.token_plan import PlanState
 from egad.study.grid import PREREG_CELLS
 from egad.teacher.cache import TeacherCache, write_cache
-from egad.token_plan import PlanState
+from egad.train.optim import build_optimizer, pull_to_anchor
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ class _TrainCommand(TyperCommand):
     (so CliRunner and `python -m egad.cli` show it too, and other commands need not import the configs)."""
 
     def format_epilog(self, ctx: typer.Context, formatter: Any) -> None:
-        from egad.run_config import help_text
+        from egad.config.run_config import help_text
 
         formatter.write_paragraph()
         with formatter.indentation():
@@ -84,8 +84,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue from the latest complete checkpoint in train.output_dir."),
     teacher_cache: str = typer.Option(None, help="Train from this `egad cache` folder; no teacher model is loaded."),
 ) -> None:
+    from egad.config.run_config import load_config, parse_overrides
     from egad.experiment import run_training
-    from egad.run_config import load_config, parse_overrides
 
     overrides = parse_overrides(list(ctx.args))
     if teacher_cache:
@@ -117,7 +117,7 @@ def cache(
     """Run the teacher once over the training split and write top-k log-probs, a sample of the tail, tail mass, exact
     entropy (and hidden states of hard tokens) to safetensors shards; then `egad train --teacher-cache DIR` needs no
     teacher."""
-    from egad.run_config import load_config, parse_overrides
+    from egad.config.run_config import load_config, parse_overrides
     from egad.teacher.cache_job import run_cache_job
 
     cfg = load_config(config, parse_overrides(list(ctx.args)))
@@ -194,8 +194,8 @@ def eval_cmd(
     """Generate with the MiniLLM sampling protocol, score ROUGE-L per seed, and teacher-forced NLL / KL."""
     from pathlib import Path
 
-    from egad.checkpoint import saved_prompt
     from egad.eval.suite import EvalSettings, run_eval
+    from egad.models.checkpoint import saved_prompt
     from egad.paths import default_data_dir
 
     settings = EvalSettings(
@@ -290,7 +290,7 @@ def losses(
     chunk_size: int = typer.Option(512, help="Tokens per chunk of the vocabulary-sized work."),
     presets: str = typer.Option(
         "sft,kd,rkl,jsd,skl,srkl,akl,ttm,todi,bild,ea_kd,adakd_idts,se_kd_teacher,at_kd,feat_kd_all,egad",
-        help="Comma-separated method names (egad.methods.METHODS; `egad train --help` lists them).",
+        help="Comma-separated method names (egad.config.methods.METHODS; `egad train --help` lists them).",
     ),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
@@ -301,13 +301,13 @@ def losses(
     """
     import torch
 
-    from egad.entropy import fit_quantile_knots, token_entropy
+    from egad.config.methods import method
     from egad.losses.divergences import hellinger_from_logprobs
     from egad.losses.features import FeatureProjector
-    from egad.methods import method
-    from egad.objective import StudentOutputs, distillation_loss
+    from egad.objective.compose import StudentOutputs, distillation_loss
+    from egad.objective.token_plan import PlanState
+    from egad.plan.entropy import fit_quantile_knots, token_entropy
     from egad.teacher.signal import DenseSignal
-    from egad.token_plan import PlanState
 
     g = torch.Generator().manual_seed(seed)
     sharp = torch.exp(torch.randn(1, tokens, 1, generator=g) * 1.2 + 1.0)  # per-token teacher confidence

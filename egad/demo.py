@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from egad import experiment as X
+from egad.config.run_config import build_config
 from egad.eval.report import write_report
-from egad.model_files import resolve_model_source
+from egad.models.model_files import resolve_model_source
 from egad.paths import cache_root
-from egad.run_config import build_config
 from egad.teacher.cache_job import run_cache_job
 
 METHODS = ("sft", "kd", "egad")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import yaml
 
-from egad import data as D
-from egad.config import ConfigError
+from egad.config.run_config import RunConfig, build_config
+from egad.config.schema import ConfigError
+from egad.data import batches as D
+from egad.data.records import DataError
 from egad.eval.suite import EvalSettings, run_eval
 from egad.paths import cache_root, default_data_dir
-from egad.records import DataError
-from egad.run_config import RunConfig, build_config
-from egad.trainer import Trainer
+from egad.train.trainer import Trainer
 
 HUB_DOLLY = "databricks/databricks-dolly-15k"
 OTHER_SETS = ["self_inst", "vicuna", "sinst", "uinst"]
@@ -155,7 +155,7 @@ def has_other_sets(data_dir: Path) -> bool:
 # ------------------------------------------------------------------------------------------- cached toy components
 def cached_tokenizer(scale: Scale, dolly: Path) -> Path:
     """A byte-level BPE of `scale.vocab` entries trained on Dolly train, trained once and cached."""
-    from egad.tokenizer import cached_bpe_tokenizer
+    from egad.models.tokenizer import cached_bpe_tokenizer
 
     records, _ = D.load_records(dolly, "train")
     fp = D.fingerprint([dolly, "train", scale.vocab])
@@ -185,8 +185,8 @@ def cached_teacher(scale: Scale, dolly: Path, tok_dir: Path) -> Path:
 def save_cut_student(teacher: str | Path, layers: int | list[int], run_dir: Path) -> Path:
     """The untrained cut of the teacher as a model folder (run_dir/final, with the teacher's tokenizer): the baseline
     that every trained student must beat. Reused when present."""
-    from egad import checkpoint as ckpt
-    from egad.models import build_model, cut_student, try_load_tokenizer
+    from egad.models import checkpoint as ckpt
+    from egad.models.load import build_model, cut_student, try_load_tokenizer
 
     final = run_dir / "final"
     if (final / "config.json").is_file():

@@ -27,8 +27,8 @@ def egad_cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory, dolly_path) -> Path:
     """A 512-entry byte-level BPE trained on 1,500 Dolly train records, saved as a HF tokenizer folder."""
-    from egad import data as D
-    from egad.tokenizer import train_bpe_tokenizer
+    from egad.data import batches as D
+    from egad.models.tokenizer import train_bpe_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     records, _ = D.load_records(dolly_path, "train", max_examples=1500)
@@ -82,9 +82,9 @@ def plan_state(teacher_logits, student_logits, num_knots: int = 101, **kw):
     what a test needs to run presets that rank tokens by a student-side signal."""
     import torch
 
-    from egad.entropy import fit_quantile_knots, token_entropy
     from egad.losses.divergences import hellinger_from_logprobs
-    from egad.token_plan import PlanState
+    from egad.objective.token_plan import PlanState
+    from egad.plan.entropy import fit_quantile_knots, token_entropy
 
     v = min(teacher_logits.shape[-1], student_logits.shape[-1])  # the shared vocabulary: padded rows sliced away
     zt = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])[:, :v].float()

@@ -1,7 +1,7 @@
 """Writes a tiny Llama GGUF file with the `gguf` package's own writer, laid out the way llama.cpp lays one out.
 
-The tests of `egad.model_files` need a GGUF file that loads in transformers, quickly and without the network. This
-writes one from random weights and a byte-level BPE tokenizer folder: the llama.cpp metadata keys transformers maps
+The tests of `egad.models.model_files` need a GGUF file that loads in transformers, quickly and without the network.
+This writes one from random weights and a byte-level BPE tokenizer folder: the llama.cpp metadata keys transformers maps
 onto a LlamaConfig, the tokenizer as `tokenizer.ggml.*` arrays, and tensors under llama.cpp's names, q and k permuted
 as llama.cpp permutes them, norms in F32 and the matrices in a llama.cpp-like mix of Q8_0, Q4_0, Q4_1 and F16, so that
 loading it really de-quantises.

@@ -30,9 +30,9 @@ sys.path.insert(0, str(HERE))  # conftest's helpers, also when launched as a scr
 
 from conftest import REPO, tiny_run_overrides  # noqa: E402
 
-from egad.presets import PRESETS  # noqa: E402
-from egad.run_config import load_config  # noqa: E402
-from egad.trainer import Trainer  # noqa: E402
+from egad.config.presets import PRESETS  # noqa: E402
+from egad.config.run_config import load_config  # noqa: E402
+from egad.train.trainer import Trainer  # noqa: E402
 
 STEPS = 3
 # (per-device batch, grad_accum, processes): every layout steps on the same 8 examples.

@@ -9,11 +9,11 @@ import torch
 from conftest import REPO, tiny_run_overrides
 from safetensors.torch import load_file
 
-from egad.config import ConfigError
-from egad.engines import check_support
+from egad.config.run_config import load_config
+from egad.config.schema import ConfigError
 from egad.experiment import run_training
-from egad.optim import pull_to_anchor
-from egad.run_config import load_config
+from egad.models.engines import check_support
+from egad.train.optim import pull_to_anchor
 
 TINY = REPO / "configs" / "tiny.yaml"
 

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from egad import data as D
 from egad.cli import app
+from egad.data import batches as D
 from egad.eval.answer import answer_dataset
 
 

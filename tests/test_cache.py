@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from egad import data as D
-from egad.data import shift_labels
-from egad.entropy import token_entropy
+from egad.data import batches as D
+from egad.data.batches import shift_labels
 from egad.losses import sparse
 from egad.losses.sparse import entropy_matched_tail
 from egad.paths import sha256_file
+from egad.plan.entropy import token_entropy
 from egad.teacher.cache import (
     CacheError,
     TeacherCache,

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from egad.heads import OutputHead
+from egad.config.presets import preset
 from egad.losses import cross_vocab as cv
 from egad.losses import cross_vocab_chunked as cvc
 from egad.losses.cross_vocab import EXACT_DIVERGENCES, VocabMap
 from egad.losses.cross_vocab_chunked import chunked_cross_vocab_loss
 from egad.losses.divergences import DIVERGENCES
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import preset
+from egad.models.heads import OutputHead
+from egad.objective.compose import StudentOutputs, distillation_loss
 from egad.teacher.signal import FusedSignal
 
 N, V_T, V_S, G = 7, 61, 37, 20  # odd shapes; G matched pairs

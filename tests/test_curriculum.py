@@ -1,4 +1,4 @@
-"""Tests for egad.curriculum against plain float64 references written independently below."""
+"""Tests for egad.plan.curriculum against plain float64 references written independently below."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from egad.curriculum import curriculum_weights, pacing
+from egad.plan.curriculum import curriculum_weights, pacing
 
 # ---------------------------------------------------------------------------------------------------------------------
 # naive float64 references

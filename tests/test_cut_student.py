@@ -10,7 +10,7 @@ from conftest import REPO, tiny_run_overrides
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from egad.losses.features import feature_pairs, layer_map
-from egad.models import ModelError, copied_layers, cut_layers, cut_student, decoder_layers, even_layers
+from egad.models.load import ModelError, copied_layers, cut_layers, cut_student, decoder_layers, even_layers
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -89,8 +89,8 @@ def test_feature_pairs_follow_the_copied_layers():
 
 
 def test_training_a_cut_student_records_its_layers(tmp_path, tiny_tokenizer_dir):
+    from egad.config.run_config import load_config
     from egad.experiment import run_training
-    from egad.run_config import load_config
 
     over = tiny_run_overrides(
         tiny_tokenizer_dir,

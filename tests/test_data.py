@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from egad.data import (
+from egad.data.batches import (
     IGNORE_INDEX,
     collate,
     fingerprint,
@@ -23,8 +23,8 @@ from egad.data import (
     tokenize_dataset,
     tokenize_example,
 )
-from egad.records import DataError, Example, load_records
-from egad.tokenizer import train_bpe_tokenizer
+from egad.data.records import DataError, Example, load_records
+from egad.models.tokenizer import train_bpe_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DOLLY = DATA / "dolly" / "dolly.jsonl"
@@ -117,7 +117,7 @@ def test_schemas_and_stats(tmp_path, caplog):
         {"instruction": "e", "response": "r5", "split": "train"},
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", [*rows[:2], "", *rows[2:]])
-    with caplog.at_level(logging.INFO, logger="egad.data"):
+    with caplog.at_level(logging.INFO, logger="egad.data.batches"):
         recs, s = load_records(path, "train", max_examples=3)
     assert [r.instruction for r in recs] == ["a", "c", "d"]
     assert [r.source_line for r in recs] == [1, 4, 5]
@@ -131,7 +131,7 @@ def test_schemas_and_stats(tmp_path, caplog):
 
 def test_split_none_warns_when_splits_mix(tmp_path, caplog):
     path = write_jsonl(tmp_path / "both.jsonl", [{**GOOD, "split": "train"}, {**GOOD, "split": "test"}])
-    with caplog.at_level(logging.WARNING, logger="egad.data"):
+    with caplog.at_level(logging.WARNING, logger="egad.data.batches"):
         assert len(load_records(path)[0]) == 2
     assert "split=None loads every split" in caplog.text
 
@@ -294,7 +294,7 @@ def test_tokenize_dataset_counts(tok, caplog):
     single = tokenize_example(short, tok, template="alpaca", max_prompt_len=p_len, max_len=p_len + 20)
     assert items[0] == {**single, "index": 0}
     # A prompt budget that fills max_len leaves no response token: dropped, and counted.
-    with caplog.at_level(logging.WARNING, logger="egad.data"):
+    with caplog.at_level(logging.WARNING, logger="egad.data.batches"):
         items, stats = tokenize_dataset(examples, tok, template="alpaca", max_prompt_len=p_len, max_len=p_len)
     assert stats.dropped_no_response == 1 and stats.kept == 3 and [it["index"] for it in items] == [0, 2, 3]
     assert "dropped with no response token left 1" in caplog.text

@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from egad.cli import app
-from egad.eval.report import load_run, results_table
+from egad.eval.report import results_table
+from egad.eval.runs import load_run
 
 slow = pytest.mark.slow  # the quick demo trains a teacher and three students (~35 s)
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import REPO, tiny_run_overrides
 
-from egad.config import ConfigError
-from egad.engines import check_engine_runs_here, requested_engine, resolve_placement
+from egad.config.schema import ConfigError
+from egad.models.engines import check_engine_runs_here, requested_engine, resolve_placement
 
 ENGINE_ENV = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP", "FSDP_VERSION")
 # A DeepSpeed engine is accepted only where deepspeed is installed (without it, it is refused: see below).
@@ -90,7 +90,7 @@ def test_sharding_the_teacher_needs_a_sharding_engine(engine):
 
 
 def test_an_unknown_placement_is_refused_by_the_config():
-    from egad.run_config import ModelConfig
+    from egad.config.run_config import ModelConfig
 
     with pytest.raises(ConfigError, match="teacher_placement='sharded' is not one of"):
         ModelConfig(teacher_config={"model_type": "llama"}, student_cut=1, teacher_placement="sharded")
@@ -104,8 +104,8 @@ def test_an_unknown_placement_is_refused_by_the_config():
     ],
 )
 def test_what_a_sharded_student_cannot_do_is_refused_up_front(override, named, tiny_tokenizer_dir, tmp_path):
-    from egad.engines import check_support
-    from egad.run_config import load_config
+    from egad.config.run_config import load_config
+    from egad.models.engines import check_support
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", tiny_run_overrides(tiny_tokenizer_dir, tmp_path, **override))
     with pytest.raises(ConfigError, match=f"fsdp2 shards the student.*{named}"):

@@ -1,4 +1,4 @@
-"""Tests for egad.entropy against small, plain float64 references written independently below."""
+"""Tests for egad.plan.entropy against small, plain float64 references written independently below."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from egad.entropy import (
+from egad.plan.entropy import (
     batch_mid_rank,
     fit_quantile_knots,
     normalized_entropy,

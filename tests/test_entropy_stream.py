@@ -1,4 +1,4 @@
-"""Tests for egad.entropy_stream: the calibration reservoir and the EMA entropy histogram."""
+"""Tests for egad.plan.entropy_stream: the calibration reservoir and the EMA entropy histogram."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from egad.entropy import batch_mid_rank, fit_quantile_knots, quantile_cdf, token_entropy
-from egad.entropy_stream import EmaEntropyHistogram, EntropyQuantileCalibrator
+from egad.plan.entropy import batch_mid_rank, fit_quantile_knots, quantile_cdf, token_entropy
+from egad.plan.entropy_stream import EmaEntropyHistogram, EntropyQuantileCalibrator
 
 # ---------------------------------------------------------------------------------------------------------------------
 # EntropyQuantileCalibrator

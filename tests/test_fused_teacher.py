@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import plan_state
 
-from egad.heads import OutputHead
+from egad.config.presets import preset
 from egad.losses.features import FeatureProjector
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import preset
+from egad.models.heads import OutputHead
+from egad.objective.compose import StudentOutputs, distillation_loss
 from egad.teacher.signal import DenseSignal, FusedSignal
 
 B, L, V, DT, DS = 2, 29, 83, 24, 16

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from egad.data import format_prompt
+from egad.data.batches import format_prompt
+from egad.data.records import load_records
 from egad.eval.generate import generate_ids, generate_responses, prompt_seeds
-from egad.records import load_records
 
 
 @pytest.fixture(scope="module")

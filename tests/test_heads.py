@@ -17,9 +17,9 @@ import transformers
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from egad.heads import HeadError, OutputHead, check_output_head, decoder_hidden, output_head
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import preset
+from egad.config.presets import preset
+from egad.models.heads import HeadError, OutputHead, check_output_head, decoder_hidden, output_head
+from egad.objective.compose import StudentOutputs, distillation_loss
 from egad.teacher.signal import DenseSignal
 
 B, L, V = 3, 12, 113
@@ -319,7 +319,7 @@ def test_probe_amplifies_to_see_an_unknown_soft_cap(monkeypatch):
 
 
 def test_distillation_module_checks_the_head_it_fuses():
-    from egad.student import DistillationModule
+    from egad.objective.student import DistillationModule
 
     DistillationModule(tiny("gemma2", FITS["gemma2"]), None, [], fused=True, vocab=V)
     with pytest.raises(HeadError, match="dory"):

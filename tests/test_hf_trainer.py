@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from egad import data as D
-from egad.entropy import fit_quantile_knots
+from egad.config.presets import preset
+from egad.data import batches as D
 from egad.integrations.common import PROJECTOR_ATTR
 from egad.integrations.hf import EgadTrainer
-from egad.presets import preset
+from egad.plan.entropy import fit_quantile_knots
 
 torch.set_num_threads(1)
 
@@ -41,7 +41,7 @@ def _model(hidden: int, seed: int) -> LlamaForCausalLM:
 
 
 def _examples(n: int = 8) -> list[dict]:
-    """Prompt + response items of different lengths, labels -100 on the prompt (as egad.data tokenises them)."""
+    """Prompt + response items of different lengths, labels -100 on the prompt (as egad.data.batches tokenises them)."""
     g = torch.Generator().manual_seed(3)
     out = []
     for i in range(n):

@@ -14,29 +14,12 @@ PACKAGE = REPO / "egad"
 FLOORS: dict[int, list[str]] = {
     1: [
         "egad.errors",
-        "egad.model_files",
-        "egad.heads",
         "egad.paths",
-        "egad.rollout",
-        "egad.lora",
-        "egad.engines",
         "egad.config",
-        "egad.coerce",
-        "egad.presets",
-        "egad.methods",
-        "egad.run_config",
-        "egad.entropy",
-        "egad.entropy_stream",
-        "egad.curriculum",
-        "egad.temperature",
-        "egad.routing",
-        "egad.losses",
-        "egad.data",
-        "egad.records",
-        "egad.tokenizer",
         "egad.models",
-        "egad.checkpoint",
-        "egad.run_log",
+        "egad.data",
+        "egad.plan",
+        "egad.losses",
         "egad.eval",
         "egad.eval.rouge",
         "egad.eval.generate",
@@ -44,26 +27,8 @@ FLOORS: dict[int, list[str]] = {
         "egad.xtok",
     ],
     2: ["egad.teacher", "egad.xtok.source"],
-    3: [
-        "egad.token_plan",
-        "egad.objective",
-        "egad.chunked_logits",
-        "egad.student",
-        "egad.plan_runtime",
-        "egad.xtok.objective",
-    ],
-    4: [
-        "egad.trainer",
-        "egad.run_parts",
-        "egad.xtok.run",
-        "egad.windows",
-        "egad.optim",
-        "egad.dev_eval",
-        "egad.run_checkpoint",
-        "egad.eval.suite",
-        "egad.eval.report",
-        "egad.eval.answer",
-    ],
+    3: ["egad.objective", "egad.xtok.objective"],
+    4: ["egad.train", "egad.xtok.run", "egad.eval.suite", "egad.eval.report", "egad.eval.runs", "egad.eval.answer"],
     5: ["egad.experiment"],
     6: ["egad.demo", "egad.study", "egad.cli", "egad.integrations"],
 }
@@ -97,7 +62,8 @@ def egad_imports(path: Path) -> list[tuple[int, str]]:
             out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "egad"]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "egad":
             for alias in node.names:
-                # `from egad import data` imports the module egad.data; `from egad.data import X` the module egad.data.
+                # `from egad.data import batches` imports the module egad.data.batches; `from egad.data.batches import
+                # X` too.
                 sub = f"{node.module}.{alias.name}"
                 is_module = (PACKAGE.parent / Path(*sub.split("."))).with_suffix(".py").is_file() or (
                     PACKAGE.parent / Path(*sub.split("."))
@@ -124,12 +90,46 @@ def test_no_module_imports_from_a_higher_floor():
 
 def test_the_checker_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from egad.trainer import Trainer\n    from egad import experiment as X\n")
+    bad.write_text("def f():\n    from egad.train.trainer import Trainer\n    from egad import experiment as X\n")
     found = [t for _, t in egad_imports(bad)]
-    assert found == ["egad.trainer", "egad.experiment"]
-    assert floor("egad.trainer") > floor("egad.data") and floor("egad.teacher.cache.reader") == 2
+    assert found == ["egad.train.trainer", "egad.experiment"]
+    assert floor("egad.train.trainer") > floor("egad.data.batches") and floor("egad.teacher.cache.reader") == 2
 
 
 def test_readme_states_the_floors():
     text = (REPO / "README.md").read_text().lower()
     assert all(name in text for name in NAMES), "the README's layout section names the floors"
+
+
+def readme_tree() -> list[str]:
+    """The paths the README's layout tree names, relative to the repository (folders end with '/')."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("```\negad/\n") + 4 :]
+    block = block[: block.index("```")]
+    paths, parents = [], {}
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        if not line.strip() or indent % 2 or indent > 4:  # blank, or a description's continuation
+            continue
+        name = line.split()[0]
+        path = name if indent == 0 else parents[indent - 2] + name
+        parents[indent] = path
+        paths.append(path)
+    return paths
+
+
+def test_readme_tree_matches_the_package():
+    listed = readme_tree()
+    missing = [p for p in listed if not (REPO / p).exists()]
+    assert not missing, f"the README's layout tree names paths that do not exist: {missing}"
+    listed_dirs = [p for p in listed if p.endswith("/")]
+    # A folder listed without children covers its files; a folder whose files are listed must list them all.
+    leaf_dirs = [d for d in listed_dirs if not any(q != d and q.startswith(d) for q in listed)]
+    unlisted = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if path.name == "__init__.py" and rel != "egad/__init__.py" or rel == "egad/__init__.py":
+            continue
+        if rel not in listed and not any(rel.startswith(d) for d in leaf_dirs):
+            unlisted.append(rel)
+    assert not unlisted, f"add these modules to the README's layout tree: {unlisted}"

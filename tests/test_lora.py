@@ -8,10 +8,10 @@ import torch
 from conftest import REPO, tiny_run_overrides
 from transformers import AutoModelForCausalLM
 
-from egad.config import ConfigError
+from egad.config.run_config import load_config
+from egad.config.schema import ConfigError
 from egad.experiment import run_training
-from egad.models import build_model
-from egad.run_config import load_config
+from egad.models.load import build_model
 
 peft = pytest.importorskip("peft", reason="LoRA students need the lora extra (peft): pip install -e '.[lora]'")
 TINY = REPO / "configs" / "tiny.yaml"

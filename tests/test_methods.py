@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
-from egad.config import ConfigError
-from egad.methods import DERIVED, METHODS, PAPER_INDEX, method, paper_index
-from egad.presets import PRESETS, preset
+from egad.config.methods import DERIVED, METHODS, PAPER_INDEX, method, paper_index
+from egad.config.presets import PRESETS, preset
+from egad.config.schema import ConfigError
 from egad.study import grid as G
 
 
 def test_readme_paper_index_is_the_registry():
     text = (REPO / "README.md").read_text().split("## Paper index", 1)[1]
     table = [ln for ln in text.strip().splitlines() if ln.startswith("|")]
-    assert table == paper_index(), "regenerate the README's paper index from egad.methods.paper_index()"
+    assert table == paper_index(), "regenerate the README's paper index from egad.config.methods.paper_index()"
 
 
 def test_every_method_is_in_one_index_row_and_every_row_names_methods():
@@ -45,7 +45,7 @@ def test_study_cells_are_methods():
 
 
 def test_egad_train_takes_every_method_by_name_with_its_run_fields():
-    from egad.run_config import build_config
+    from egad.config.run_config import build_config
 
     raw = {"model": {"student": "s", "teacher": "t"}}
     for name in METHODS:

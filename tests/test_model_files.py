@@ -22,9 +22,9 @@ from gguf_file import CHAT_TEMPLATE, write_tiny_llama_gguf
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import egad.model_files as mf
+import egad.models.model_files as mf
 from egad.errors import EgadError
-from egad.model_files import ModelSourceError, Packaged, gguf_to_hf, packaged_file, resolve_model_source
+from egad.models.model_files import ModelSourceError, Packaged, gguf_to_hf, packaged_file, resolve_model_source
 from egad.paths import sha256_file
 
 PROBE = "Hello, world! Naïve café → 日本語\n\tTabs  and   spaces, 1234567.<|endoftext|><|pad|>"

@@ -7,15 +7,15 @@ import torch
 import torch.nn.functional as F
 from conftest import plan_state
 
-from egad.config import ObjectiveConfig
-from egad.data import shift_labels
-from egad.entropy import token_entropy
+from egad.config.presets import PRESETS, preset
+from egad.config.schema import ObjectiveConfig
+from egad.data.batches import shift_labels
 from egad.losses.divergences import DIVERGENCES
 from egad.losses.features import FEATURE_LOSSES, FeatureProjector
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import PRESETS, preset
+from egad.objective.compose import StudentOutputs, distillation_loss
+from egad.objective.token_plan import token_plan
+from egad.plan.entropy import token_entropy
 from egad.teacher.signal import DenseSignal
-from egad.token_plan import token_plan
 
 B, L, V, DS, DT, K = 3, 47, 123, 24, 40, 2
 ATOL, RTOL = 1e-5, 1e-4  # fp32 chunked vs fp32 dense: only summation order differs

@@ -8,11 +8,11 @@ import torch
 from conftest import REPO, tiny_run_overrides
 from safetensors.torch import load_file
 
-from egad import rollout
-from egad.config import ConfigError
+from egad.config.run_config import load_config
+from egad.config.schema import ConfigError
+from egad.data import rollout
 from egad.experiment import run_training
-from egad.run_config import load_config
-from egad.trainer import Trainer
+from egad.train.trainer import Trainer
 
 TINY = REPO / "configs" / "tiny.yaml"
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import plan_state
 
-from egad.config import ConfigError
-from egad.curriculum import training_progress
-from egad.entropy_stream import EmaEntropyHistogram
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import PRESETS, preset
-from egad.routing import content_keys
+from egad.config.presets import PRESETS, preset
+from egad.config.schema import ConfigError
+from egad.objective.compose import StudentOutputs, distillation_loss
+from egad.objective.token_plan import batch_rules, check_window_exact, expected_route_share, token_plan
+from egad.plan.curriculum import training_progress
+from egad.plan.entropy_stream import EmaEntropyHistogram
+from egad.plan.routing import content_keys
 from egad.teacher.signal import TopKSignal
-from egad.token_plan import batch_rules, check_window_exact, expected_route_share, token_plan
 
 N, V = 90, 37
 
@@ -153,7 +153,7 @@ def test_a_routed_token_without_a_stored_hidden_state_is_an_error():
 
 
 def test_the_router_reads_a_cache_threshold_or_refuses_one_that_stores_too_little():
-    from egad.run_parts import cache_route_threshold
+    from egad.train.run_parts import cache_route_threshold
 
     def route_threshold(rho: float, hidden_quantile: float, route_mode: str = "global_quantile"):
         cache = SimpleNamespace(manifest={"hidden_quantile": hidden_quantile, "hidden_threshold": 3.5}, path="cache")

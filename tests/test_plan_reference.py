@@ -21,12 +21,12 @@ import pytest
 import torch
 from reference_plan import ref_entropy, ref_hellinger, ref_objective
 
-from egad.config import _CHOICES, ObjectiveConfig  # _CHOICES: every enumerated option, so new ones are noticed
+from egad.config.presets import PRESETS, preset
+from egad.config.schema import _CHOICES, ObjectiveConfig  # _CHOICES: every enumerated option, so new ones are noticed
 from egad.losses.features import FeatureProjector
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import PRESETS, preset
+from egad.objective.compose import StudentOutputs, distillation_loss
+from egad.objective.token_plan import PlanState
 from egad.teacher.signal import DenseSignal
-from egad.token_plan import PlanState
 
 B, L, V, DS, DT, K = 3, 47, 123, 24, 40, 2
 CHUNK = 13  # several chunks of an odd size, so chunk boundaries cannot hide an error

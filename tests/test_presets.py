@@ -7,12 +7,12 @@ import torch
 from conftest import plan_state
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from egad.config import ConfigError, ObjectiveConfig
-from egad.data import shift_labels
-from egad.entropy import fit_quantile_knots, token_entropy
+from egad.config.presets import PRESETS, preset
+from egad.config.schema import ConfigError, ObjectiveConfig
+from egad.data.batches import shift_labels
 from egad.losses.features import FeatureProjector, layer_map
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import PRESETS, preset
+from egad.objective.compose import StudentOutputs, distillation_loss
+from egad.plan.entropy import fit_quantile_knots, token_entropy
 from egad.teacher.signal import DenseSignal
 
 VOCAB = 101  # the real vocabulary; the teacher's embedding has padded rows beyond it

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from egad.entropy import fit_quantile_knots, token_entropy
+from egad.config.presets import PRESETS, preset
 from egad.eval.report import curve_state, plan_curve
 from egad.losses.features import FeatureProjector
-from egad.objective import StudentOutputs, distillation_loss
-from egad.presets import PRESETS, preset
+from egad.objective.compose import StudentOutputs, distillation_loss
+from egad.plan.entropy import fit_quantile_knots, token_entropy
 from egad.teacher.signal import DenseSignal
 
 N, V = 97, 61

@@ -6,8 +6,8 @@ import pytest
 from conftest import DATA
 from rouge_score import rouge_scorer
 
+from egad.data.records import load_records
 from egad.eval.rouge import corpus_rouge_l, rouge_l
-from egad.records import load_records
 
 SINST = DATA / "eval" / "sinst.jsonl"
 

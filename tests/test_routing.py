@@ -1,4 +1,4 @@
-"""Tests for egad.routing against plain references written independently below."""
+"""Tests for egad.plan.routing against plain references written independently below."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from egad.routing import hashed_uniform, route_count, route_tokens, topk_mask
+from egad.plan.routing import hashed_uniform, route_count, route_tokens, topk_mask
 
 # ---------------------------------------------------------------------------------------------------------------------
 # naive references

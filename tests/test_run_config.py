@@ -10,11 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from egad.cli import app
-from egad.coerce import coerce
-from egad.config import ConfigError, field_docs
+from egad.config.coerce import coerce
+from egad.config.run_config import SECTIONS, build_config, load_config, parse_overrides
+from egad.config.schema import ConfigError, field_docs
+from egad.data.records import DataError
 from egad.errors import EgadError
-from egad.records import DataError
-from egad.run_config import SECTIONS, build_config, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

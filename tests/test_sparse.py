@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from egad.losses import sparse
+from egad.losses import sparse, sparse_buckets
 from egad.losses.divergences import DIVERGENCES
-from egad.losses.sparse import SPARSE_DIVERGENCES, student_bucket_logprobs, teacher_bucket_logprobs
+from egad.losses.sparse import SPARSE_DIVERGENCES
+from egad.losses.sparse_buckets import student_bucket_logprobs, teacher_bucket_logprobs
 from egad.teacher.signal import DenseSignal, TopKSignal
 
 NAMES = sorted(DIVERGENCES)
@@ -144,7 +145,7 @@ def test_student_bucket_fast_path_matches_float64_reference(n: int, v: int, k: i
     tau = torch.tensor(1.3) if temperature == "0-d" else _temperature(temperature, n, seed=k)
     upstream = torch.randn(n, k + 1, generator=torch.Generator().manual_seed(k))
     s32 = s.clone().requires_grad_()
-    out = sparse._StudentBuckets.apply(s32, ids, tau)
+    out = sparse_buckets._StudentBuckets.apply(s32, ids, tau)
     (out * upstream).sum().backward()
     s64 = s.double().requires_grad_()
     expected = _ref_bucket_logits(s64, ids, tau)
@@ -169,8 +170,8 @@ def test_student_bucket_fast_path_masked_entries_match_autograd_path(temperature
     tau = _temperature(temperature, n, seed=33)
     upstream = torch.randn(n, k + 1, generator=torch.Generator().manual_seed(34))
     fast, slow = s.clone().requires_grad_(), s.clone().requires_grad_()
-    out = sparse._StudentBuckets.apply(fast, ids, tau)
-    expected = sparse._student_buckets_autograd(slow, ids, tau)
+    out = sparse_buckets._StudentBuckets.apply(fast, ids, tau)
+    expected = sparse_buckets._student_buckets_autograd(slow, ids, tau)
     (out.masked_fill(out == -math.inf, 0) * upstream).sum().backward()
     (expected.masked_fill(expected == -math.inf, 0) * upstream).sum().backward()
     assert out[0, -1] == -math.inf and (out[1, -1] == -math.inf) == (temperature == "1.0")

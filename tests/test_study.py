@@ -12,8 +12,9 @@ import pytest
 from conftest import REPO
 
 from egad import experiment as X
-from egad.config import ConfigError
-from egad.methods import paper_index
+from egad.config.methods import METHODS, paper_index
+from egad.config.schema import ConfigError
+from egad.study import comparisons as C
 from egad.study import driver
 from egad.study import grid as G
 from egad.study import results as R
@@ -98,7 +99,7 @@ def test_quick_study_runs_in_two_processes_and_resumes(tmp_path, monkeypatch, do
 
 
 def test_size_file_replaces_fields_and_names_bad_keys(tmp_path):
-    from egad.run_config import build_config
+    from egad.config.run_config import build_config
 
     size = X.load_scale(REPO / "configs" / "study" / "gpu.yaml", X.TOY)
     assert size.student == "Qwen/Qwen2.5-0.5B" and size.max_len == 512 and size.vocab == X.TOY.vocab
@@ -159,7 +160,7 @@ def _setup(tmp_path, answers=None) -> G.Setup:
 
 
 def test_student_data_cells_change_what_the_student_trains_on(tmp_path):
-    from egad.run_config import build_config
+    from egad.config.run_config import build_config
 
     size = X.TOY_QUICK
     answers = tmp_path / "answers.jsonl"
@@ -185,7 +186,7 @@ def test_student_data_cells_change_what_the_student_trains_on(tmp_path):
 def test_cells_expand_grids_and_names_once():
     assert G.expand_cells("real,student_data,kd") == G.REAL_CELLS + list(G.STUDENT_DATA)
     assert G.expand_cells("sft, seqkd") == ["sft", "seqkd"]
-    assert set(G.expand_cells("student_data")) <= G.PRESETS_AND_DERIVED
+    assert set(G.expand_cells("student_data")) <= set(METHODS)
 
 
 def test_train_minutes_read_timing_or_the_run_files(tmp_path):
@@ -361,7 +362,7 @@ def test_results_page_tests_with_the_seed_as_the_unit():
     rows = _rows()
     by = {r.cell: r for r in rows}
     boot = {"test_nll": {"lo": -0.5, "hi": -0.1}, "rouge_l": {"lo": 0.1, "hi": 0.9}}
-    lines = R._comparisons(rows, lambda a, b: boot)
+    lines = C.comparisons(rows, lambda a, b: boot)
     text = "\n".join(lines)
     assert "`feat_kd_all`" in text.split("Best baseline")[1].split(".")[0]  # best by dev NLL
     exploratory = lines.index("**Exploratory comparisons** (uncorrected)")
@@ -370,22 +371,22 @@ def test_results_page_tests_with_the_seed_as_the_unit():
     family = []
     for b in ("kd", "feat_kd_all"):
         for metric in ("test_nll", "rouge:dolly_test"):
-            va, vb = R._values(by["egad"], metric), R._values(by[b], metric)
+            va, vb = C.seed_values(by["egad"], metric), C.seed_values(by[b], metric)
             family.append(seed_test([x - y for x, y in zip(va, vb, strict=True)]))
     adjusted = holm([r["p_t"] for r in family])
     test_nll_kd = next(ln for ln in primary if "`kd`" in ln and "| test NLL |" in ln).split(" | ")
-    assert test_nll_kd[4] == R._p(family[0]["p_t"]) and test_nll_kd[5] == R._p(adjusted[0])
-    assert test_nll_kd[6] == R._p(family[0]["p_sign"]) and test_nll_kd[6] in ("0.250", "0.500", "0.750", "1.000")
-    assert test_nll_kd[7] == R._p(holm([r["p_sign"] for r in family])[0])
+    assert test_nll_kd[4] == C.fmt_p(family[0]["p_t"]) and test_nll_kd[5] == C.fmt_p(adjusted[0])
+    assert test_nll_kd[6] == C.fmt_p(family[0]["p_sign"]) and test_nll_kd[6] in ("0.250", "0.500", "0.750", "1.000")
+    assert test_nll_kd[7] == C.fmt_p(holm([r["p_sign"] for r in family])[0])
     assert test_nll_kd[8] == "[-0.500, -0.100] |"  # the secondary column, from compare_fn
     assert all(len(ln.split(" | ")) == 7 for ln in lines[exploratory:] if ln.startswith("| `"))  # no Holm columns
     assert "no p-value is drawn from it" in text and "2^3 = 8 sign patterns" in text
     # A pre-registered family replaces the default one.
-    lines = R._comparisons(rows, None, primary=[("egad", "sft")])
+    lines = C.comparisons(rows, None, primary=[("egad", "sft")])
     exploratory = lines.index("**Exploratory comparisons** (uncorrected)")
     assert all("`egad` - `sft`" in ln for ln in lines[:exploratory] if ln.startswith("| `"))
     assert any(ln.startswith("| `egad` - `kd` |") for ln in lines[exploratory:])
-    eff = R._effects(rows)
+    eff = C.effects(rows)
     assert sum(ln.startswith("| C3 dual branch |") for ln in eff) == 3 and "sign-flip p" in eff[2]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from egad.config.methods import METHODS
 from egad.study import grid as G
 from egad.study import protocol as P
 
@@ -85,4 +86,4 @@ def test_prereg_controls_are_cells_of_their_base_presets():
     anchor, last = G.cell(G.ANCHOR_CELL), G.cell("feat_kd_last")
     assert anchor.preset == "kd" and anchor.run["train.anchor_l2"] > 0
     assert last.preset == "feat_kd_all" and last.overrides == {"layer_map": "last"}
-    assert G.expand_cells("prereg") == G.PREREG_CELLS and set(G.PREREG_CELLS) <= G.PRESETS_AND_DERIVED
+    assert G.expand_cells("prereg") == G.PREREG_CELLS and set(G.PREREG_CELLS) <= set(METHODS)

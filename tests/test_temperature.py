@@ -1,4 +1,4 @@
-"""Tests for egad.temperature against plain float64 references written independently below."""
+"""Tests for egad.plan.temperature against plain float64 references written independently below."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from egad.temperature import tau_squared_factor, token_temperature
+from egad.plan.temperature import tau_squared_factor, token_temperature
 
 # ---------------------------------------------------------------------------------------------------------------------
 # naive float64 references

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-import egad.tokenizer as tokmod
-from egad.tokenizer import EOS_TOKEN, PAD_TOKEN, cached_bpe_tokenizer, train_bpe_tokenizer
+import egad.models.tokenizer as tokmod
+from egad.models.tokenizer import EOS_TOKEN, PAD_TOKEN, cached_bpe_tokenizer, train_bpe_tokenizer
 
 DOLLY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dolly" / "dolly.jsonl"
 VOCAB = 512

@@ -10,12 +10,12 @@ from conftest import REPO, tiny_run_overrides
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from egad.config import ConfigError
+from egad.config.run_config import build_config, load_config
+from egad.config.schema import ConfigError
+from egad.data.records import DataError
 from egad.experiment import run_training
-from egad.models import ModelError, check_tokenizers
-from egad.records import DataError
-from egad.run_config import build_config, load_config
-from egad.trainer import Trainer
+from egad.models.load import ModelError, check_tokenizers
+from egad.train.trainer import Trainer
 
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -69,7 +69,7 @@ def test_end_to_end_tiny_run(tmp_path, tiny_tokenizer_dir):
         out / "final" / "feature_projector.safetensors"
     ).is_file()
     assert (out / "checkpoint-24" / "trainer_state.json").is_file()
-    from egad.checkpoint import saved_prompt
+    from egad.models.checkpoint import saved_prompt
 
     assert saved_prompt(out / "final") == {"template": "alpaca", "max_prompt_len": 64, "max_len": 128}
     assert (out / "entropy_knots.safetensors").is_file()
@@ -125,7 +125,7 @@ def test_resume_continues_the_same_run(tmp_path, tiny_tokenizer_dir, objective):
 
 
 def test_every_config_parses():
-    from egad.run_config import RunConfig
+    from egad.config.run_config import RunConfig
 
     files = sorted((REPO / "configs").glob("*.yaml"))
     assert len(files) >= 3
@@ -158,8 +158,8 @@ def test_documented_errors(tmp_path, tiny_tokenizer_dir):
             load_config(TINY, tiny_run_overrides(tiny_tokenizer_dir, tmp_path / "r", **{"data.train": str(bad)}))
         ).setup()
     other_dir = tmp_path / "tok2"
-    from egad import data as D
-    from egad.tokenizer import train_bpe_tokenizer
+    from egad.data import batches as D
+    from egad.models.tokenizer import train_bpe_tokenizer
 
     records, _ = D.load_records(REPO.parent / "shared" / "data" / "dolly" / "dolly.jsonl", "dev", max_examples=300)
     other = train_bpe_tokenizer(D.texts_for_tokenizer(records), 400, other_dir)

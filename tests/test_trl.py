@@ -17,8 +17,8 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import DistillationConfig  # noqa: E402
 
-from egad.config import ConfigError  # noqa: E402
-from egad.entropy import fit_quantile_knots  # noqa: E402
+from egad.config.presets import preset  # noqa: E402
+from egad.config.schema import ConfigError  # noqa: E402
 from egad.integrations.common import PROJECTOR_ATTR  # noqa: E402
 from egad.integrations.trl import (  # noqa: E402
     TRL_VERSIONS,
@@ -26,9 +26,9 @@ from egad.integrations.trl import (  # noqa: E402
     TRLVersionError,
     check_trl_version,
 )
-from egad.models import capture_hidden  # noqa: E402
-from egad.objective import StudentOutputs, distillation_loss  # noqa: E402
-from egad.presets import preset  # noqa: E402
+from egad.models.load import capture_hidden  # noqa: E402
+from egad.objective.compose import StudentOutputs, distillation_loss  # noqa: E402
+from egad.plan.entropy import fit_quantile_knots  # noqa: E402
 from egad.teacher.signal import DenseSignal  # noqa: E402
 
 torch.set_num_threads(1)

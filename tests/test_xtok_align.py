@@ -108,7 +108,7 @@ class _SlowChars(PreTrainedTokenizer):
 
 @pytest.fixture(scope="module")
 def smollm():
-    from egad.model_files import ModelSourceError, resolve_model_source
+    from egad.models.model_files import ModelSourceError, resolve_model_source
 
     try:
         return AutoTokenizer.from_pretrained(resolve_model_source("smollm2-135m-instruct"))
@@ -214,8 +214,8 @@ def test_other_families_align(smollm, other):
 
 
 def test_dolly_share(smollm, dolly_path, tmp_path):
-    from egad import data as D
-    from egad.tokenizer import train_bpe_tokenizer
+    from egad.data import batches as D
+    from egad.models.tokenizer import train_bpe_tokenizer
 
     records, _ = D.load_records(dolly_path, "train", max_examples=300)
     bpe = train_bpe_tokenizer(D.texts_for_tokenizer(records), 1024, tmp_path)

@@ -11,12 +11,12 @@ import pytest
 from conftest import DOLLY, REPO, tiny_run_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from egad.config import ConfigError
+from egad.config.run_config import load_config
+from egad.config.schema import ConfigError
 from egad.errors import EgadError
 from egad.experiment import run_training
-from egad.models import ModelError
-from egad.run_config import load_config
-from egad.trainer import Trainer
+from egad.models.load import ModelError
+from egad.train.trainer import Trainer
 from egad.xtok import AlignmentError
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -24,8 +24,8 @@ TINY = REPO / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def teacher_tok_dir(tmp_path_factory, dolly_path):
-    from egad import data as D
-    from egad.tokenizer import train_bpe_tokenizer
+    from egad.data import batches as D
+    from egad.models.tokenizer import train_bpe_tokenizer
 
     out = tmp_path_factory.mktemp("teacher-tok")
     records, _ = D.load_records(dolly_path, "dev", max_examples=300)
@@ -178,14 +178,14 @@ def test_cross_objective_equals_the_same_tokenizer_objective_at_odd_shapes(name)
     the fused teacher. hybrid with cross_vocab_weight 1 is exact."""
     import torch
 
-    from egad.entropy import fit_quantile_knots, token_entropy
-    from egad.heads import OutputHead
+    from egad.config.presets import preset
     from egad.losses.cross_vocab import VocabMap
     from egad.losses.features import FeatureProjector
-    from egad.objective import StudentOutputs, distillation_loss
-    from egad.presets import preset
+    from egad.models.heads import OutputHead
+    from egad.objective.compose import StudentOutputs, distillation_loss
+    from egad.objective.token_plan import PlanState
+    from egad.plan.entropy import fit_quantile_knots, token_entropy
     from egad.teacher.signal import FusedSignal
-    from egad.token_plan import PlanState
     from egad.xtok.objective import cross_distillation_loss
     from egad.xtok.source import CrossSignal
 

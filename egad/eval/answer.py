@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from egad import data as D
-from egad.config import ConfigError
+from egad.config.schema import ConfigError
+from egad.data import batches as D
 from egad.eval.generate import generate_responses
 from egad.eval.suite import load_model
 

@@ -146,8 +146,8 @@ def generate_responses(
     `min(max_new_tokens, max_len - its own length)` new tokens, at least 1. (MiniLLM takes the batch's padded width
     instead of the prompt's own length, which ties a prompt's budget to its batch-mates; the two agree whenever
     `max_prompt_len + max_new_tokens <= max_len`, as in every egad scale.) A sequence stops at eos or any of
-    `stop_ids` (a chat template's end-of-turn token, see `egad.data.end_of_turn_id`). Each response is the new tokens
-    up to (not including) the first stop token, decoded with special tokens skipped and surrounding whitespace
+    `stop_ids` (a chat template's end-of-turn token, see `egad.data.batches.end_of_turn_id`). Each response is the new
+    tokens up to (not including) the first stop token, decoded with special tokens skipped and surrounding whitespace
     stripped.
 
     `greedy=True` decodes greedily and ignores the sampling arguments and `seed`. Otherwise tokens are sampled with

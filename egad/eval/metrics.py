@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from egad.entropy import token_entropy
-from egad.heads import OutputHead
 from egad.losses.divergences import forward_kl
+from egad.models.heads import OutputHead
+from egad.plan.entropy import token_entropy
 
 
 @dataclass
 class HiddenLogits:
-    """A model's logits as its last hidden state (B, L, d) and its checked head (egad.heads)."""
+    """A model's logits as its last hidden state (B, L, d) and its checked head (egad.models.heads)."""
 
     hidden: Tensor
     head: OutputHead

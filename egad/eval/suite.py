@@ -19,14 +19,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from egad import data as D
-from egad.config import ConfigError
+from egad.config.schema import ConfigError
+from egad.data import batches as D
 from egad.eval.generate import generate_responses
 from egad.eval.metrics import HiddenLogits, entropy_buckets, token_metrics
 from egad.eval.rouge import rouge_l
-from egad.heads import HeadError, check_output_head, decoder_hidden, output_head
-from egad.model_files import load_error, resolve_model_source
-from egad.models import check_tokenizers, shared_vocab
+from egad.models.heads import HeadError, check_output_head, decoder_hidden, output_head
+from egad.models.load import check_tokenizers, shared_vocab
+from egad.models.model_files import load_error, resolve_model_source
 
 # name -> (file under the data dir, split filter)
 EVAL_SETS: dict[str, tuple[str, str | None]] = {
@@ -85,7 +85,7 @@ class EvalSettings:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """A model folder, hub id, GGUF file or shortcut (egad.model_files) and its tokenizer, in eval mode."""
+    """A model folder, hub id, GGUF file or shortcut (egad.models.model_files) and its tokenizer, in eval mode."""
     source = resolve_model_source(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(source)

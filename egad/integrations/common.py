@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from egad.config import ConfigError, ObjectiveConfig
-from egad.curriculum import training_progress
-from egad.models import model_dims
-from egad.plan_runtime import PlanRuntime, feature_branch
-from egad.presets import preset
-from egad.routing import content_keys
+from egad.config.presets import preset
+from egad.config.schema import ConfigError, ObjectiveConfig
+from egad.models.load import model_dims
+from egad.objective.plan_runtime import PlanRuntime, feature_branch
+from egad.objective.token_plan import PlanState, check_window_exact
+from egad.plan.curriculum import training_progress
+from egad.plan.routing import content_keys
 from egad.teacher.calibrate import STUDENT_SIGNALS
-from egad.token_plan import PlanState, check_window_exact
 
 # The student submodule that holds the feature projections, so that the trainer optimises, wraps and saves them.
 PROJECTOR_ATTR = "egad_projector"
@@ -39,12 +39,14 @@ _LOSS_TERMS = ("kd", "ce", "feat")
 
 
 def resolve_objective(objective: str | ObjectiveConfig) -> ObjectiveConfig:
-    """A preset name (egad.presets.PRESETS) or an ObjectiveConfig, as the config the loss reads."""
+    """A preset name (egad.config.presets.PRESETS) or an ObjectiveConfig, as the config the loss reads."""
     if isinstance(objective, ObjectiveConfig):
         return objective
     if isinstance(objective, str):
         return preset(objective)
-    raise ConfigError(f"objective={objective!r} must be a preset name (egad.presets.PRESETS) or an ObjectiveConfig")
+    raise ConfigError(
+        f"objective={objective!r} must be a preset name (egad.config.presets.PRESETS) or an ObjectiveConfig"
+    )
 
 
 def check_knots(cfg: ObjectiveConfig, knots: Tensor | None, signal_knots: dict | None = None) -> Tensor | None:
@@ -54,7 +56,7 @@ def check_knots(cfg: ObjectiveConfig, knots: Tensor | None, signal_knots: dict |
         if not signal_knots or signal_knots.get(name) is None:
             raise ConfigError(
                 f"this objective ranks tokens by their {name} against the run's CDF, which starts from the untrained "
-                f"student: pass signal_knots={{'{name}': knots}}, e.g. egad.entropy.fit_quantile_knots of "
+                f"student: pass signal_knots={{'{name}': knots}}, e.g. egad.plan.entropy.fit_quantile_knots of "
                 f"egad.teacher.calibrate.calibrate_signals(..., signals=['{name}'])['{name}']"
             )
         _as_knots(signal_knots[name], f"signal_knots[{name!r}]")
@@ -63,7 +65,7 @@ def check_knots(cfg: ObjectiveConfig, knots: Tensor | None, signal_knots: dict |
             raise ConfigError(
                 f"this objective reads the teacher-entropy CDF (cdf_mode={cfg.cdf_mode!r}), which needs quantile knots "
                 "from a calibration pass (a running histogram starts from them too): pass "
-                "entropy_knots=egad.entropy.fit_quantile_knots(teacher_entropies), e.g. of "
+                "entropy_knots=egad.plan.entropy.fit_quantile_knots(teacher_entropies), e.g. of "
                 "egad.teacher.calibrate.calibrate_entropy"
             )
         return None
@@ -184,7 +186,7 @@ class EgadObjective:
 
     @staticmethod
     def progress(state) -> float:
-        """Training progress s of the current optimizer step: 0 at the first, 1 at the last (egad.curriculum)."""
+        """Training progress s of the current optimizer step: 0 at the first, 1 at the last (egad.plan.curriculum)."""
         return training_progress(state.global_step, state.max_steps) if state.max_steps > 0 else 0.0
 
     def check_split(self, grad_accum: int, processes: int) -> None:
@@ -208,7 +210,7 @@ class EgadObjective:
 
     @staticmethod
     def token_keys(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """Per-token keys of the hashed draws (random routing), from the sequences' content (egad.routing)."""
+        """Per-token keys of the hashed draws (random routing), from the sequences' content (egad.plan.routing)."""
         return content_keys(input_ids, attention_mask)
 
     def observe(self, out_tokens: dict[str, Tensor]) -> None:

@@ -1,8 +1,8 @@
 """egad's objective in a plain `transformers.Trainer`, and what the TRL adapter shares with it.
 
 `EgadTrainer` trains a student on the usual causal-LM batches (`input_ids`, `attention_mask`, `labels` with -100 on
-the prompt and padding) with `egad.objective.distillation_loss` against a frozen live teacher; the loop, optimizer,
-scheduler, checkpoints and logging stay transformers'.
+the prompt and padding) with `egad.objective.compose.distillation_loss` against a frozen live teacher; the loop,
+optimizer, scheduler, checkpoints and logging stay transformers'.
 
 The token count. transformers 5.x collects the micro-batches of one optimizer step first (`get_batch_samples`) and
 counts their targets: `num_items_in_batch` is the number of `labels[..., 1:] != -100` over the whole accumulation
@@ -30,12 +30,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Trainer
 
-from egad.config import ConfigError, ObjectiveConfig
-from egad.data import IGNORE_INDEX, shift_labels
+from egad.config.schema import ConfigError, ObjectiveConfig
+from egad.data.batches import IGNORE_INDEX, shift_labels
 from egad.integrations.common import EgadObjective, call_through
-from egad.models import freeze, shared_vocab
-from egad.objective import ObjectiveOutput
-from egad.student import DistillationModule
+from egad.models.load import freeze, shared_vocab
+from egad.objective.compose import ObjectiveOutput
+from egad.objective.student import DistillationModule
 from egad.teacher.online import OnlineTeacher
 
 
@@ -44,11 +44,11 @@ class EgadTrainer(Trainer):
 
     model: the student (a transformers causal LM). teacher_model: the teacher; it is frozen (eval mode, no grad) and
     placed by the accelerator. objective: a preset name or an ObjectiveConfig. entropy_knots: teacher-entropy
-    quantile knots (egad.entropy.fit_quantile_knots), required by every rule that reads them ('ema_hist' starts its
+    quantile knots (egad.plan.entropy.fit_quantile_knots), required by every rule that reads them ('ema_hist' starts its
     running histogram from them). signal_knots: {"student_entropy": ..., "hellinger": ...} knots of the untrained
     student's signals, for the rules that rank tokens by them (streamed per window from there).
     fused: project the student's and teacher's heads per chunk of tokens (their full logits never exist); each
-    head is checked once against the model's own logits and refused with egad.heads.HeadError if egad cannot
+    head is checked once against the model's own logits and refused with egad.models.heads.HeadError if egad cannot
     reproduce it (pass fused=False for such a model). vocab_size: the shared real vocabulary; default
     len(processing_class) when a tokenizer is given, else the head's row count. Every other argument is the
     Trainer's.

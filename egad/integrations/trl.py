@@ -46,10 +46,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import Tensor
 
-from egad.config import ConfigError, ObjectiveConfig
-from egad.data import IGNORE_INDEX
+from egad.config.schema import ConfigError, ObjectiveConfig
+from egad.data.batches import IGNORE_INDEX
 from egad.errors import EgadError
-from egad.heads import OutputHead, check_output_head, output_head
 from egad.integrations.common import (
     PROJECTOR_ATTR,
     EgadObjective,
@@ -58,8 +57,9 @@ from egad.integrations.common import (
     full_weight,
     resolve_objective,
 )
-from egad.models import capture_hidden
-from egad.objective import StudentOutputs, distillation_loss
+from egad.models.heads import OutputHead, check_output_head, output_head
+from egad.models.load import capture_hidden
+from egad.objective.compose import StudentOutputs, distillation_loss
 from egad.teacher.signal import FusedSignal
 
 try:
@@ -119,13 +119,13 @@ class EgadDistillationTrainer(DistillationTrainer):
     """TRL's `DistillationTrainer` with egad's objective as its loss (see the module docstring).
 
     Arguments: TRL's (`model`, `teacher_model`, `args` positionally or by name, the rest by name), plus
-    objective: a preset name ("egad", "kd", "egad_no_c3", ... egad.presets.PRESETS) or an ObjectiveConfig;
-    entropy_knots: teacher-entropy quantile knots (egad.entropy.fit_quantile_knots), required by every rule that
+    objective: a preset name ("egad", "kd", "egad_no_c3", ... egad.config.presets.PRESETS) or an ObjectiveConfig;
+    entropy_knots: teacher-entropy quantile knots (egad.plan.entropy.fit_quantile_knots), required by every rule that
     reads the teacher-entropy CDF (under cdf_mode 'ema_hist' the running histogram starts from them); signal_knots:
     {"student_entropy": knots, "hellinger": knots} for rules that rank tokens by a student-side signal
     (egad.teacher.calibrate.calibrate_signals on the untrained student), streamed per window from there. Both heads
     are checked once against the models' own logits; a head egad cannot reproduce is refused with
-    egad.heads.HeadError.
+    egad.models.heads.HeadError.
     """
 
     _tag_names = [*DistillationTrainer._tag_names, "egad"]

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from egad.heads import OutputHead
 from egad.losses.cross_vocab import CROSS_VOCAB_LOSSES, VocabMap
+from egad.models.heads import OutputHead
 
 
 @dataclass
@@ -146,7 +146,7 @@ def chunked_cross_vocab_loss(
     """Per-token `CROSS_VOCAB_LOSSES[loss]` from the final hidden states of aligned rows and the heads. -> (N,) fp32
 
     student_hidden (N, d_S) and teacher_hidden (N, d_T): row i of each is one aligned pair (gather them with
-    `egad.xtok.Alignment.logit_positions`). Heads: an `egad.heads.OutputHead` or a bare (V_rows, d) weight. Real
+    `egad.xtok.Alignment.logit_positions`). Heads: an `egad.models.heads.OutputHead` or a bare (V_rows, d) weight. Real
     vocabularies: the map's, else `student_vocab` / `teacher_vocab`, else the heads' rows. `chunk_size`: rows per
     chunk (default 2^24 / max(V_T, V_S), at least 16, as `ObjectiveConfig.chunk_tokens`). Gradients reach the
     student's hidden states, head weight and bias; the teacher gets none.

@@ -26,10 +26,11 @@ from pathlib import Path
 import yaml
 
 from egad import experiment as X
-from egad.config import ConfigError
-from egad.eval.report import load_run
-from egad.model_files import resolve_model_source
-from egad.run_config import build_config
+from egad.config.methods import METHODS
+from egad.config.run_config import build_config
+from egad.config.schema import ConfigError
+from egad.eval.runs import load_run
+from egad.models.model_files import resolve_model_source
 from egad.study import grid as G
 from egad.study import prereg_page as PP
 from egad.study import protocol as P
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(1 if args.quick else args.seeds))
     grid = args.cells or ("quick" if args.quick else "toy")
     cells = G.expand_cells(grid)
-    unknown = [c for c in cells if c not in G.PRESETS_AND_DERIVED]
+    unknown = [c for c in cells if c not in METHODS]
     if unknown:
         raise ConfigError(f"--cells: unknown cell(s) {unknown}; a grid ({', '.join(G.GRIDS)}) or preset names")
     if any(G.cell(c).needs_answers for c in cells):

@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from egad import experiment as X
+from egad.config.methods import DERIVED, method
 from egad.eval.suite import MINILLM_SEEDS
-from egad.methods import DERIVED, METHODS, method
 
 BASELINES = [
     "sft",
@@ -45,15 +45,14 @@ CONTROLS = [
 ]
 # Cells that change what the student trains on rather than the loss: the on-policy cells need the teacher online (a
 # cache cannot hold the student's samples); `seqkd` is SFT on the teacher's sampled answers to the same training
-# prompts (TEACHER_ANSWERS, generated once per study). Every cell is a method of egad.methods.
+# prompts (TEACHER_ANSWERS, generated once per study). Every cell is a method of egad.config.methods.
 TEACHER_ANSWERS = "teacher_answers"
 STUDENT_DATA = [m.name for m in DERIVED if "train.on_policy" in m.run or m.teacher_answers]
-# The pre-registered study's controls for the feature branch (egad.methods, docs/preregistration.md).
+# The pre-registered study's controls for the feature branch (egad.config.methods, docs/preregistration.md).
 ANCHOR_CELL = "kd_anchor"
 PREREG_CONTROLS = [ANCHOR_CELL, "feat_kd_last"]
 # In priority order: a study that runs out of time drops cells from the end.
 PREREG_CELLS = ["kd", "feat_kd_all", "egad", ANCHOR_CELL, "feat_kd_last", "sft", "rkl", "adakd_idts"]
-PRESETS_AND_DERIVED = set(METHODS)
 GRID = list(dict.fromkeys(BASELINES + COMPONENTS + CONTROLS))
 QUICK_CELLS = ["sft", "kd", "egad_c1", "egad"]
 # The real-teacher grid (issue: real pretrained LLMs): the baselines users ask for, and the 2^3 component grid.

@@ -20,9 +20,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from egad.eval.report import load_run  # noqa: E402
+from egad.eval.runs import load_run  # noqa: E402
 from egad.experiment import OTHER_SETS  # noqa: E402
-from egad.study.results import _interval, _p, _signed, ms  # noqa: E402
+from egad.study.comparisons import fmt_p, interval, signed  # noqa: E402
+from egad.study.results import ms  # noqa: E402
 from egad.study.stats import holm, seed_test  # noqa: E402
 
 SETS = ["dolly_test", *OTHER_SETS]
@@ -115,9 +116,9 @@ def verdict(primary: dict[tuple[str, str], dict]) -> list[str]:
         ok = lower and res["holm_t"] < 0.05
         word = "beats" if ok else "does not beat"
         lines.append(
-            f"- **`{a}` {word} `{b}`** on Dolly test NLL: {a} - {b} = {_interval(res, 3)} nats per token "
-            f"(95% t-interval over {res['n']} seeds), t-test p = {_p(res['p_t'])}, Holm p = {_p(res['holm_t'])}, "
-            f"sign-flip p = {_p(res['p_sign'])}." + ("" if ok or lower else f" The difference favours `{b}`.")
+            f"- **`{a}` {word} `{b}`** on Dolly test NLL: {a} - {b} = {interval(res, 3)} nats per token "
+            f"(95% t-interval over {res['n']} seeds), t-test p = {fmt_p(res['p_t'])}, Holm p = {fmt_p(res['holm_t'])}, "
+            f"sign-flip p = {fmt_p(res['p_sign'])}." + ("" if ok or lower else f" The difference favours `{b}`.")
         )
     return lines
 
@@ -129,11 +130,11 @@ def test_table(blocks: list[tuple[dict[tuple[str, str], dict], str, int]], holm_
     lines = [head, "|" + "---|" * (7 if holm_col else 6)]
     for results, label, digits in blocks:
         for (a, b), res in results.items():
-            per = ", ".join(_signed(x, digits) for x in res["diffs"])
+            per = ", ".join(signed(x, digits) for x in res["diffs"])
             note = f" ({res['dropped']} seed(s) not finite)" if res["dropped"] else ""
-            cells = [f"`{a}` - `{b}`", label + note, per, _interval(res, digits), _p(res["p_t"])]
-            cells += [_p(res["holm_t"])] if holm_col else []
-            lines.append("| " + " | ".join([*cells, _p(res["p_sign"])]) + " |")
+            cells = [f"`{a}` - `{b}`", label + note, per, interval(res, digits), fmt_p(res["p_t"])]
+            cells += [fmt_p(res["holm_t"])] if holm_col else []
+            lines.append("| " + " | ".join([*cells, fmt_p(res["p_sign"])]) + " |")
     return lines if len(lines) > 2 else ["_No pair of these cells was run._"]
 
 

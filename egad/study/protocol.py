@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import replace
 
-from egad.eval.report import load_run
+from egad.eval.runs import load_run
 from egad.study import grid as G
 
 # The anchor control trains with KD's chosen learning rate; its tuning budget is the strength gamma instead.

@@ -1,6 +1,6 @@
 """`egad cache`: run the teacher of a run config over its training split once and write the cache.
 
-The tokenized examples come from the same function the trainer uses (egad.data.tokenized_split), so the cache's
+The tokenized examples come from the same function the trainer uses (egad.data.batches.tokenized_split), so the cache's
 rows line up with the training batches; the trainer also checks the manifest's data fingerprint.
 """
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from egad.config import ConfigError
-from egad.data import tokenized_split
+from egad.config.run_config import RunConfig
+from egad.config.schema import ConfigError
+from egad.data.batches import tokenized_split
 from egad.losses.features import feature_pairs
-from egad.model_files import resolve_model_source
-from egad.models import build_model, cut_layers, freeze, model_dims, resolve_dtype, resolve_tokenizer, shared_vocab
-from egad.run_config import RunConfig
+from egad.models.load import build_model, cut_layers, freeze, model_dims, resolve_dtype, resolve_tokenizer, shared_vocab
+from egad.models.model_files import resolve_model_source
 from egad.teacher.cache import write_cache
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from egad import data as D
-from egad.entropy_stream import EntropyQuantileCalibrator
+from egad.data import batches as D
+from egad.plan.entropy_stream import EntropyQuantileCalibrator
 from egad.teacher.signal import TeacherSource, chunk_signals
 
 

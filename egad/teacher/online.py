@@ -7,15 +7,15 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from egad.heads import check_output_head, decoder_hidden, output_head
-from egad.models import capture_hidden
+from egad.models.heads import check_output_head, decoder_hidden, output_head
+from egad.models.load import capture_hidden
 from egad.teacher.signal import DenseSignal, FusedSignal
 
 
 class OnlineTeacher:
     """Runs the frozen teacher on a batch (a `TeacherSource`). `layers` are the teacher layers whose hidden states the
     feature branch needs (empty: none are captured). `fused`: hand over the last hidden state and the head instead of
-    the logits; the head is checked once against the model's own logits (egad.heads), a head that cannot be
+    the logits; the head is checked once against the model's own logits (egad.models.heads), a head that cannot be
     reproduced is refused."""
 
     def __init__(

@@ -25,8 +25,6 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from egad.entropy import token_entropy
-from egad.heads import OutputHead
 from egad.losses.divergences import DIVERGENCES, hellinger_from_logprobs
 from egad.losses.fused_kl import forward_kl_and_ce_fast, forward_kl_fast
 from egad.losses.sparse import (
@@ -34,10 +32,11 @@ from egad.losses.sparse import (
     SPARSE_DIVERGENCES,
     TailSample,
     forward_kl_and_ce,
-    student_bucket_logprobs,
-    teacher_bucket_logprobs,
     tempered_tail,
 )
+from egad.losses.sparse_buckets import student_bucket_logprobs, teacher_bucket_logprobs
+from egad.models.heads import OutputHead
+from egad.plan.entropy import token_entropy
 
 
 class TeacherChunk(Protocol):

@@ -1,6 +1,6 @@
 """Teacher and student positions paired at shared token boundaries of the response text.
 
-THE SETTING. egad's data layer (`egad.data.tokenize_example`) formats the prompt with each model's own template
+THE SETTING. egad's data layer (`egad.data.batches.tokenize_example`) formats the prompt with each model's own template
 (alpaca, or each tokenizer's own chat template: its special tokens, its system text), encodes prompt and response
 separately (no special tokens added) and appends each model's own end-of-turn token. Only response targets are
 distilled (prompt labels are -100), so the two sequences are aligned over the response text alone: the prompts are
@@ -93,7 +93,7 @@ def _untrimmed(spec: Any) -> bool:
 
 class OffsetEncoder:
     """A fast tokenizer's ids and untrimmed character offsets for texts encoded without special tokens (the way
-    `egad.data` encodes a response). Refuses a tokenizer without offsets. `role` names it in errors."""
+    `egad.data.batches` encodes a response). Refuses a tokenizer without offsets. `role` names it in errors."""
 
     def __init__(self, tokenizer: Any, role: str = "tokenizer"):
         self.tokenizer, self.role = tokenizer, role
@@ -258,8 +258,8 @@ def align_offsets(
 ) -> Alignment:
     """Align two tokenisations of `text` (offsets: untrimmed (start, end) character offsets of each token, as
     `OffsetEncoder` gives them). `end_token`: each side's targets end with an end-of-turn token after the text (as
-    `egad.data` builds them). `strict`: refuse a response with no shared boundary inside it although both sides cut
-    it (module docstring, REFUSALS); otherwise such a response keeps only its trivial cuts. `where` names the
+    `egad.data.batches` builds them). `strict`: refuse a response with no shared boundary inside it although both sides
+    cut it (module docstring, REFUSALS); otherwise such a response keeps only its trivial cuts. `where` names the
     response in errors."""
     _check_offsets(teacher_offsets, text, f"{where}, teacher")
     _check_offsets(student_offsets, text, f"{where}, student")

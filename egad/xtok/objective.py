@@ -1,4 +1,5 @@
-"""The objective across tokenizers: `egad.objective.distillation_loss` when the teacher speaks another vocabulary.
+"""The objective across tokenizers: `egad.objective.compose.distillation_loss` when the teacher speaks another
+vocabulary.
 
     L = (1 - alpha) CE + alpha KD + beta_f feat
     CE   = (1/N) sum over every student response target of -log q(y_t)
@@ -8,12 +9,13 @@
 N counts every student response target of the window (aligned or not, as in the same-tokenizer objective), so an
 unaligned target acts as KD weight 0 and keeps its CE. D_x is `egad.losses.cross_vocab` (exact, uld or hybrid),
 computed from the final hidden states of the aligned rows and each model's head by `chunked_cross_vocab_loss`, so
-neither vocabulary's full logits exist. The plan (weight, temperature, route) is `egad.token_plan.token_plan` on
-the teacher's entropy at the aligned rows, its vocabulary V_T (normalised difficulty reads log V_T), made chunk by
-chunk from the loss's own teacher projection (the `plan` hook of `chunked_cross_vocab_loss`): one teacher head GEMM
-per chunk, as in the same-tokenizer objective. (A batch rule, or the feature branch without KD, reads the entropies
-in a pass of their own first.) The feature branch pairs the mapped layers' hidden states at aligned rows through
-the projector. Student-side plan signals (student entropy, Hellinger) compare the models over one vocabulary and are
+neither vocabulary's full logits exist. The plan (weight, temperature, route) is
+`egad.objective.token_plan.token_plan` on the teacher's entropy at the aligned rows, its vocabulary V_T (normalised
+difficulty reads log V_T), made chunk by chunk from the loss's own teacher projection (the `plan` hook of
+`chunked_cross_vocab_loss`): one teacher head GEMM per chunk, as in the same-tokenizer objective. (A batch rule, or
+the feature branch without KD, reads the entropies in a pass of their own first.) The feature branch pairs the mapped
+layers' hidden states at aligned rows through the projector. Student-side plan signals (student entropy, Hellinger)
+compare the models over one vocabulary and are
 refused (`ObjectiveConfig`).
 """
 
@@ -24,12 +26,19 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from egad.config import ObjectiveConfig
-from egad.entropy import token_entropy
+from egad.config.schema import ObjectiveConfig
 from egad.losses.cross_vocab_chunked import chunked_cross_vocab_loss
 from egad.losses.features import FeatureProjector, feature_loss
-from egad.objective import ObjectiveOutput, StudentOutputs, _div_kwargs, _metrics, distillation_loss
-from egad.token_plan import PlanState, batch_decisions, batch_rules, expected_route_share, plan_constants, token_plan
+from egad.objective.compose import ObjectiveOutput, StudentOutputs, _div_kwargs, _metrics, distillation_loss
+from egad.objective.token_plan import (
+    PlanState,
+    batch_decisions,
+    batch_rules,
+    expected_route_share,
+    plan_constants,
+    token_plan,
+)
+from egad.plan.entropy import token_entropy
 
 __all__ = ["cross_distillation_loss"]
 
@@ -121,8 +130,8 @@ def cross_distillation_loss(
     token_keys: Tensor | None = None,
 ) -> ObjectiveOutput:
     """The objective of one micro-batch against a teacher with its own tokenizer (`egad.xtok.source.CrossSignal`).
-    Arguments as `egad.objective.distillation_loss`; the student must come as hidden states and its head (fused).
-    vocab_size: the student's real vocabulary V_S."""
+    Arguments as `distillation_loss` (egad.objective.compose); the student must come as hidden states and its
+    head (fused). vocab_size: the student's real vocabulary V_S."""
     if state is None:
         state = PlanState(knots=knots)
     if not student.fused or student.hidden is None:

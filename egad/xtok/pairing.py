@@ -1,8 +1,8 @@
 """The teacher's side of a cross-tokenizer run's data: each example encoded with the teacher's tokenizer and its own
 prompt template, and the (student, teacher) logit positions of the aligned response targets.
 
-The student's items come from `egad.data.tokenized_split` as in any run; `teacher_side` encodes the same records for
-the teacher (`format_prompt` with the teacher's tokenizer, so a chat template is each model's own; the response
+The student's items come from `egad.data.batches.tokenized_split` as in any run; `teacher_side` encodes the same records
+for the teacher (`format_prompt` with the teacher's tokenizer, so a chat template is each model's own; the response
 encoded alone, its end of turn the teacher's `end_of_turn_id`; the same `max_prompt_len` / `max_len` truncation) and
 aligns the two responses (`egad.xtok.align`): only the response is distilled, and a student target whose cut has no
 teacher counterpart keeps the cross-entropy only. `collate_teacher` batches the teacher's side of a student batch.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from egad import data as D
+from egad.data import batches as D
 from egad.xtok.align import Alignment, AlignmentError, AlignmentStats, OffsetEncoder, align_offsets, token_cuts
 
 log = logging.getLogger("egad.xtok")

@@ -1,14 +1,15 @@
 """A cross-tokenizer run's parts (objective.cross_vocab): the teacher's tokenizer, the teacher's side of the training
-data with its alignment, the vocabulary map and the online `CrossTeacher`. `egad.run_parts.build_parts` calls them."""
+data with its alignment, the vocabulary map and the online `CrossTeacher`. `egad.train.run_parts.build_parts` calls
+them."""
 
 from __future__ import annotations
 
 import logging
 
-from egad import data as D
-from egad.config import ConfigError
-from egad.models import shared_vocab, tokenizer_name, try_load_tokenizer
-from egad.run_config import RunConfig
+from egad.config.run_config import RunConfig
+from egad.config.schema import ConfigError
+from egad.data import batches as D
+from egad.models.load import shared_vocab, tokenizer_name, try_load_tokenizer
 from egad.teacher.online import OnlineTeacher
 from egad.xtok.pairing import teacher_side
 from egad.xtok.source import CrossTeacher

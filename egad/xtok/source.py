@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from egad.entropy import token_entropy
-from egad.heads import OutputHead
 from egad.losses.cross_vocab import VocabMap
+from egad.models.heads import OutputHead
+from egad.plan.entropy import token_entropy
 from egad.teacher.online import OnlineTeacher
 from egad.teacher.signal import FusedSignal
 from egad.xtok.pairing import TeacherSide, collate_teacher
@@ -40,7 +40,7 @@ class CrossSignal:
     loss: str
     vmap: VocabMap | None
 
-    cross = True  # the objective dispatches on it (egad.student)
+    cross = True  # the objective dispatches on it (egad.objective.student)
 
     @property
     def vocab_rows(self) -> int:

@@ -109,7 +109,7 @@ def _representatives(tokenizer: Any) -> dict[bytes, int]:
 
 def build_vocab_map(teacher: Any, student: Any, *, pairs: dict[int, int] | None = None) -> VocabMap:
     """The `VocabMap` of two fast tokenizers: ids whose tokens stand for the same bytes, plus the explicit `pairs`
-    {teacher id: student id} (each model's end of turn, say: `egad.data.end_of_turn_id` of each), which take
+    {teacher id: student id} (each model's end of turn, say: `egad.data.batches.end_of_turn_id` of each), which take
     precedence over a string match of either id."""
     rep_t, rep_s = _representatives(teacher), _representatives(student)
     matched = {rep_t[b]: rep_s[b] for b in rep_t.keys() & rep_s.keys()}

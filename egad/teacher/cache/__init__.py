@@ -17,7 +17,7 @@ examples [start, end) of the list given to `write_cache` (positions in that list
     sample_logprobs  (n_tok, S)         their log-probs, coded as the top-k's (with a `sample_scale` at 8 bits)
     tail_logz        fp32 (n_tok,)      log sum_tail p^(1/2), exact
     hidden_rows      int64 (n_hard,)    optional: rows whose entropy >= `hidden_threshold`
-    hidden_{t}       fp16 (n_hard, d)   optional: hidden state of teacher layer t (`egad.models.capture_hidden`) there
+    hidden_{t}       fp16 (n_hard, d)   optional: teacher layer t's hidden state there (egad.models.load)
 
 The default (k = 64, S = 56, 8 bits) takes 380 bytes per token for a vocabulary up to 65,536. Format 1 (int32 ids,
 fp16 log-probs, no sample) still reads, and serves the signal it always did; `write_cache` refuses to resume or

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from egad.data import shift_labels
+from egad.data.batches import shift_labels
 from egad.losses.sparse_tail import TailSample
 from egad.paths import sha256_file
 from egad.teacher.cache import codec

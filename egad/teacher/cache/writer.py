@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from egad import data as D
-from egad.entropy import token_entropy
-from egad.entropy_stream import EntropyQuantileCalibrator
+from egad.data import batches as D
 from egad.paths import sha256_file
+from egad.plan.entropy import token_entropy
+from egad.plan.entropy_stream import EntropyQuantileCalibrator
 from egad.teacher.cache import codec
 from egad.teacher.cache.format import (
     _FP16_MAX,
@@ -174,8 +174,8 @@ def write_cache(
     stop_after_shards: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict:
-    """Cache the teacher's top-k signal over `items` (from `egad.data.tokenize_dataset`) in `out_dir`; returns the
-    manifest. Resumes a partial cache with the same identity; `layers` without `hidden_quantile` stores the hidden
+    """Cache the teacher's top-k signal over `items` (from `egad.data.batches.tokenize_dataset`) in `out_dir`; returns
+    the manifest. Resumes a partial cache with the same identity; `layers` without `hidden_quantile` stores the hidden
     states of every response token. `tail_samples` ids drawn from the tail beyond the top-k (0: none, the bucket
     only; none when k = vocab_size) and `logprob_bits` (8: codes with a per-token scale, 16: fp16) set the encoding
     (egad.teacher.cache.codec); the defaults, k = 64 with 56 samples at 8 bits, take 380 bytes per token for a

@@ -1,0 +1,1 @@
+"""Configuration: the dataclasses, value coercion, the run config, presets and the method registry."""

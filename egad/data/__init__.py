@@ -1,0 +1,1 @@
+"""Data: instruction records, prompt templates, tokenisation and batching, on-policy rollouts."""

@@ -1,0 +1,2 @@
+"""The per-token plan's components, pure functions of the teacher's entropy: entropy and its CDF, curriculum,
+temperature, routing."""
