@@ -78,6 +78,18 @@ def make_accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=False)
 
 
+def backward(accelerator, engine: str, loss: torch.Tensor, *, sync: bool) -> None:
+    """One micro-batch's backward. DeepSpeed steps inside backward at the window's end: tell it where the window ends
+    (accelerate reads its sync flag), and keep it from dividing the loss by the window length, which egad's token
+    count already does."""
+    if not engine.startswith("deepspeed"):
+        accelerator.backward(loss)
+        return
+    accelerator.gradient_state._set_sync_gradients(sync)
+    accelerator.backward(loss, scale_wrt_gas=False)
+    accelerator.gradient_state._set_sync_gradients(True)
+
+
 def engine_in_use(accelerator) -> str:
     """What the run really trains with, for the setup line of metrics.jsonl."""
     kind = str(accelerator.distributed_type.value).lower()

@@ -11,8 +11,19 @@ from torch import Tensor
 
 from egad.data import batches as D
 from egad.eval.metrics import response_sums
+from egad.eval.suite import scorer
 
 Scorer = Callable[[dict[str, Tensor]], Tensor]
+
+
+def teacher_scorer(teacher, placement: str | None, vocab: int, *, cross: bool) -> Scorer | None:
+    """The teacher's dev scorer: None without a teacher, or across tokenizers (the student's NLL only: the two
+    models' dev targets differ); a sharded teacher through its own forward, which gathers its weights."""
+    if teacher is None or cross:
+        return None
+    if placement == "shard":
+        return lambda b: teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return scorer(teacher, vocab)
 
 
 @torch.no_grad()

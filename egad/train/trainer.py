@@ -43,7 +43,7 @@ from egad.objective.plan_runtime import PlanRuntime
 from egad.objective.token_plan import check_window_exact
 from egad.plan.curriculum import training_progress
 from egad.train import run_checkpoint as rc
-from egad.train.dev_eval import dev_metrics
+from egad.train.dev_eval import dev_metrics, teacher_scorer
 from egad.train.optim import build_optimizer, pull_to_anchor
 from egad.train.run_log import RunLog
 from egad.train.run_parts import build_parts
@@ -264,7 +264,7 @@ class Trainer:
                     state=state,
                     token_keys=token_keys(batch),
                 )
-                self._backward(loss, sync)
+                engines.backward(self.acc, self.engine, loss, sync=sync)
             for k, v in metrics.items():
                 # Loss terms add up over the window: each process's sum is world x its share of the global mean, so
                 # the mean over processes below is the exact global value. Token statistics are averaged.
@@ -284,32 +284,14 @@ class Trainer:
         reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
         return dict(zip(sums, reduced.tolist(), strict=True)), n_global
 
-    def _backward(self, loss: Tensor, sync: bool) -> None:
-        """DeepSpeed steps inside backward at the window's end: tell it where the window ends (accelerate reads its
-        sync flag), and keep it from dividing the loss by the window length, which egad's token count already
-        does."""
-        if not self.engine.startswith("deepspeed"):
-            self.acc.backward(loss)
-            return
-        self.acc.gradient_state._set_sync_gradients(sync)
-        self.acc.backward(loss, scale_wrt_gas=False)
-        self.acc.gradient_state._set_sync_gradients(True)
-
     # ------------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float]:
         """Dev response NLL (perplexity) of the student, and with a teacher: its NLL, KL(teacher || student), top-1
         agreement (egad.train.dev_eval)."""
         self.module.eval()
-        teacher, score_t = self.teacher_model, None
-        if teacher is not None and self.teacher_tokenizer is None:  # across tokenizers: the student's NLL only
-            score_t = (
-                (lambda b: teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
-                if self.placement == "shard"
-                else scorer(teacher, self.vocab)
-            )
         out = dev_metrics(
             self._student_scorer(),
-            score_t,
+            teacher_scorer(self.teacher_model, self.placement, self.vocab, cross=self.teacher_tokenizer is not None),
             self.dev_set,
             self.acc,
             batch_size=self.cfg.train.per_device_batch_size,
