@@ -116,7 +116,7 @@ def cache(
 ) -> None:
     """Run the teacher once over the training split and write top-k log-probs, a sample of the tail, tail mass, exact
     entropy (and hidden states of hard tokens) to safetensors shards; then `egad train --teacher-cache DIR` needs no
-    teacher."""
+    teacher. With objective.cross_vocab the cache is in the teacher's own tokens, for a student with another one."""
     from egad.config.run_config import load_config, parse_overrides
     from egad.teacher.cache_job import run_cache_job
 

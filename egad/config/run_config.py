@@ -221,12 +221,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         cross = self.objective.cross_vocab != "none" and self.objective.uses_teacher
-        if cross and self.model.teacher_cache:
-            raise ConfigError(
-                f"objective.cross_vocab={self.objective.cross_vocab!r} with model.teacher_cache: a teacher cache for a "
-                "student with another tokenizer is not supported yet; drop model.teacher_cache (the teacher then runs "
-                "online)"
-            )
         if cross and self.train.on_policy > 0:
             raise ConfigError(
                 f"train.on_policy={self.train.on_policy} with objective.cross_vocab={self.objective.cross_vocab!r}: "

@@ -94,6 +94,15 @@ class VocabMap:
     def size(self) -> int:
         return self.teacher_ids.numel()
 
+    def student_of(self, device: torch.device) -> Tensor:
+        """(V_T,) long: the student id matched to each teacher id, -1 where none; cached per device."""
+        key = ("student_of", str(device))
+        if key not in self._on:
+            lookup = torch.full((self.teacher_vocab,), -1, dtype=torch.long)
+            lookup[self.teacher_ids] = self.student_ids
+            self._on[key] = lookup.to(device)
+        return self._on[key]
+
     def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(teacher ids, student ids, teacher unmatched ids, student unmatched ids) on `device`, cached."""
         key = str(device)

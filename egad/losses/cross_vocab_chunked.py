@@ -1,6 +1,8 @@
 """The cross-vocabulary losses of `egad.losses.cross_vocab`, chunked over tokens: each chunk projects the student's and
 the teacher's hidden states through their own heads, so neither vocabulary's full (N x V) logits are ever alive; one
-teacher projection per chunk, and the student's gradients (hidden states, head) accumulated in place."""
+teacher projection per chunk, and the student's gradients (hidden states, head) accumulated in place.
+`chunked_cross_vocab_topk_loss` is the same engine against a cached teacher (`egad.losses.cross_vocab_topk`): its
+chunk is a slice of the cached rows instead of a projection."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from egad.losses.cross_vocab import CROSS_VOCAB_LOSSES, VocabMap
+from egad.losses.cross_vocab_topk import CROSS_VOCAB_TOPK_LOSSES, TopKRows
 from egad.models.heads import OutputHead
 
 
@@ -20,8 +23,8 @@ class _Run:
     hyper: dict
     vmap: VocabMap | None
     s_head: OutputHead  # weight/bias detached; the autograd inputs are passed to the Function separately
-    t_head: OutputHead
-    t_hidden: Tensor  # (N, d_T)
+    t_head: OutputHead | None
+    t_hidden: Tensor | TopKRows  # (N, d_T) hidden states to project, or the cached teacher's rows
     v_s: int
     v_t: int
     temperature: float | Tensor
@@ -34,8 +37,10 @@ class _Run:
         """Per-token values of rows `sl`, and with `coef` (N,) the gradient of sum(coef[sl] * values) w.r.t. the
         linear part of the student head's output. -> (C,), (C, V_S) or None"""
         with torch.no_grad():
-            # (C, V_T) fp32: the chunk's one teacher projection, in the head's dtype (no fp32 copy of the weight)
-            zt = self.t_head.logits(self.t_hidden[sl].to(self.t_head.weight.dtype), self.v_t).float()
+            if isinstance(self.t_hidden, TopKRows):
+                zt = self.t_hidden.rows(sl)
+            else:  # (C, V_T) fp32: the chunk's one teacher projection, in the head's dtype (no fp32 copy of the weight)
+                zt = self.t_head.logits(self.t_hidden[sl].to(self.t_head.weight.dtype), self.v_t).float()
             if self.plan is not None:  # first sweep: the caller's plan fills the chunk's temperatures and weights
                 tau_c, w_c = self.plan(zt, sl)
                 self.temperature[sl], self.weights[sl] = tau_c, w_c  # type: ignore[index]
@@ -179,36 +184,86 @@ def chunked_cross_vocab_loss(
         raise ValueError(
             f"vocabularies ({v_s} student, {v_t} teacher) exceed the head rows ({s_head.rows}, {t_head.rows})"
         )
-    if isinstance(temperature, Tensor) and temperature.dim() and temperature.shape != (n,):
-        raise ValueError(f"temperature must be a float or an ({n},) tensor, got {tuple(temperature.shape)}")
-    if token_weights is not None and token_weights.shape != (n,):
-        raise ValueError(f"token_weights must have shape ({n},), got {tuple(token_weights.shape)}")
-    w, b = s_head.weight, s_head.bias
-    trains = [t is not None and t.requires_grad for t in (student_hidden, w, b)]
-    grads = tuple(torch.is_grad_enabled() and x for x in trains)
-    frozen = OutputHead(w.detach(), None if b is None else b.detach(), s_head.hidden_scale, s_head.logit_scale,
-                        s_head.softcap)  # fmt: skip
+    _check_weights(temperature, token_weights, n)
     tau = temperature.detach().float() if isinstance(temperature, Tensor) else temperature
     if plan is not None:  # filled chunk by chunk by the plan
         device = student_hidden.device
         tau = torch.ones(n, device=device, dtype=torch.float32)
         token_weights = torch.zeros(n, device=device, dtype=torch.float32)
+    fn = CROSS_VOCAB_LOSSES[loss]
+    step = chunk_size or max(16, 2**24 // max(v_s, v_t))
+    return _launch(student_hidden, s_head, fn, hyper, vmap, t_head, teacher_hidden.detach(), v_s, v_t, tau, step,
+                   token_weights, plan)  # fmt: skip
+
+
+def _launch(hs, s_head, fn, hyper, vmap, t_head, t_rows, v_s, v_t, tau, step, token_weights, plan=None) -> Tensor:
+    w, b = s_head.weight, s_head.bias
+    trains = [t is not None and t.requires_grad for t in (hs, w, b)]
+    grads = tuple(torch.is_grad_enabled() and x for x in trains)
+    frozen = OutputHead(w.detach(), None if b is None else b.detach(), s_head.hidden_scale, s_head.logit_scale,
+                        s_head.softcap)  # fmt: skip
     run = _Run(
-        fn=CROSS_VOCAB_LOSSES[loss],
+        fn=fn,
         hyper=dict(hyper),
         vmap=vmap,
         s_head=frozen,
         t_head=t_head,
-        t_hidden=teacher_hidden.detach(),
+        t_hidden=t_rows,
         v_s=v_s,
         v_t=v_t,
         temperature=tau,
-        step=chunk_size or max(16, 2**24 // max(v_s, v_t)),
+        step=step,
         weights=None if token_weights is None else token_weights.detach().float(),
         grads=grads,  # type: ignore[arg-type]
         plan=plan,
     )
     if not any(grads):
         with torch.no_grad():
-            return run.sweep(student_hidden, w, b, None)[0]
-    return _ChunkedCrossVocab.apply(student_hidden, w, b, run)
+            return run.sweep(hs, w, b, None)[0]
+    return _ChunkedCrossVocab.apply(hs, w, b, run)
+
+
+def chunked_cross_vocab_topk_loss(
+    student_hidden: Tensor,
+    student_head: OutputHead | Tensor,
+    teacher: TopKRows,
+    vmap: VocabMap | None,
+    *,
+    loss: str = "exact",
+    temperature: float | Tensor = 1.0,
+    student_vocab: int | None = None,
+    chunk_size: int | None = None,
+    token_weights: Tensor | None = None,
+    **hyper: float | str,
+) -> Tensor:
+    """Per-token `CROSS_VOCAB_TOPK_LOSSES[loss]` from the student's final hidden states of N aligned rows (N, d_S), its
+    head, and the cached teacher at the same rows (`TopKRows`, N rows). -> (N,) fp32. Arguments as
+    `chunked_cross_vocab_loss`; the temperature and weights come from the caller (the cache already holds the
+    entropy a plan reads, so there is no `plan` hook)."""
+    if loss not in CROSS_VOCAB_TOPK_LOSSES:
+        raise ValueError(f"loss={loss!r}; expected one of {sorted(CROSS_VOCAB_TOPK_LOSSES)}")
+    if loss != "uld" and vmap is None:
+        raise ValueError(f"loss={loss!r} needs the vocabulary map (egad.xtok.build_vocab_map)")
+    s_head = _as_head(student_head)
+    n = student_hidden.shape[0]
+    if student_hidden.dim() != 2 or teacher.ids.shape[0] != n:
+        raise ValueError(
+            f"expected student_hidden (N, d_S) and the teacher's N rows; got {tuple(student_hidden.shape)} and "
+            f"{teacher.ids.shape[0]} rows"
+        )
+    v_s = vmap.student_vocab if vmap is not None else (student_vocab or s_head.rows)
+    if v_s > s_head.rows:
+        raise ValueError(f"the student vocabulary ({v_s}) exceeds its head's {s_head.rows} rows")
+    _check_weights(temperature, token_weights, n)
+    tau = temperature.detach().float() if isinstance(temperature, Tensor) else temperature
+    step = chunk_size or max(16, 2**24 // max(v_s, teacher.k))
+    fn = CROSS_VOCAB_TOPK_LOSSES[loss]
+    return _launch(student_hidden, s_head, fn, hyper, vmap, None, teacher, v_s, teacher.vocab_size, tau, step,
+                   token_weights)  # fmt: skip
+
+
+def _check_weights(temperature: float | Tensor, token_weights: Tensor | None, n: int) -> None:
+    if isinstance(temperature, Tensor) and temperature.dim() and temperature.shape != (n,):
+        raise ValueError(f"temperature must be a float or an ({n},) tensor, got {tuple(temperature.shape)}")
+    if token_weights is not None and token_weights.shape != (n,):
+        raise ValueError(f"token_weights must have shape ({n},), got {tuple(token_weights.shape)}")

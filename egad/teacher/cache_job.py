@@ -1,7 +1,10 @@
 """`egad cache`: run the teacher of a run config over its training split once and write the cache.
 
 The tokenized examples come from the same function the trainer uses (egad.data.batches.tokenized_split), so the cache's
-rows line up with the training batches; the trainer also checks the manifest's data fingerprint.
+rows line up with the training batches; the trainer also checks the manifest's data fingerprint. For a config that
+distils across tokenizers (objective.cross_vocab) the cache is written with the teacher's own tokenizer, over the
+teacher's tokenisation of the same records: the cross-tokenizer reader (egad.xtok.source.open_cross_cache) aligns it
+to the student's tokens at training time, so one teacher cache serves students of any tokenizer.
 """
 
 from __future__ import annotations
@@ -15,9 +18,19 @@ from egad.config.run_config import RunConfig
 from egad.config.schema import ConfigError
 from egad.data.batches import tokenized_split
 from egad.losses.features import feature_pairs
-from egad.models.load import build_model, cut_layers, freeze, model_dims, resolve_dtype, resolve_tokenizer, shared_vocab
+from egad.models.load import (
+    build_model,
+    cut_layers,
+    freeze,
+    model_dims,
+    resolve_dtype,
+    resolve_tokenizer,
+    shared_vocab,
+    tokenizer_name,
+)
 from egad.models.model_files import resolve_model_source
 from egad.teacher.cache import write_cache
+from egad.xtok.pairing import teacher_tokenizer
 
 
 def student_layout(cfg: RunConfig, teacher_layers: int) -> tuple[int, list[int] | None]:
@@ -55,13 +68,11 @@ def run_cache_job(
             "egad cache needs a teacher: set model.teacher (a folder, hub id, .gguf file or shortcut) or "
             "model.teacher_config"
         )
-    if cfg.objective.cross_vocab != "none":
-        raise ConfigError(
-            f"objective.cross_vocab={cfg.objective.cross_vocab!r}: egad cache does not write caches for a student with "
-            "another tokenizer yet; train with the teacher online (no model.teacher_cache)"
-        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = resolve_tokenizer(m, cfg.data)
+    cross = cfg.objective.cross_vocab != "none"
+    tokenizer = resolve_tokenizer(m, cfg.data, cross=cross)
+    if cross:  # the cache stays in the teacher's token space; a student with another tokenizer reads it (egad.xtok)
+        tokenizer = teacher_tokenizer(cfg, tokenizer) or tokenizer
     teacher = build_model(
         m.teacher,
         m.teacher_config,
@@ -103,5 +114,5 @@ def run_cache_job(
         max_prompt_len=cfg.data.max_prompt_len,
         max_len=cfg.data.max_len,
         hash_weights=hash_w,
-        extra={"teacher_num_layers": lt, "teacher_hidden_size": dt},
+        extra={"teacher_num_layers": lt, "teacher_hidden_size": dt, "tokenizer_name": tokenizer_name(tokenizer)},
     )

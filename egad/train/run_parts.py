@@ -30,7 +30,8 @@ from egad.objective.student import DistillationModule
 from egad.teacher.cache import TeacherCache, run_identity
 from egad.teacher.online import OnlineTeacher
 from egad.teacher.signal import TeacherSource
-from egad.xtok.run import cross_source, is_cross
+from egad.xtok.pairing import is_cross
+from egad.xtok.run import cross_cache_source, cross_source
 
 log = logging.getLogger("egad.train.trainer")
 
@@ -133,11 +134,16 @@ def build_parts(cfg: RunConfig, acc, engine: str, tokenizer, train_set, teacher_
     if m.teacher_cache:
         teacher = None  # loaded only to cut the student from: with a cache the teacher never runs
     vocab = shared_vocab(tokenizer, student, *([teacher] if teacher is not None and not cross else []))
-    cache, route_threshold = None, None
-    if obj.uses_teacher and m.teacher_cache:
+    cache, route_threshold, cross_cache = None, None, None
+    if obj.uses_teacher and m.teacher_cache and cross:
+        # The cache stays in the teacher's token space; read for this student through the alignment (egad.xtok).
+        cross_cache = cross_cache_source(cfg, m.teacher_cache, teacher_tokenizer, tokenizer, train_set)
+        route_threshold = cache_route_threshold(obj, cross_cache.cache)
+    elif obj.uses_teacher and m.teacher_cache:
         # Checked once, by the cache, against this run's tokenizer, tokenized data, template and vocabulary.
         cache = TeacherCache(m.teacher_cache, expect=run_identity(tokenizer, train_set, cfg.data, vocab))
         route_threshold = cache_route_threshold(obj, cache)
+    stored = cache if cross_cache is None else cross_cache.cache
     if m.lora is not None:
         student = add_lora(student, m.lora)
     if cfg.train.gradient_checkpointing:
@@ -145,18 +151,18 @@ def build_parts(cfg: RunConfig, acc, engine: str, tokenizer, train_set, teacher_
         if m.lora is not None:
             student.enable_input_require_grads()  # the frozen embeddings would cut the checkpointed graph
     pairs, projector = [], None
-    if cache is not None and not obj.uses_features:
-        cache.require_layers([])  # no hidden state is read for an objective without the feature branch
+    if stored is not None and not obj.uses_features:
+        stored.require_layers([])  # no hidden state is read for an objective without the feature branch
     if obj.uses_features:
-        dims = model_dims(teacher) if teacher is not None else cache.teacher_dims()
+        dims = model_dims(teacher) if teacher is not None else stored.teacher_dims()
         pairs, projector = feature_branch(obj, student, dims, acc.device)
-        if cache is not None:
-            cache.require_layers([p[1] for p in pairs])
+        if stored is not None:
+            stored.require_layers([p[1] for p in pairs])
     placement = engines.resolve_placement(m.teacher_placement, engine)
     teacher_engine = None
     if teacher is not None and placement == "shard":
         teacher, teacher_engine = engines.shard_teacher(teacher, acc, decoder_layers(teacher), engine)
-    source: TeacherSource | None = cache
+    source: TeacherSource | None = cache if cross_cache is None else cross_cache  # calibrated through, as online
     if teacher is not None and obj.uses_teacher and cross:
         layers = [p[1] for p in pairs]
         source = cross_source(cfg, teacher, teacher_tokenizer, tokenizer, train_set, layers, placement)[0]

@@ -48,7 +48,7 @@ from egad.train.optim import build_optimizer, pull_to_anchor
 from egad.train.run_log import RunLog
 from egad.train.run_parts import build_parts
 from egad.train.windows import Windows, token_keys
-from egad.xtok.run import teacher_tokenizer
+from egad.xtok.pairing import teacher_tokenizer
 
 log = logging.getLogger("egad.train.trainer")
 

@@ -7,16 +7,16 @@ vocabulary.
     feat = (1/(rho_e N)) sum over the routed aligned targets of l_feat(a)
 
 N counts every student response target of the window (aligned or not, as in the same-tokenizer objective), so an
-unaligned target acts as KD weight 0 and keeps its CE. D_x is `egad.losses.cross_vocab` (exact, uld or hybrid),
-computed from the final hidden states of the aligned rows and each model's head by `chunked_cross_vocab_loss`, so
-neither vocabulary's full logits exist. The plan (weight, temperature, route) is
-`egad.objective.token_plan.token_plan` on the teacher's entropy at the aligned rows, its vocabulary V_T (normalised
-difficulty reads log V_T), made chunk by chunk from the loss's own teacher projection (the `plan` hook of
-`chunked_cross_vocab_loss`): one teacher head GEMM per chunk, as in the same-tokenizer objective. (A batch rule, or
-the feature branch without KD, reads the entropies in a pass of their own first.) The feature branch pairs the mapped
-layers' hidden states at aligned rows through the projector. Student-side plan signals (student entropy, Hellinger)
-compare the models over one vocabulary and are
-refused (`ObjectiveConfig`).
+unaligned target acts as KD weight 0 and keeps its CE. D_x is `egad.losses.cross_vocab` (exact, uld or hybrid), computed
+from the final hidden states of the aligned rows and each model's head by `chunked_cross_vocab_loss`, so neither
+vocabulary's full logits exist; from a teacher cache (`egad.xtok.source.CrossTopKSignal`) the teacher side is its cached
+top-k at the aligned rows (`chunked_cross_vocab_topk_loss`) and the plan reads the cached entropy. The plan (weight,
+temperature, route) is `egad.objective.token_plan.token_plan` on the teacher's entropy at the aligned rows, its
+vocabulary V_T (normalised difficulty reads log V_T), made chunk by chunk from the loss's own teacher projection (the
+`plan` hook of `chunked_cross_vocab_loss`): one teacher head GEMM per chunk, as in the same-tokenizer objective. (A
+batch rule, or the feature branch without KD, reads the entropies in a pass of their own first.) The feature branch
+pairs the mapped layers' hidden states at aligned rows through the projector. Student-side plan signals (student
+entropy, Hellinger) compare the models over one vocabulary and are refused (`ObjectiveConfig`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from egad.config.schema import ObjectiveConfig
-from egad.losses.cross_vocab_chunked import chunked_cross_vocab_loss
+from egad.losses.cross_vocab_chunked import chunked_cross_vocab_loss, chunked_cross_vocab_topk_loss
 from egad.losses.features import FeatureProjector, feature_loss
 from egad.objective.compose import ObjectiveOutput, StudentOutputs, _div_kwargs, _metrics, distillation_loss
 from egad.objective.token_plan import (
@@ -85,6 +85,13 @@ def _kd(hs, head, teacher, cfg: ObjectiveConfig, state, keys, progress: float, d
     loss's own teacher projection of that chunk (the `plan` hook of `chunked_cross_vocab_loss`)."""
     v_t, need, scale = teacher.teacher_vocab, cfg.signals_needed, cfg.alpha / denom
     v_s = vocab or head.rows
+    if getattr(teacher, "topk", None) is not None:  # cached: the entropies are known, so the plan comes first
+        plan = _plan(teacher, cfg, state, keys, progress)
+        coef = _coef(plan, cfg)
+        values = chunked_cross_vocab_topk_loss(hs, head, teacher.topk, teacher.vmap, loss=cfg.cross_vocab,
+                                               temperature=plan["tau"], token_weights=coef * scale, student_vocab=v_s,
+                                               chunk_size=cfg.chunk_tokens(v_s), **_loss_kwargs(cfg))  # fmt: skip
+        return (values * coef).sum(), plan
     kw = dict(loss=cfg.cross_vocab, student_vocab=v_s, teacher_vocab=v_t, chunk_size=cfg.chunk_tokens(max(v_s, v_t)))
     if batch_rules(cfg):  # a batch rule ranks the whole micro-batch first: the plan in a pass of its own
         plan = _plan(teacher, cfg, state, keys, progress)

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from egad.config.schema import ConfigError
 from egad.data import batches as D
+from egad.models.load import try_load_tokenizer
 from egad.xtok.align import Alignment, AlignmentError, AlignmentStats, OffsetEncoder, align_offsets, token_cuts
 
 log = logging.getLogger("egad.xtok")
 
-__all__ = ["TeacherSide", "collate_teacher", "teacher_side"]
+__all__ = ["TeacherSide", "collate_teacher", "is_cross", "teacher_side", "teacher_tokenizer"]
 
 
 @dataclass
@@ -107,3 +109,28 @@ def collate_teacher(side: TeacherSide, positions: list[int], student_width: int,
         "student_rows": torch.tensor(s_rows, dtype=torch.long),
         "teacher_rows": torch.tensor(t_rows, dtype=torch.long),
     }
+
+
+def is_cross(cfg) -> bool:
+    """True when the run distils across tokenizers (objective.cross_vocab set and a teacher term on)."""
+    return cfg.objective.cross_vocab != "none" and cfg.objective.uses_teacher
+
+
+def teacher_tokenizer(cfg, run_tokenizer):
+    """The teacher's own tokenizer in a cross-tokenizer run: model.teacher_tokenizer, else the teacher model's, else
+    (a teacher built from model.teacher_config) the run's, as in a same-tokenizer run. None in any other run."""
+    if not is_cross(cfg):
+        return None
+    m = cfg.model
+    source = m.teacher_tokenizer or m.teacher
+    if not source:
+        return run_tokenizer
+    tok = try_load_tokenizer(source, m.revision, m.trust_remote_code)
+    if tok is None:
+        raise ConfigError(
+            f"objective.cross_vocab={cfg.objective.cross_vocab!r} needs the teacher's own tokenizer and none could be "
+            f"loaded from {source!r}: set model.teacher_tokenizer to a tokenizer folder or hub id"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,6 +1,6 @@
 """A cross-tokenizer run's parts (objective.cross_vocab): the teacher's tokenizer, the teacher's side of the training
-data with its alignment, the vocabulary map and the online `CrossTeacher`. `egad.train.run_parts.build_parts` calls
-them."""
+data with its alignment, the vocabulary map and the online `CrossTeacher` or the cached `CrossCacheTeacher`.
+`egad.train.run_parts.build_parts` calls them."""
 
 from __future__ import annotations
 
@@ -9,40 +9,16 @@ import logging
 from egad.config.run_config import RunConfig
 from egad.config.schema import ConfigError
 from egad.data import batches as D
-from egad.models.load import shared_vocab, tokenizer_name, try_load_tokenizer
+from egad.losses.cross_vocab import VocabMap
+from egad.models.load import shared_vocab, tokenizer_name
 from egad.teacher.online import OnlineTeacher
-from egad.xtok.pairing import teacher_side
-from egad.xtok.source import CrossTeacher
+from egad.xtok.pairing import TeacherSide, teacher_side
+from egad.xtok.source import CrossCacheTeacher, CrossTeacher, open_cross_cache
 from egad.xtok.vocab import build_vocab_map
 
 log = logging.getLogger("egad.xtok")
 
-__all__ = ["cross_source", "is_cross", "teacher_tokenizer"]
-
-
-def is_cross(cfg: RunConfig) -> bool:
-    """True when the run distils across tokenizers (objective.cross_vocab set and a teacher term on)."""
-    return cfg.objective.cross_vocab != "none" and cfg.objective.uses_teacher
-
-
-def teacher_tokenizer(cfg: RunConfig, run_tokenizer):
-    """The teacher's own tokenizer in a cross-tokenizer run: model.teacher_tokenizer, else the teacher model's, else
-    (a teacher built from model.teacher_config) the run's, as in a same-tokenizer run. None in any other run."""
-    if not is_cross(cfg):
-        return None
-    m = cfg.model
-    source = m.teacher_tokenizer or m.teacher
-    if not source:
-        return run_tokenizer
-    tok = try_load_tokenizer(source, m.revision, m.trust_remote_code)
-    if tok is None:
-        raise ConfigError(
-            f"objective.cross_vocab={cfg.objective.cross_vocab!r} needs the teacher's own tokenizer and none could be "
-            f"loaded from {source!r}: set model.teacher_tokenizer to a tokenizer folder or hub id"
-        )
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+__all__ = ["cross_cache_source", "cross_source"]
 
 
 def cross_source(
@@ -56,15 +32,29 @@ def cross_source(
             "teacher cannot hand over: set model.teacher_placement replicate"
         )
     v_t = shared_vocab(teacher_tok, teacher)
+    side, vmap = _side_and_map(cfg, teacher_tok, student_tok, train_set)
+    online = OnlineTeacher(teacher, layers, fused=True, vocab=v_t)
+    loss = cfg.objective.cross_vocab
+    return CrossTeacher(online, side, pad_id=teacher_tok.pad_token_id, vocab=v_t, loss=loss, vmap=vmap), v_t
+
+
+def cross_cache_source(cfg: RunConfig, path, teacher_tok, student_tok, train_set: list[dict]) -> CrossCacheTeacher:
+    """The cached teacher of a cross-tokenizer run: the cache at `path`, written by `egad cache` with the teacher's
+    tokenizer (for this config, or any run of the same teacher, data, template and lengths), read for this student
+    (egad.xtok.source.open_cross_cache: the refusals)."""
+    side, vmap = _side_and_map(cfg, teacher_tok, student_tok, train_set)
+    return open_cross_cache(path, cfg.data, teacher_tok, side, train_set, loss=cfg.objective.cross_vocab, vmap=vmap)
+
+
+def _side_and_map(cfg: RunConfig, teacher_tok, student_tok, train_set) -> tuple[TeacherSide, VocabMap | None]:
     side = teacher_side(cfg.data, "train", train_set, teacher_tok, student_tok)
     log.info(
         "distilling across tokenizers: teacher %r (%d tokens), student %r (%d tokens)",
         tokenizer_name(teacher_tok), len(teacher_tok), tokenizer_name(student_tok), len(student_tok),
     )  # fmt: skip
-    loss, vmap = cfg.objective.cross_vocab, None
-    if loss != "uld":
+    vmap = None
+    if cfg.objective.cross_vocab != "uld":
         eot = {D.end_of_turn_id(teacher_tok, cfg.data.template): D.end_of_turn_id(student_tok, cfg.data.template)}
         vmap = build_vocab_map(teacher_tok, student_tok, pairs=eot)
         log.info("exact vocabulary map: %d of %d teacher tokens matched", vmap.size, len(teacher_tok))
-    online = OnlineTeacher(teacher, layers, fused=True, vocab=v_t)
-    return CrossTeacher(online, side, pad_id=teacher_tok.pad_token_id, vocab=v_t, loss=loss, vmap=vmap), v_t
+    return side, vmap
