@@ -36,6 +36,18 @@ def tiny_tokenizer_dir(tmp_path_factory, dolly_path) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def teacher_tok_dir(tmp_path_factory, dolly_path) -> Path:
+    """A second, 400-entry BPE trained on 300 Dolly dev records: a teacher tokenizer other than the student's."""
+    from egad.data import batches as D
+    from egad.models.tokenizer import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("teacher-tok")
+    records, _ = D.load_records(dolly_path, "dev", max_examples=300)
+    train_bpe_tokenizer(D.texts_for_tokenizer(records), 400, out)
+    return out
+
+
 def tiny_run_overrides(tok_dir: Path, out_dir: Path, **extra) -> dict:
     """Overrides that turn configs/tiny.yaml into a ~10 s run for tests."""
     o = {

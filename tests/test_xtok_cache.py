@@ -22,17 +22,6 @@ from egad.train.trainer import Trainer
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def teacher_tok_dir(tmp_path_factory, dolly_path):
-    from egad.data import batches as D
-    from egad.models.tokenizer import train_bpe_tokenizer
-
-    out = tmp_path_factory.mktemp("teacher-tok")
-    records, _ = D.load_records(dolly_path, "dev", max_examples=300)
-    train_bpe_tokenizer(D.texts_for_tokenizer(records), 400, out)
-    return out
-
-
 def _over(tok, teacher_tok, out, **extra):
     o = {
         "train.max_steps": 4,
