@@ -367,3 +367,15 @@ def test_shard_matches_single_process():
         shard(list(range(9)), 0, 4, 2)
     with pytest.raises(ValueError):
         shard(batches[0], 4, 4, 2)
+
+
+def test_the_data_order_is_frozen_across_versions():
+    """The permutation's salt is a fixed string, not a module path: moving code must not change any run's batches
+    (a reorganisation once did). An independent re-derivation of the contract: sha256 of the salt, torch.randperm."""
+    import hashlib
+
+    for seed, epoch in [(0, 0), (7, 2)]:
+        digest = hashlib.sha256(f"egad.data.global_batches:{seed}:{epoch}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        order = torch.randperm(50, generator=g).tolist()
+        assert global_batches(50, 5, seed=seed, epoch=epoch) == [order[i : i + 5] for i in range(0, 50, 5)]

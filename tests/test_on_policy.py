@@ -91,3 +91,14 @@ def test_mixed_fraction_and_refusals(tmp_path, tiny_tokenizer_dir):
         load_config(TINY, _over(tiny_tokenizer_dir, tmp_path, **{"model.teacher_cache": str(tmp_path)}))
     with pytest.raises(ConfigError, match="train.on_policy"):
         load_config(TINY, _over(tiny_tokenizer_dir, tmp_path, **{"train.on_policy": 1.5}))
+
+
+def test_the_on_policy_draw_is_frozen_across_versions():
+    """The draw's salt is a fixed string ("egad.rollout"), not the module's path, so moving code keeps every run's
+    choice of on-policy batches; re-derived here from the contract: sha256, first 8 bytes as a uniform in [0, 1)."""
+    import hashlib
+
+    for step in range(40):
+        digest = hashlib.sha256(f"egad.rollout:3:{step}:1".encode()).digest()
+        u = int.from_bytes(digest[:8], "little") / 2**64
+        assert rollout.is_on_policy(3, step, 1, 0.5) == (u < 0.5)

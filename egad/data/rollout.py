@@ -18,7 +18,8 @@ from egad.eval.generate import generate_ids
 
 
 def _unit(*parts: int) -> float:
-    digest = hashlib.sha256(("egad.data.rollout:" + ":".join(map(str, parts))).encode()).digest()
+    # The salt is frozen (the module moved from egad/rollout.py): it fixes which batches are sampled on-policy.
+    digest = hashlib.sha256(("egad.rollout:" + ":".join(map(str, parts))).encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
