@@ -22,7 +22,7 @@ from egad.models.heads import OutputHead
 from egad.models.load import tokenizer_name
 from egad.plan.entropy import token_entropy
 from egad.teacher.cache import CacheError, TeacherCache, run_identity, tokenizer_sha256
-from egad.teacher.cache.format import MANIFEST, _read_manifest
+from egad.teacher.cache.format import MANIFEST, read_manifest
 from egad.teacher.online import OnlineTeacher
 from egad.teacher.signal import FusedSignal
 from egad.xtok.pairing import TeacherSide, collate_teacher
@@ -191,7 +191,7 @@ def open_cross_cache(
     split (`egad.data.batches.tokenized_split` with the teacher's tokenizer: its data fingerprint is checked); each
     student item is then found by its record among the teacher's items."""
     path = Path(path)
-    m = _read_manifest(path)
+    m = read_manifest(path)
     want = tokenizer_sha256(teacher_tok)
     if m.get("tokenizer_sha256") != want:
         name = m.get("tokenizer_name")

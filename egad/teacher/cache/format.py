@@ -84,7 +84,7 @@ def _first_difference(have: dict, want: dict) -> tuple[str, Any, Any] | None:
     return None
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not file.is_file():
         raise CacheError(f"{file}: no cache manifest; run `egad cache` to build the cache in {path}")

@@ -16,7 +16,7 @@ from egad.data.batches import shift_labels
 from egad.losses.sparse_tail import TailSample
 from egad.paths import sha256_file
 from egad.teacher.cache import codec
-from egad.teacher.cache.format import IDENTITY, MANIFEST, CacheError, _first_difference, _identity, _read_manifest
+from egad.teacher.cache.format import IDENTITY, MANIFEST, CacheError, _first_difference, _identity, read_manifest
 from egad.teacher.signal import TopKSignal
 
 
@@ -42,7 +42,7 @@ class TeacherCache:
         if isinstance(max_shards, bool) or not isinstance(max_shards, int) or max_shards < 1:
             raise CacheError(f"max_shards={max_shards!r}: the reader must be allowed to hold at least 1 shard")
         self.max_shards = max_shards
-        m = _read_manifest(self.path)
+        m = read_manifest(self.path)
         if not m.get("complete"):
             done = len(m.get("shards", []))
             total = -(-m["examples"] // m["examples_per_shard"])

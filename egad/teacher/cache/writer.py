@@ -28,9 +28,9 @@ from egad.teacher.cache.format import (
     CacheError,
     _first_difference,
     _identity,
-    _read_manifest,
     _write_json_atomic,
     fingerprint_examples,
+    read_manifest,
     tokenizer_sha256,
     weights_sha256,
 )
@@ -242,7 +242,7 @@ def write_cache(
     teacher_model.eval()
     try:
         if (out / MANIFEST).is_file():
-            old = _read_manifest(out)
+            old = read_manifest(out)
             if old["format_version"] != FORMAT_VERSION:
                 raise CacheError(
                     f"{out / MANIFEST}: a format-{old['format_version']} cache, written by an older egad; this one "
