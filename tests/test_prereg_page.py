@@ -102,3 +102,13 @@ def test_length_check_and_kept_sections(tmp_path):
     assert "Hand-written reading." in changed and "- one run resumed twice." in changed
     assert "old table" not in changed
     assert (tmp_path / "results-curves.png").stat().st_size > 10_000
+
+
+def test_dropped_cells_are_named_with_the_stopping_rule():
+    assert PP.dropped_cells(list(PP.PREREG_CELLS)) == []
+    kept_cells = PP.PREREG_CELLS[:5]
+    line = PP.dropped_cells(kept_cells)[-1]
+    assert "`sft`, `rkl`, `adakd_idts`" in line and "from the end" in line
+    # A gap inside the list is no use of the rule: said as a deviation.
+    line = PP.dropped_cells([c for c in PP.PREREG_CELLS if c != "egad"])[-1]
+    assert "`egad`" in line and "deviation" in line

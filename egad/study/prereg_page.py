@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from egad.eval.runs import load_run  # noqa: E402
 from egad.experiment import OTHER_SETS  # noqa: E402
 from egad.study.comparisons import fmt_p, interval, signed  # noqa: E402
+from egad.study.grid import PREREG_CELLS  # noqa: E402
 from egad.study.results import ms  # noqa: E402
 from egad.study.stats import holm, seed_test  # noqa: E402
 
@@ -186,6 +187,20 @@ def length_check(cells: dict[str, Cell], names: list[str], total_steps: int) -> 
     return lines
 
 
+def dropped_cells(names: list[str]) -> list[str]:
+    """The pre-registered cells this page does not show, named in its stopping rule's terms; empty when none is."""
+    missing = [c for c in PREREG_CELLS if c not in names]
+    if not missing:
+        return []
+    tail = PREREG_CELLS[len(PREREG_CELLS) - len(missing) :] == missing
+    how = (
+        "dropped from the end of the pre-registered list, whole, as its stopping rule says when the compute runs out"
+        if tail
+        else "not run (they are not the end of the pre-registered list: a deviation from its stopping rule)"
+    )
+    return ["", f"Cells {', '.join(f'`{c}`' for c in missing)}: {how}; no comparison on this page uses them."]
+
+
 def kept(previous: Path, heading: str) -> list[str]:
     text = previous.read_text() if previous.is_file() else ""
     if heading not in text:
@@ -228,6 +243,7 @@ def page(
         "## Verdict on the primary comparisons",
         "",
         *verdict(prim),
+        *dropped_cells(names),
         "",
         *kept(previous, KEPT[0]),
         "",
