@@ -12,6 +12,11 @@ variant and its ratio to SFT (unfused and fused SFT, so the fused path is compar
     python bench/step_cost.py                       # both shapes, about 10 minutes on 2 cores
     python bench/step_cost.py --shapes tiny --steps 6
     python bench/step_cost.py --clock cpu --threads 1   # a rough reading on a busy machine
+    python bench/step_cost.py --shapes tiny --parts     # plus cached EGAD with one component off at a time
+
+`--parts` adds cached EGAD variants without the per-token temperature (`temp_mode const`: tau = 1, so the CE shares
+the KD's normaliser), without the feature branch (`beta_f 0`), and with neither (the curriculum alone), so each
+component's share of EGAD's cost over KD reads off the same table.
 """
 
 from __future__ import annotations
@@ -105,6 +110,8 @@ def run_shape(name: str, args) -> dict[str, float]:
     teacher = llama(vocab, **spec["teacher"]).eval().requires_grad_(False)
     items, groups = batches(vocab, args.steps + 1, args.batch)
     obj = {"kd": preset("kd", feat_layers=2), "egad": preset("egad", feat_layers=2)}
+    parts = PARTS if args.parts else {}
+    obj.update({name: preset("egad", feat_layers=2, **over) for name, over in parts.items()})
     tmp = Path(tempfile.mkdtemp(prefix="egad-step-cost-"))
     try:
         caches = {}
@@ -119,6 +126,9 @@ def run_shape(name: str, args) -> dict[str, float]:
                 teacher, _Tok(), items, tmp / kind, k=64, vocab_size=vocab, layers=layers, hidden_quantile=q, **kw
             )
             caches[kind] = TeacherCache(tmp / kind)
+        # The variants without the feature branch read EGAD's cache as the trainer would: no hidden states.
+        caches["egad-no-hidden"] = TeacherCache(tmp / "egad")
+        caches["egad-no-hidden"].require_layers([])
         knots = caches["kd"].knots
         results: dict[str, float] = {}
         for fused in (False, True):
@@ -128,23 +138,26 @@ def run_shape(name: str, args) -> dict[str, float]:
                 "egad": OnlineTeacher(teacher, [t for _, t in pairs], fused=fused, vocab=vocab),
             }
             variants = {}
-            for method in ("sft", "kd", "egad"):
-                for source in ("online", "cached") if method != "sft" else ("none",):
+            for method in ("sft", "kd", "egad", *parts):
+                sources = ("none",) if method == "sft" else ("cached",) if method in parts else ("online", "cached")
+                for source in sources:
                     if student0 is not None:
                         student = cut_student(teacher, spec["student_layers"], dtype=torch.float32)
                     else:
                         student = llama(vocab, **spec["student"])
                     _, ds = model_dims(student)
-                    features = method == "egad"
+                    features = method != "sft" and obj[method].uses_features
                     projector = FeatureProjector(ds, dt, len(pairs)) if features else None
                     layers = [s for s, _ in pairs] if features else []
                     module = DistillationModule(student.train(), projector, layers, fused, vocab=vocab)
                     opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
                     cfg = preset("sft") if method == "sft" else obj[method]
-                    src = online[method] if source == "online" else caches[method] if source == "cached" else None
+                    kind = "kd" if method == "kd" else "egad"  # the parts read EGAD's cache
+                    reader = caches[kind if features or method == "kd" else "egad-no-hidden"]
+                    src = online[kind] if source == "online" else reader if source == "cached" else None
                     # From a cache, the router reads the cache's hidden-state threshold (as the trainer does), so
                     # that every routed token has its stored hidden state.
-                    thr = caches[method].manifest.get("hidden_threshold") if source == "cached" else None
+                    thr = reader.manifest.get("hidden_threshold") if source == "cached" else None
                     state = PlanState(knots=knots, route_threshold=thr)
                     variants[f"{name}/{tag}/{method}/{source}"] = (module, opt, cfg, src, state)
             # Interleaved: step i of every variant, then step i + 1. On a shared machine the load drifts over
@@ -174,6 +187,13 @@ def run_shape(name: str, args) -> dict[str, float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Cached EGAD with one component off (--parts): what each adds to the step.
+PARTS = {
+    "egad-no-temp": {"temp_mode": "const"},
+    "egad-no-feat": {"beta_f": 0.0},
+    "egad-curriculum-only": {"temp_mode": "const", "beta_f": 0.0},
+}
+
 # CPU seconds of this process: with --threads 1 they hardly move when other jobs share the machine, where wall
 # seconds do (a rough reading while, say, a study runs; the recorded figures are wall time on a quiet machine).
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -191,6 +211,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall, or this process's CPU seconds")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--parts", action="store_true", help="add cached EGAD with one component off at a time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
