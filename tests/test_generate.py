@@ -266,6 +266,26 @@ def test_eval_scores_a_prompt_the_same_whatever_the_evals_size(model, tok, dolly
     assert len({r["output"] for r in small}) > 10
 
 
+def test_a_repeated_seed_is_generated_once_with_the_same_summary(model, tok, dolly_path, tmp_path, monkeypatch):
+    """Seeds (10, 20, 10, 20), the teacher's list in the pre-registered study: two generations, not four, and the
+    summary equals that of (10, 20) (per_seed is keyed by seed, so a repeat never weighed twice)."""
+    from egad.eval import suite
+
+    calls = []
+    real = suite.generate_responses
+    monkeypatch.setattr(suite, "generate_responses", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+
+    def run(seeds, name):
+        settings = suite.EvalSettings(seeds=seeds, max_new_tokens=6, max_prompt_len=64, max_len=128, max_examples=6)
+        got = suite.evaluate_set(model, tok, "dolly_test", settings, data_dir=dolly_path.parent.parent,
+                                 out_dir=tmp_path / name)  # fmt: skip
+        return {k: v for k, v in got.items() if k != "settings"}
+
+    repeated = run((10, 20, 10, 20), "repeated")
+    assert calls == [10, 20]
+    assert repeated == run((10, 20), "once")
+
+
 def test_prompt_seeds_depend_on_the_prompt_alone_and_split_repeats():
     a, b = [5, 6, 7], [8, 9]
     assert prompt_seeds([a, b], 10)[0] == prompt_seeds([b, a], 10)[1] == prompt_seeds([a], 10)[0]

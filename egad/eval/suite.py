@@ -114,6 +114,9 @@ def evaluate_set(
     seeds = (None,) if settings.greedy else settings.seeds
     per_seed: dict[str, float] = {}
     for seed in seeds:
+        tag = "greedy" if seed is None else f"seed{seed}"
+        if tag in per_seed:  # a repeated seed: sampling is seeded per prompt, so it gives the same generations
+            continue
         with _autocast(settings, model):
             outputs = generate_responses(
                 model,
@@ -132,7 +135,6 @@ def evaluate_set(
                 stop_ids=[D.end_of_turn_id(tokenizer, settings.template)],
             )
         scores = [rouge_l(o, ex.output) for o, ex in zip(outputs, examples, strict=True)]
-        tag = "greedy" if seed is None else f"seed{seed}"
         with (set_dir / f"generations-{tag}.jsonl").open("w") as f:
             for p, ex, o, sc in zip(prompts, examples, outputs, scores, strict=True):
                 f.write(json.dumps({"prompt": p, "reference": ex.output, "output": o, "rouge_l": sc}) + "\n")
