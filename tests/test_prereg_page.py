@@ -112,3 +112,14 @@ def test_dropped_cells_are_named_with_the_stopping_rule():
     # A gap inside the list is no use of the rule: said as a deviation.
     line = PP.dropped_cells([c for c in PP.PREREG_CELLS if c != "egad"])[-1]
     assert "`egad`" in line and "deviation" in line
+
+
+def test_time_axis_is_quiet_only_when_every_cell_has_a_step_time(tmp_path):
+    out = tmp_path / "runs"
+    make_study(out, cross_late=False)
+    cells = {c: PP.load_cell(out, c, SEEDS) for c in TEST}
+    label, minutes = PP.time_axis(cells, {"kd": 1.5, "egad": 2.0, "feat_kd_all": 1.8})
+    assert "quiet" in label
+    assert minutes["egad"][-1] == 300 * 2.0 / 60 and minutes["kd"][1] == 30 * 1.5 / 60
+    label, minutes = PP.time_axis(cells, {"kd": 1.5})  # one missing: the logged minutes, 60 s per 30-step row
+    assert "logged" in label and minutes["egad"][-1] == 10 * 60 / 60

@@ -139,8 +139,23 @@ def test_table(blocks: list[tuple[dict[tuple[str, str], dict], str, int]], holm_
     return lines if len(lines) > 2 else ["_No pair of these cells was run._"]
 
 
-def curve_plot(cells: dict[str, Cell], path: Path, teacher_dev: float | None = None) -> Path:
-    """Dev NLL against steps and against logged training minutes: mean over seeds, band = min..max over seeds."""
+def time_axis(cells: dict[str, Cell], step_times: dict[str, float] | None) -> tuple[str, dict[str, list[float]]]:
+    """The curves' time axis: (label, {cell: minutes at each of its curve's steps, in step order}). Quiet minutes
+    (step x the method's quiet step time) when every cell has a step time, so quality at equal compute reads off the
+    plot; otherwise the runs' logged minutes, contended (two runs shared the cores)."""
+    if step_times and all(name in step_times for name in cells):
+        minutes = {name: [s * step_times[name] / 60 for s in sorted(c.curve)] for name, c in cells.items()}
+        return "training minutes, quiet (step x quiet step time)", minutes
+    minutes = {name: [statistics.fmean(c.curve_s[s]) / 60 for s in sorted(c.curve)] for name, c in cells.items()}
+    return "training minutes (logged, contended)", minutes
+
+
+def curve_plot(
+    cells: dict[str, Cell], path: Path, teacher_dev: float | None = None, step_times: dict[str, float] | None = None
+) -> Path:
+    """Dev NLL against steps and against training minutes (`time_axis`): mean over seeds, band = min..max over
+    seeds."""
+    time_label, minutes = time_axis(cells, step_times)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for name, c in cells.items():
         steps = sorted(c.curve)
@@ -148,9 +163,8 @@ def curve_plot(cells: dict[str, Cell], path: Path, teacher_dev: float | None = N
         lo, hi = [min(c.curve[s]) for s in steps], [max(c.curve[s]) for s in steps]
         (line,) = axes[0].plot(steps, mean, marker=".", label=name)
         axes[0].fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
-        minutes = [statistics.fmean(c.curve_s[s]) / 60 for s in steps]
-        axes[1].plot(minutes, mean, marker=".", color=line.get_color(), label=name)
-    for ax, xlabel in zip(axes, ("optimizer step", "training minutes (logged, two runs sharing 2 cores)"), strict=True):
+        axes[1].plot(minutes[name], mean, marker=".", color=line.get_color(), label=name)
+    for ax, xlabel in zip(axes, ("optimizer step", time_label), strict=True):
         if teacher_dev is not None and math.isfinite(teacher_dev):
             ax.axhline(teacher_dev, color="k", ls="--", lw=1, label="teacher")
         ax.set_xlabel(xlabel)
@@ -229,7 +243,7 @@ def page(
     prim = tests(cells, primary, "test_nll")
     for key, h in zip(prim, holm([r["p_t"] for r in prim.values()]), strict=True):
         prim[key]["holm_t"] = h
-    curve_plot(cells, previous.parent / "results-curves.png", teacher.get("dev_nll"))
+    curve_plot(cells, previous.parent / "results-curves.png", teacher.get("dev_nll"), step_times)
     commit = prereg_commit(repo)
     wall = sum(r["minutes"] for r in invocations)
     sets = [s for s in SETS if any(not math.isnan(x) for c in cells.values() for x in c.rouge[s])]
