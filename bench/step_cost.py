@@ -2,11 +2,12 @@
 
 Variants: SFT, KD and EGAD; online (the teacher runs every step) and cached (`egad cache` signals read from disk,
 k = 64; EGAD's with the hidden states of the top-20% entropy tokens); the student's head unfused or fused (the
-online teacher is then fused too). Each step is forward + backward + AdamW on one batch of Dolly train, bf16
-autocast optional. Two shapes: the tiny config's (`configs/tiny.yaml`: V = 4,096, teacher 256 x 4, student
-128 x 2) and SmolLM2-135M's (V = 49,152, hidden 576, a 30-layer teacher and a 6-layer student, both built from a
-config: no weights needed). The variants of one head take their steps in turn, on the same batches (step i of each,
-then step i + 1), so a load that drifts over minutes reaches them all alike. Prints the median step time of each
+online teacher is then fused too). Each step is forward + backward + the trainer's optimizer (fused AdamW, its
+parameter groups) on one batch of Dolly train, bf16 autocast optional. Two shapes: the tiny config's
+(`configs/tiny.yaml`: V = 4,096, teacher 256 x 4, student 128 x 2) and SmolLM2-135M's (V = 49,152, hidden 576, a
+30-layer teacher and a 6-layer student, both built from a config: no weights needed). The variants of one head take
+their steps in turn, on the same batches (step i of each, then step i + 1), so a load that drifts over minutes
+reaches them all alike. Prints the median step time of each
 variant and its ratio to SFT (unfused and fused SFT, so the fused path is compared with its own baseline).
 
     python bench/step_cost.py                       # both shapes, about 10 minutes on 2 cores
@@ -34,6 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from egad.config.presets import preset
+from egad.config.run_config import TrainConfig
 from egad.data import batches as D
 from egad.losses.features import FeatureProjector, feature_pairs
 from egad.models.load import cut_student, model_dims
@@ -41,6 +43,7 @@ from egad.objective.student import DistillationModule
 from egad.objective.token_plan import PlanState
 from egad.teacher.cache import TeacherCache, write_cache
 from egad.teacher.online import OnlineTeacher
+from egad.train.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 DOLLY = REPO.parent / "shared" / "data" / "dolly" / "dolly.jsonl"
@@ -150,7 +153,8 @@ def run_shape(name: str, args) -> dict[str, float]:
                     projector = FeatureProjector(ds, dt, len(pairs)) if features else None
                     layers = [s for s, _ in pairs] if features else []
                     module = DistillationModule(student.train(), projector, layers, fused, vocab=vocab)
-                    opt = torch.optim.AdamW(module.parameters(), lr=1e-5)
+                    # The trainer's optimizer (fused AdamW, its parameter groups): the step a run takes.
+                    opt, _, _ = build_optimizer(student, projector, TrainConfig(lr=1e-5), total_steps=args.steps + 1)
                     cfg = preset("sft") if method == "sft" else obj[method]
                     kind = "kd" if method == "kd" else "egad"  # the parts read EGAD's cache
                     reader = caches[kind if features or method == "kd" else "egad-no-hidden"]
