@@ -1,0 +1,33 @@
+#!/bin/bash
+# Copies the study's small run files (metrics, configs, evaluations, timings, choices; no weights, checkpoints or
+# cache) from the pinned worktree into this folder and commits them, every few minutes: a machine that is shut down
+# loses its untracked run folder, and only what is committed survives. Run beside run-study.sh:
+#   setsid nohup studies/prereg/persist.sh >/dev/null 2>&1 &
+set -u
+REPO=/work/main
+SRC=/work/study-prereg/runs/prereg
+DST=$REPO/studies/prereg/runs
+mkdir -p "$DST"
+while true; do
+  if [ -d "$SRC" ]; then
+    rsync -a --prune-empty-dirs \
+      --exclude 'cache/' --exclude 'cache-run/' --exclude 'teacher-hidden/' --exclude 'data/' \
+      --exclude 'checkpoint-*/' --exclude 'best/' --exclude '*.safetensors' --exclude '*.bin' --exclude '*.pt' \
+      --exclude 'tokenizer*' --exclude '*.log' --exclude '*.png' --max-size=8m \
+      "$SRC"/ "$DST"/
+    # The per-run logs, without their progress-bar redraws.
+    find "$SRC" -name '*.log' -not -path '*/cache*' | while read -r log; do
+      rel=${log#"$SRC"/}; mkdir -p "$DST/$(dirname "$rel")"
+      tr '\r' '\n' < "$log" | grep -v -E '[0-9]+%\|' > "$DST/$rel.txt"
+    done
+    cd "$REPO" || exit 1
+    for try in 1 2 3 4 5; do
+      git add -f studies/prereg/runs >/dev/null 2>&1 &&
+        { git diff --cached --quiet -- studies/prereg/runs ||
+          git commit -q --only -m "Study run files (pre-registered study, auto-saved): $(date -u +%H:%MZ)" -- studies/prereg/runs; } &&
+        break
+      sleep 7
+    done
+  fi
+  sleep "${PERSIST_EVERY:-300}"
+done
