@@ -4,22 +4,13 @@
 # loses its untracked run folder, and only what is committed survives. Run beside run-study.sh:
 #   setsid nohup studies/prereg/persist.sh >/dev/null 2>&1 &
 set -u
-REPO=/work/main
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 SRC=/work/study-prereg/runs/prereg
 DST=$REPO/studies/prereg/runs
 mkdir -p "$DST"
 while true; do
   if [ -d "$SRC" ]; then
-    rsync -a --prune-empty-dirs \
-      --exclude 'cache/' --exclude 'cache-run/' --exclude 'teacher-hidden/' --exclude 'data/' \
-      --exclude 'checkpoint-*/' --exclude 'best/' --exclude '*.safetensors' --exclude '*.bin' --exclude '*.pt' \
-      --exclude 'tokenizer*' --exclude '*.log' --exclude '*.png' --max-size=8m \
-      "$SRC"/ "$DST"/
-    # The per-run logs, without their progress-bar redraws.
-    find "$SRC" -name '*.log' -not -path '*/cache*' | while read -r log; do
-      rel=${log#"$SRC"/}; mkdir -p "$DST/$(dirname "$rel")"
-      tr '\r' '\n' < "$log" | grep -v -E '[0-9]+%\|' > "$DST/$rel.txt"
-    done
+    python3 "$REPO/studies/prereg/sync_runs.py" save "$SRC" "$DST" >/dev/null
     cd "$REPO" || exit 1
     for try in 1 2 3 4 5; do
       git add -f studies/prereg/runs >/dev/null 2>&1 &&
