@@ -2,6 +2,7 @@
 
     python sync_runs.py save RUNS DEST      # the small files of every run; logs without progress-bar redraws
     python sync_runs.py restore DEST RUNS   # back: the finished runs only, and the learning-rate choices
+    python sync_runs.py finished RUNS       # the finished runs, a line each (persist.sh commits when it changes)
 
 `save` skips weights, checkpoints, the teacher cache and anything over 8 MB: only what the results page reads, and the
 logs. `restore` copies a run only when the study would skip it (egad/study/grid.py: a pilot with final/config.json, a
@@ -58,14 +59,20 @@ def save(runs: Path, dest: Path) -> int:
     return changed
 
 
+def finished(root: Path) -> list[Path]:
+    """The runs the study would skip: a pilot with final/config.json, a final run or the teacher with
+    eval/summary.json."""
+    done = [p.parent.parent for p in root.rglob("eval/summary.json")]
+    done += [p.parent.parent for p in root.rglob("final/config.json") if "pilot" in p.relative_to(root).parts]
+    return sorted(set(done))
+
+
 def restore(dest: Path, runs: Path) -> list[str]:
     runs.mkdir(parents=True, exist_ok=True)
     if (dest / "choices.json").is_file():
         shutil.copy2(dest / "choices.json", runs / "choices.json")
-    done = [p.parent.parent for p in dest.rglob("eval/summary.json")]
-    done += [p.parent.parent for p in dest.rglob("final/config.json") if "pilot" in p.relative_to(dest).parts]
     restored = []
-    for run in sorted(set(done)):
+    for run in finished(dest):
         rel = run.relative_to(dest)
         for src in run.rglob("*"):
             if src.is_file() and not src.name.endswith(".log.txt"):
@@ -75,9 +82,13 @@ def restore(dest: Path, runs: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    mode, a, b = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    mode, a, b = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[-1])
     if mode == "save":
         print(f"{save(a, b)} file(s) changed")
+    elif mode == "finished":
+        for run in finished(a):  # with the markers' sizes and times, so a summary written again shows too
+            marks = [m for m in (run / "eval" / "summary.json", run / "final" / "config.json") if m.is_file()]
+            print(run.relative_to(a), *(f"{m.stat().st_size}:{m.stat().st_mtime_ns}" for m in marks))
     elif mode == "restore":
         for rel in restore(a, b):
             print(f"restored {rel}")
