@@ -34,10 +34,14 @@ def _study(root: Path) -> None:
     _write(root, "pilot/kd/lr0.003/seed100/metrics.jsonl")  # a pilot cut off mid-run
     _write(root, "pilot/kd/lr0.003/seed100/checkpoint-30/optimizer.pt")
     _write(root, "kd/seed0/eval/summary.json")  # a finished, evaluated run
+    _write(root, "kd/seed0/eval/dolly_test/summary.json")
+    _write(root, "kd/seed2/eval/summary.json")  # evaluated but for Dolly test, which is scored last
+    _write(root, "kd/seed2/eval/sinst/summary.json")
     _write(root, "kd/seed0/final/config.json")
     _write(root, "kd/seed0/final/tokenizer.json")
     _write(root, "kd/seed1/final/config.json")  # trained, its evaluation cut off
     _write(root, "teacher/eval/summary.json")
+    _write(root, "teacher/eval/dolly_test/summary.json")
     _write(root, "cache/shard-000.npz")
     _write(root, "kd/seed0.log", "start\nstep:  5%|#  | 15/300\rstep: 10%|## | 30/300\ndone\n")
 
@@ -65,5 +69,5 @@ def test_restore_brings_back_the_finished_runs_only(tmp_path: Path) -> None:
     assert sorted(restored) == ["kd/seed0", "pilot/kd/lr0.001/seed100", "teacher"]
     got = _files(fresh)
     assert "choices.json" in got and "kd/seed0/eval/summary.json" in got
-    assert not any(name.startswith(("kd/seed1", "pilot/kd/lr0.003")) for name in got)
+    assert not any(name.startswith(("kd/seed1", "kd/seed2", "pilot/kd/lr0.003")) for name in got)
     assert not any(name.endswith(".log.txt") for name in got)

@@ -4,10 +4,10 @@
     python sync_runs.py restore DEST RUNS   # back: the finished runs only, and the learning-rate choices
     python sync_runs.py finished RUNS       # the finished runs, a line each (persist.sh commits when it changes)
 
-`save` skips weights, checkpoints, the teacher cache and anything over 8 MB: only what the results page reads, and the
-logs. `restore` copies a run only when the study would skip it (egad/study/grid.py: a pilot with final/config.json, a
-final run or the teacher with eval/summary.json); an unfinished run's checkpoints are gone with its machine, so it
-starts again from step 0.
+`save` skips weights, checkpoints, the teacher cache and anything over 8 MB: only what the results page reads, and
+the logs. `restore` copies a run only when it is finished: a pilot with final/config.json, a final run or the teacher
+with its Dolly test scored (eval/dolly_test/summary.json: Dolly test is scored last); an unfinished run's checkpoints
+are gone with its machine, so it starts again from step 0.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def save(runs: Path, dest: Path) -> int:
 
 
 def finished(root: Path) -> list[Path]:
-    """The runs the study would skip: a pilot with final/config.json, a final run or the teacher with
-    eval/summary.json."""
-    done = [p.parent.parent for p in root.rglob("eval/summary.json")]
+    """The finished runs: a pilot with final/config.json, a final run or the teacher with its Dolly test scored."""
+    # Dolly test is scored last: eval/summary.json is written before it, after the other sets (run-study.sh).
+    done = [p.parent.parent.parent for p in root.rglob("eval/dolly_test/summary.json")]
     done += [p.parent.parent for p in root.rglob("final/config.json") if "pilot" in p.relative_to(root).parts]
     return sorted(set(done))
 
@@ -87,7 +87,8 @@ if __name__ == "__main__":
         print(f"{save(a, b)} file(s) changed")
     elif mode == "finished":
         for run in finished(a):  # with the markers' sizes and times, so a summary written again shows too
-            marks = [m for m in (run / "eval" / "summary.json", run / "final" / "config.json") if m.is_file()]
+            marks = [m for m in (run / "eval" / "dolly_test" / "summary.json", run / "final" / "config.json")]
+            marks = [m for m in marks if m.is_file()]
             print(run.relative_to(a), *(f"{m.stat().st_size}:{m.stat().st_mtime_ns}" for m in marks))
     elif mode == "restore":
         for rel in restore(a, b):
