@@ -409,3 +409,20 @@ def test_builtin_scales_are_package_yaml(tmp_path):
     bad.write_text((X.SCALE_DIR / "toy.yaml").read_text() + "stduent_steps: 3\n")
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['stduent_steps'\]"):
         X.read_scale(bad)
+
+
+def test_a_run_is_done_when_its_dolly_test_is_scored(tmp_path):
+    """The evaluation's summary.json is written after the other sets, before Dolly test, which is scored last: a run
+    cut off while scoring Dolly test must not be skipped on resume."""
+    from types import SimpleNamespace
+
+    setup, cell = SimpleNamespace(out=tmp_path), G.cell("kd")
+    run = G.run_dir(setup, cell, 0)
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    (run / "eval" / "sinst").mkdir(parents=True)
+    (run / "eval" / "summary.json").write_text("{}")
+    assert cell.test_eval and not G.is_done(setup, cell, 0)
+    (run / "eval" / "dolly_test").mkdir()
+    (run / "eval" / "dolly_test" / "summary.json").write_text("{}")
+    assert G.is_done(setup, cell, 0)

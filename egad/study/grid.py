@@ -144,8 +144,12 @@ def run_dir(setup: Setup, cell: Cell, seed: int) -> Path:
 
 
 def is_done(setup: Setup, cell: Cell, seed: int) -> bool:
+    """Trained, and evaluated when the cell is. Dolly test is scored last (experiment.evaluate): its summary, not the
+    evaluation's eval/summary.json, which is written after the other sets, marks the end."""
     d = run_dir(setup, cell, seed)
-    return (d / "eval" / "summary.json").is_file() if cell.test_eval else (d / "final" / "config.json").is_file()
+    if cell.test_eval:
+        return (d / "eval" / "dolly_test" / "summary.json").is_file()
+    return (d / "final" / "config.json").is_file()
 
 
 def cell_config(setup: Setup, cell: Cell, seed: int) -> dict:
