@@ -8,12 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from egad.losses import sparse
+from egad.losses import kernels, sparse
 from egad.losses.divergences import _temper
 from egad.losses.sparse_tail import TailSample
 from egad.losses.student_atoms import _shifted, student_atom_logprobs, student_atom_logprobs_and_ce
 
 N, V, J = 37, 123, 19
+
+
+@pytest.fixture(params=["eager", "compiled"])
+def kernel_mode(request):
+    """Each value and gradient test runs on the eager passes and on the compiled kernels (egad.losses.kernels)."""
+    with kernels.using(request.param):
+        yield request.param
 
 
 def _inputs(seed: int, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,7 +56,7 @@ def _reference(z, ids, targets, tau):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("temperature", list(TEMPERATURES))
-def test_atoms_match_float64_autograd(temperature: str, masked: bool) -> None:
+def test_atoms_match_float64_autograd(temperature: str, masked: bool, kernel_mode: str) -> None:
     z, ids, targets = _inputs(1, masked)
     tau = TEMPERATURES[temperature]()
     w = torch.randn(N, J, generator=torch.Generator().manual_seed(2))
@@ -67,7 +74,7 @@ def test_atoms_match_float64_autograd(temperature: str, masked: bool) -> None:
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("temperature", list(TEMPERATURES))
-def test_atoms_and_cross_entropy_match_float64_autograd(temperature: str, masked: bool) -> None:
+def test_atoms_and_cross_entropy_match_float64_autograd(temperature: str, masked: bool, kernel_mode: str) -> None:
     z, ids, targets = _inputs(3, masked)
     tau = TEMPERATURES[temperature]()
     w = torch.randn(N, J, generator=torch.Generator().manual_seed(4))
@@ -84,7 +91,7 @@ def test_atoms_and_cross_entropy_match_float64_autograd(temperature: str, masked
     torch.testing.assert_close(fast.grad, ref.grad.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_temperature_with_a_gradient_takes_plain_autograd() -> None:
+def test_a_temperature_with_a_gradient_takes_plain_autograd(kernel_mode: str) -> None:
     z, ids, targets = _inputs(7)
     tau = (1.0 + torch.rand(N, generator=torch.Generator().manual_seed(8))).requires_grad_()
     logq, ce = student_atom_logprobs_and_ce(z, ids, targets, temperature=tau)
@@ -120,7 +127,7 @@ def _sample(seed: int, k: int = 6, s: int = 11) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("temperature", ["one", "per_token", "float"])
-def test_sampled_forward_kl_and_ce_equal_the_separate_losses(temperature: str) -> None:
+def test_sampled_forward_kl_and_ce_equal_the_separate_losses(temperature: str, kernel_mode: str) -> None:
     """The fused KL + CE of the sampled path against the sampled KL alone and F.cross_entropy: values and gradients."""
     ids, lp, tail, sample = _sample(11)
     z, _, targets = _inputs(12)

@@ -18,6 +18,7 @@ from egad.plan.temperature import TAU2_MODES, TEMP_MODES
 
 # Allowed values are read from the modules that implement them: one place per idea.
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "kernels": ("auto", "compiled", "eager"),
     "divergence": tuple(DIVERGENCES),
     "difficulty": ("quantile", "normalized"),
     "cdf_mode": ("global", "batch", "ema_hist"),
@@ -146,6 +147,10 @@ class ObjectiveConfig:
 
     chunk_size: int = 0
     """Tokens per chunk of the vocabulary-sized work; 0 = auto, 2^24 / V (64 MiB per fp32 chunk x V tensor)."""
+
+    kernels: str = "auto"
+    """The cached teacher's full-vocabulary passes: fused kernels built by torch.compile ('compiled'), eager PyTorch
+    ('eager'), or 'auto', the kernels where torch.compile works here and eager with a warning where it fails."""
 
     cross_vocab: str = "none"
     """Teacher and student tokenizers: 'none' (one shared tokenizer, checked), or distil across tokenizers at aligned

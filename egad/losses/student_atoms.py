@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from egad.losses import kernels
 from egad.losses.divergences import _temper
 
 __all__ = ["student_atom_logprobs", "student_atom_logprobs_and_ce"]
@@ -86,6 +87,9 @@ class _StudentAtoms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, ids: Tensor, temperature: float | Tensor, targets: Tensor | None):  # type: ignore[override]
         zd = z.detach()
+        if kernels.active(zd):
+            return _fused_forward(ctx, zd, ids, temperature, targets)
+        ctx.fused = False
         m = zd.amax(-1, keepdim=True)  # (N, 1)
         mt = _temper(m, temperature) if isinstance(temperature, Tensor) or float(temperature) != 1.0 else m
         mt = torch.where(mt == -math.inf, 0.0, mt)  # a row of -inf: exp gives 0, log 0 = -inf
@@ -111,6 +115,8 @@ class _StudentAtoms(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor, g_ce: Tensor):  # type: ignore[override]
+        if ctx.fused:
+            return _fused_backward(ctx, g, g_ce)
         saved = list(ctx.saved_tensors)
         e, total, ids = saved[:3]
         tau = saved[-1] if ctx.tau is None else None
@@ -129,3 +135,46 @@ class _StudentAtoms(torch.autograd.Function):
                 gz[rows].addcmul_(w.exp_(), coef[rows])
             gz.scatter_add_(-1, targets, -g_ce[:, None])
         return gz, None, None, None
+
+
+def _tau_column(temperature: float | Tensor, z: Tensor) -> Tensor:
+    """The temperature as an (N, 1) fp32 column: one kernel signature for floats, 0-d and per-token tensors."""
+    if isinstance(temperature, Tensor):
+        tau = temperature.detach().to(device=z.device, dtype=torch.float32)
+        if tau.dim() and tau.shape != (z.shape[0],):
+            raise ValueError(f"temperature tensor must have shape ({z.shape[0]},), got {tuple(tau.shape)}")
+        return tau.reshape(-1, 1).expand(z.shape[0], 1).contiguous()
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return z.new_full((z.shape[0], 1), float(temperature))
+
+
+def _fused_forward(ctx, z: Tensor, ids: Tensor, temperature: float | Tensor, targets: Tensor | None):
+    """`_StudentAtoms.forward` through `egad.losses.kernels`: the normalisers from one fused kernel, no (N, V)
+    tensor written or saved (the backward recomputes the exponentials from z)."""
+    tau = _tau_column(temperature, z)
+    m, total, total1 = kernels.normalisers(z, tau, with_ce=targets is not None)
+    logq = (z.gather(-1, ids) - m) / tau - total.log()
+    ce = (total1.log() + m - z.gather(-1, targets)).squeeze(-1) if targets is not None else z.new_zeros(0)
+    ctx.save_for_backward(z, ids, m, tau, total, *(() if targets is None else (total1, targets)))
+    ctx.fused = True
+    ctx.has_ce = targets is not None
+    if targets is None:
+        ctx.mark_non_differentiable(ce)
+    return logq, ce
+
+
+def _fused_backward(ctx, g: Tensor, g_ce: Tensor):
+    """d/dz = (scatter_add(g at the ids) - softmax(z / tau) sum_j g_j) / tau, plus (softmax(z) - onehot(y)) g_ce,
+    the dense part from one fused kernel."""
+    z, ids, m, tau, total = ctx.saved_tensors[:5]
+    a = -g.sum(-1, keepdim=True) / (total * tau)
+    b = None
+    if ctx.has_ce:
+        total1, targets = ctx.saved_tensors[5:7]
+        b = g_ce[:, None] / total1
+    gz = kernels.dense_grad(z, m, tau, a, b)
+    gz.scatter_add_(-1, ids, g / tau)
+    if ctx.has_ce:
+        gz.scatter_add_(-1, targets, -g_ce[:, None])
+    return gz, None, None, None

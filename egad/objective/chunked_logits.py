@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from egad.config.schema import ObjectiveConfig
+from egad.losses import kernels
 from egad.models.heads import OutputHead
 
 
@@ -66,34 +67,36 @@ class ChunkedLogitLoss(torch.autograd.Function):
             )
         wv = frozen.weight[: run.vocab] if frozen is not None else None
         step = run.cfg.chunk_tokens(run.vocab)
-        for start in range(0, run.rows.numel(), step):
-            sl = slice(start, start + step)
-            idx = run.rows[sl]
-            xc = x_flat[idx].detach()  # (C, V_S) logits or (C, d) hidden
-            with torch.enable_grad():
-                if frozen is None:
-                    leaf = zs = xc[:, : run.vocab].float().requires_grad_(need_grad)  # (C, V) fp32
-                else:
-                    leaf = frozen.linear(xc, run.vocab).float().detach().requires_grad_(need_grad)
-                    zs = frozen.finish(leaf, run.vocab)
-                ce_sum, kd_sum = run.chunk_terms(zs, idx, sl)
-                total = run.ce_scale * ce_sum + run.kd_scale * kd_sum
-                if need_grad and total.requires_grad:
-                    (g,) = torch.autograd.grad(total, [leaf])  # (C, V): w.r.t. the logits, or the linear part
+        # The chunk terms run the cached teacher's student passes in the configured kernels (egad.losses.kernels).
+        with kernels.using(run.cfg.kernels):
+            for start in range(0, run.rows.numel(), step):
+                sl = slice(start, start + step)
+                idx = run.rows[sl]
+                xc = x_flat[idx].detach()  # (C, V_S) logits or (C, d) hidden
+                with torch.enable_grad():
                     if frozen is None:
-                        gx.index_add_(0, idx, F.pad(g, (0, gx.shape[1] - g.shape[1])).to(gx.dtype))
+                        leaf = zs = xc[:, : run.vocab].float().requires_grad_(need_grad)  # (C, V) fp32
                     else:
-                        gh = (g.to(wv.dtype) @ wv).float()
-                        if frozen.hidden_scale != 1.0:
-                            gh = gh * frozen.hidden_scale
-                        gx.index_add_(0, idx, gh.to(gx.dtype))
-                        xs = xc.float() * frozen.hidden_scale if frozen.hidden_scale != 1.0 else xc.float()
-                        if gw is not None:
-                            gw[: run.vocab].addmm_(g.t(), xs)
-                        if gb is not None:
-                            gb[: run.vocab] += g.sum(0)
-            ce_total += ce_sum.detach()
-            kd_total += kd_sum.detach()
+                        leaf = frozen.linear(xc, run.vocab).float().detach().requires_grad_(need_grad)
+                        zs = frozen.finish(leaf, run.vocab)
+                    ce_sum, kd_sum = run.chunk_terms(zs, idx, sl)
+                    total = run.ce_scale * ce_sum + run.kd_scale * kd_sum
+                    if need_grad and total.requires_grad:
+                        (g,) = torch.autograd.grad(total, [leaf])  # (C, V): w.r.t. the logits, or the linear part
+                        if frozen is None:
+                            gx.index_add_(0, idx, F.pad(g, (0, gx.shape[1] - g.shape[1])).to(gx.dtype))
+                        else:
+                            gh = (g.to(wv.dtype) @ wv).float()
+                            if frozen.hidden_scale != 1.0:
+                                gh = gh * frozen.hidden_scale
+                            gx.index_add_(0, idx, gh.to(gx.dtype))
+                            xs = xc.float() * frozen.hidden_scale if frozen.hidden_scale != 1.0 else xc.float()
+                            if gw is not None:
+                                gw[: run.vocab].addmm_(g.t(), xs)
+                            if gb is not None:
+                                gb[: run.vocab] += g.sum(0)
+                ce_total += ce_sum.detach()
+                kd_total += kd_sum.detach()
         ctx.save_for_backward(*(t for t in (gx, gw, gb) if t is not None))
         ctx.has = (gx is not None, gw is not None, gb is not None)
         ctx.dtypes = (None, lm_w.dtype if lm_w is not None else None, lm_b.dtype if lm_b is not None else None)

@@ -1,0 +1,117 @@
+"""The student atoms' full-vocabulary passes as two fused kernels, compiled by `torch.compile` where it works.
+
+`egad.losses.student_atoms` needs, per row of the student logits z (N, V): the maximum m, the normaliser
+sum exp((z - m) / tau) and, with a cross-entropy at another temperature, sum exp(z - m); in the backward, the dense
+part of the gradient a exp((z - m) / tau) + b exp(z - m) with per-row coefficients a and b. In eager PyTorch that is
+a dozen (N, V) passes and a saved (N, V) buffer; each compiled kernel reads z once or twice and writes at most one
+(N, V) tensor, and the forward saves none (the backward recomputes the exponentials from z, as Liger's and TRL's
+chunked losses recompute theirs). The values agree with the eager passes to float32 rounding, not bit for bit.
+
+Which path runs is a process-wide mode, set for a scope by `using` (the objective passes `objective.kernels`):
+
+* ``eager``: PyTorch's own operations, no compiler (the default of a bare call, so the pure functions stay pure);
+* ``compiled``: the kernels, or an error when `torch.compile` cannot build them here;
+* ``auto``: the kernels, or eager with one warning when `torch.compile` fails (no C++ compiler on a CPU host, no
+  Triton on a GPU one). A failure is remembered per device type for the process.
+
+The first call on a device compiles (seconds); later shapes reuse it (`dynamic=True`), and so do later processes
+through inductor's on-disk cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["MODES", "active", "dense_grad", "normalisers", "using"]
+
+MODES = ("auto", "compiled", "eager")
+
+_state = threading.local()
+_broken: dict[str, str] = {}  # device type -> why torch.compile failed there ("auto" falls back)
+_compiled: dict[str, Callable] = {}
+
+
+def _mode() -> str:
+    return getattr(_state, "mode", "eager")
+
+
+@contextlib.contextmanager
+def using(mode: str) -> Iterator[None]:
+    """Run the student atoms' passes in `mode` (one of MODES) inside the block."""
+    if mode not in MODES:
+        raise ValueError(f"kernels mode {mode!r} is not one of {list(MODES)}")
+    before = _mode()
+    _state.mode = mode
+    try:
+        yield
+    finally:
+        _state.mode = before
+
+
+def active(z: Tensor) -> bool:
+    """True when the fused kernels serve z's device in the current mode (auto: unless they failed there)."""
+    mode = _mode()
+    return mode == "compiled" or (mode == "auto" and z.device.type not in _broken)
+
+
+def _normalisers(z: Tensor, tau: Tensor, with_ce: bool) -> tuple[Tensor, Tensor, Tensor]:
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf: exp gives 0 and log 0 = -inf, as log_softmax
+    s = z - m
+    total = torch.exp(s / tau).sum(-1, keepdim=True)
+    total1 = torch.exp(s).sum(-1, keepdim=True) if with_ce else total
+    return m, total, total1
+
+
+def _dense_grad(z: Tensor, m: Tensor, tau: Tensor, a: Tensor, b: Tensor | None) -> Tensor:
+    s = z - m
+    out = torch.exp(s / tau) * a
+    return out + torch.exp(s) * b if b is not None else out
+
+
+_EAGER = {"normalisers": _normalisers, "dense_grad": _dense_grad}
+
+
+def _kernel(name: str) -> Callable:
+    if name not in _compiled:
+        _compiled[name] = torch.compile(_EAGER[name], dynamic=True, fullgraph=True)
+    return _compiled[name]
+
+
+def _call(name: str, z: Tensor, *args):
+    if not active(z):
+        return _EAGER[name](z, *args)
+    try:
+        return _kernel(name)(z, *args)
+    except Exception as exc:  # torch.compile reports a missing compiler or backend with many exception types
+        if _mode() == "compiled":
+            raise RuntimeError(
+                f"objective.kernels='compiled', but torch.compile cannot build egad's fused kernels on "
+                f"{z.device.type}: {type(exc).__name__}: {exc}. Install a C++ compiler (CPU) or Triton (GPU), or "
+                "set objective.kernels to 'auto' (falls back to eager) or 'eager'."
+            ) from exc
+        _broken[z.device.type] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"egad's fused loss kernels could not be compiled on {z.device.type} ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); using eager PyTorch, which is slower. Set objective.kernels='eager' to skip the try.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _EAGER[name](z, *args)
+
+
+def normalisers(z: Tensor, tau: Tensor, *, with_ce: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, sum exp((z - m) / tau), sum exp(z - m)), each (N, 1), for z (N, V) fp32 and tau (N, 1) fp32 > 0; m is
+    the row maximum (0 on a row of -inf). Without `with_ce` the third is the second."""
+    return _call("normalisers", z, tau, with_ce)
+
+
+def dense_grad(z: Tensor, m: Tensor, tau: Tensor, a: Tensor, b: Tensor | None) -> Tensor:
+    """a exp((z - m) / tau) + b exp(z - m), a new (N, V) fp32 tensor; m, tau, a, b (N, 1), b optional."""
+    return _call("dense_grad", z, m, tau, a, b)

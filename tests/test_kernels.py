@@ -1,0 +1,142 @@
+"""The fused kernels of the student atoms (egad.losses.kernels): values against a float64 reference written apart,
+the modes and their fallback, and a cached EGAD step that is the same under the compiled kernels and eager."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from egad.config.presets import preset
+from egad.config.schema import ConfigError, ObjectiveConfig
+from egad.data import batches as D
+from egad.losses import kernels
+from egad.losses.features import FeatureProjector
+from egad.objective.student import DistillationModule
+from egad.objective.token_plan import PlanState
+from egad.teacher.cache import TeacherCache, write_cache
+
+
+def _logits(n: int, v: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, v, generator=g) * 4
+    z[1, v // 3 :] = -math.inf  # a masked tail
+    z[2] = -math.inf  # a row with nothing left
+    return z
+
+
+@pytest.mark.parametrize("with_ce", [False, True])
+@pytest.mark.parametrize(("n", "v"), [(5, 7), (33, 1001)])
+def test_compiled_kernels_match_float64(n: int, v: int, with_ce: bool) -> None:
+    z = _logits(n, v, n + v)
+    tau = 0.5 + torch.rand(n, 1, generator=torch.Generator().manual_seed(1)) * 2
+    a, b = torch.randn(n, 1), torch.randn(n, 1)
+    with kernels.using("compiled"):
+        m, total, total1 = kernels.normalisers(z, tau, with_ce=with_ce)
+        grad = kernels.dense_grad(z, m, tau, a, b if with_ce else None)
+    z64, tau64 = z.double(), tau.double()
+    m64 = z64.max(-1, keepdim=True).values.nan_to_num(neginf=0.0)
+    assert torch.equal(m, m64.float())
+    want = torch.exp((z64 - m64) / tau64).sum(-1, keepdim=True)
+    want1 = torch.exp(z64 - m64).sum(-1, keepdim=True) if with_ce else want
+    torch.testing.assert_close(total, want.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(total1, want1.float(), rtol=1e-5, atol=0)
+    want_grad = a.double() * torch.exp((z64 - m64) / tau64)
+    if with_ce:
+        want_grad = want_grad + b.double() * torch.exp(z64 - m64)
+    torch.testing.assert_close(grad, want_grad.float(), rtol=1e-5, atol=1e-6)
+    assert (grad[2] == 0).all() and (grad[1, v // 3 :] == 0).all()
+
+
+def test_a_mode_outside_the_list_is_refused() -> None:
+    with pytest.raises(ValueError, match="'fast' is not one of"), kernels.using("fast"):
+        pass
+    with pytest.raises(ConfigError, match="objective.kernels='fast'"):
+        ObjectiveConfig(kernels="fast")
+
+
+def test_eager_is_the_default_of_a_bare_call_and_the_mode_is_scoped() -> None:
+    z = torch.zeros(2, 3)
+    assert not kernels.active(z)
+    with kernels.using("compiled"):
+        assert kernels.active(z)
+        with kernels.using("eager"):
+            assert not kernels.active(z)
+        assert kernels.active(z)
+    assert not kernels.active(z)
+
+
+def _broken_compiler(*args, **kwargs):
+    raise RuntimeError("no C++ compiler found")
+
+
+def test_auto_falls_back_to_eager_once_with_a_warning(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "_broken", {})
+    monkeypatch.setattr(kernels, "_compiled", {"normalisers": _broken_compiler, "dense_grad": _broken_compiler})
+    z = _logits(4, 9, 3)
+    tau = torch.full((4, 1), 1.5)
+    with kernels.using("auto"):
+        with pytest.warns(RuntimeWarning, match="no C.. compiler found.*using eager PyTorch"):
+            got = kernels.normalisers(z, tau, with_ce=True)
+        assert not kernels.active(z)  # remembered: the next call does not try again
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = kernels.normalisers(z, tau, with_ce=True)
+    want = kernels._normalisers(z, tau, True)
+    for x, y, w in zip(got, again, want, strict=True):
+        assert torch.equal(x, w) and torch.equal(y, w)
+
+
+def test_compiled_mode_names_the_failure_and_the_fix(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "_broken", {})
+    monkeypatch.setattr(kernels, "_compiled", {"normalisers": _broken_compiler})
+    with kernels.using("compiled"), pytest.raises(RuntimeError, match="objective.kernels='compiled'.*'eager'"):
+        kernels.normalisers(torch.zeros(2, 3), torch.ones(2, 1), with_ce=False)
+
+
+# ------------------------------------------------------------------------------------------- a whole cached step
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, dolly_path, tiny_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    records, _ = D.load_records(dolly_path, "train", max_examples=6)
+    items, _ = D.tokenize_dataset(records, tok, template="alpaca", max_prompt_len=48, max_len=96)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      initializer_range=0.5, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(cfg).eval()
+    out = tmp_path_factory.mktemp("kernels-cache")
+    write_cache(teacher, tok, items, out, k=16, vocab_size=len(tok), layers=[2], hidden_quantile=0.5,
+                batch_size=6, hash_weights=False, progress=False, max_len=96)  # fmt: skip
+    return cfg, items, TeacherCache(out)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_cached_egad_step_is_the_same_compiled_and_eager(cached, fused: bool) -> None:
+    """Per-token temperatures (the CE takes its own normaliser) and the feature branch, both heads."""
+    cfg, items, cache = cached
+    batch = D.collate(items, cfg.pad_token_id)
+    batch["train_index"] = torch.tensor([it["index"] for it in items])
+    results = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(1)
+        student = LlamaForCausalLM(cfg.__class__(**{**cfg.to_dict(), "num_hidden_layers": 1}))
+        projector = FeatureProjector(32, 32, 1)
+        module = DistillationModule(student.train(), projector, [1], fused, vocab=cfg.vocab_size)
+        objective = preset("egad", feat_layers=1, kernels=mode)
+        state = PlanState(knots=cache.knots, route_threshold=cache.manifest.get("hidden_threshold"))
+        labels = D.shift_labels(batch["labels"])
+        signal = cache.signal(batch)
+        loss, _, _ = module(batch["input_ids"], batch["attention_mask"], labels, signal, objective, progress=0.5,
+                            vocab_size=cfg.vocab_size, state=state)  # fmt: skip
+        loss.backward()
+        grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+        results[mode] = (loss.detach(), grads)
+    (l0, g0), (l1, g1) = results["eager"], results["compiled"]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
