@@ -29,7 +29,7 @@ def _logits(n: int, v: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("with_ce", [False, True])
-@pytest.mark.parametrize(("n", "v"), [(5, 7), (33, 1001)])
+@pytest.mark.parametrize(("n", "v"), [(5, 7), (33, 1001), (4, 49152)])
 def test_compiled_kernels_match_float64(n: int, v: int, with_ce: bool) -> None:
     z = _logits(n, v, n + v)
     tau = 0.5 + torch.rand(n, 1, generator=torch.Generator().manual_seed(1)) * 2
@@ -140,3 +140,23 @@ def test_a_cached_egad_step_is_the_same_compiled_and_eager(cached, fused: bool) 
     assert len(g0) == len(g1) > 0
     for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_the_backward_keeps_the_forwards_mode(monkeypatch) -> None:
+    """On a GPU the backward runs in the autograd engine's thread, where the forward's scope does not reach: the
+    forward's mode travels with the graph. Here the backward runs after the scope has closed."""
+    from egad.losses.student_atoms import student_atom_logprobs_and_ce
+
+    calls = []
+
+    def spy(*args):
+        calls.append(len(args))
+        return kernels._dense_grad(*args)
+
+    monkeypatch.setattr(kernels, "_compiled", {"normalisers": kernels._normalisers, "dense_grad": spy})
+    z = _logits(6, 11, 4)[3:].clone().requires_grad_()  # finite rows
+    with kernels.using("compiled"):
+        logq, ce = student_atom_logprobs_and_ce(z, torch.tensor([[0, 5]] * 3), torch.tensor([1, 2, 3]),
+                                                temperature=torch.tensor([1.0, 1.5, 2.0]))  # fmt: skip
+    (logq.sum() + ce.sum()).backward()
+    assert calls == [5] and torch.isfinite(z.grad).all()

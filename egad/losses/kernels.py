@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "active", "dense_grad", "normalisers", "using"]
+__all__ = ["MODES", "active", "current", "dense_grad", "normalisers", "using"]
 
 MODES = ("auto", "compiled", "eager")
 
@@ -54,9 +54,16 @@ def using(mode: str) -> Iterator[None]:
         _state.mode = before
 
 
-def active(z: Tensor) -> bool:
-    """True when the fused kernels serve z's device in the current mode (auto: unless they failed there)."""
-    mode = _mode()
+def current() -> str:
+    """The mode in force in this thread. A backward may run in another thread (the autograd engine's, on a GPU), so
+    a forward that takes the kernels records the mode and hands it to the backward's calls."""
+    return _mode()
+
+
+def active(z: Tensor, mode: str | None = None) -> bool:
+    """True when the fused kernels serve z's device in `mode` (default: the current one; auto: unless they failed
+    there)."""
+    mode = mode or _mode()
     return mode == "compiled" or (mode == "auto" and z.device.type not in _broken)
 
 
@@ -84,13 +91,14 @@ def _kernel(name: str) -> Callable:
     return _compiled[name]
 
 
-def _call(name: str, z: Tensor, *args):
-    if not active(z):
+def _call(name: str, mode: str | None, z: Tensor, *args):
+    mode = mode or _mode()
+    if not active(z, mode):
         return _EAGER[name](z, *args)
     try:
         return _kernel(name)(z, *args)
     except Exception as exc:  # torch.compile reports a missing compiler or backend with many exception types
-        if _mode() == "compiled":
+        if mode == "compiled":
             raise RuntimeError(
                 f"objective.kernels='compiled', but torch.compile cannot build egad's fused kernels on "
                 f"{z.device.type}: {type(exc).__name__}: {exc}. Install a C++ compiler (CPU) or Triton (GPU), or "
@@ -106,12 +114,13 @@ def _call(name: str, z: Tensor, *args):
         return _EAGER[name](z, *args)
 
 
-def normalisers(z: Tensor, tau: Tensor, *, with_ce: bool) -> tuple[Tensor, Tensor, Tensor]:
+def normalisers(z: Tensor, tau: Tensor, *, with_ce: bool, mode: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(m, sum exp((z - m) / tau), sum exp(z - m)), each (N, 1), for z (N, V) fp32 and tau (N, 1) fp32 > 0; m is
-    the row maximum (0 on a row of -inf). Without `with_ce` the third is the second."""
-    return _call("normalisers", z, tau, with_ce)
+    the row maximum (0 on a row of -inf). Without `with_ce` the third is the second. `mode`: default the current."""
+    return _call("normalisers", mode, z, tau, with_ce)
 
 
-def dense_grad(z: Tensor, m: Tensor, tau: Tensor, a: Tensor, b: Tensor | None) -> Tensor:
-    """a exp((z - m) / tau) + b exp(z - m), a new (N, V) fp32 tensor; m, tau, a, b (N, 1), b optional."""
-    return _call("dense_grad", z, m, tau, a, b)
+def dense_grad(z: Tensor, m: Tensor, tau: Tensor, a: Tensor, b: Tensor | None, *, mode: str | None = None) -> Tensor:
+    """a exp((z - m) / tau) + b exp(z - m), a new (N, V) fp32 tensor; m, tau, a, b (N, 1), b optional. `mode`:
+    default the current."""
+    return _call("dense_grad", mode, z, m, tau, a, b)

@@ -158,6 +158,7 @@ def _fused_forward(ctx, z: Tensor, ids: Tensor, temperature: float | Tensor, tar
     ce = (total1.log() + m - z.gather(-1, targets)).squeeze(-1) if targets is not None else z.new_zeros(0)
     ctx.save_for_backward(z, ids, m, tau, total, *(() if targets is None else (total1, targets)))
     ctx.fused = True
+    ctx.kernels = kernels.current()  # the backward may run in another thread
     ctx.has_ce = targets is not None
     if targets is None:
         ctx.mark_non_differentiable(ce)
@@ -173,7 +174,7 @@ def _fused_backward(ctx, g: Tensor, g_ce: Tensor):
     if ctx.has_ce:
         total1, targets = ctx.saved_tensors[5:7]
         b = g_ce[:, None] / total1
-    gz = kernels.dense_grad(z, m, tau, a, b)
+    gz = kernels.dense_grad(z, m, tau, a, b, mode=ctx.kernels)
     gz.scatter_add_(-1, ids, g / tau)
     if ctx.has_ce:
         gz.scatter_add_(-1, targets, -g_ce[:, None])
