@@ -8,6 +8,8 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 SRC=/work/study-prereg/runs/prereg
 DST=$REPO/studies/prereg/runs
 mkdir -p "$DST"
+# The CPU each session's runs train on (deviations.md, 4: CPUs round differently), one line per session.
+echo "$(date -u +%Y-%m-%dT%H:%MZ) $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores" >> "$DST/machines.txt"
 last=""
 while true; do
   # A commit when a run finishes (or the choices change), not every few minutes: an unfinished run restarts from
