@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", default=None, help="write {method: seconds} here")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "compiled", "eager"],
+                    help="objective.kernels; eager for the pinned study (f25dd9c), whose code predates the kernels")  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +65,7 @@ def main() -> None:
         runs = {}
         for name in args.methods.split(","):
             m = method(name)
-            cfg = m.objective_config(feat_layers=2)
+            cfg = m.objective_config(feat_layers=2, kernels=args.kernels)
             student = cut_student(teacher, cut, dtype=torch.float32).train()
             pairs, projector = feature_branch(cfg, student, (lt, dt), "cpu")  # as the trainer pairs a cut's layers
             module = DistillationModule(student, projector, [s for s, _ in pairs], True, vocab=vocab)

@@ -14,8 +14,9 @@ if ! grep -q "Pre-registered" docs/results.md; then
   [ -f docs/results.png ] && git mv docs/results.png docs/results-30step.png
   sed -i 's/(results\.png)/(results-30step.png)/' docs/results-30step.md
 fi
+# eager: the study's pinned code (f25dd9c) predates egad/losses/kernels.py, so its runs took eager steps.
 [ -f studies/prereg/step_times.json ] ||
-  .venv/bin/python bench/study_step_time.py --steps 30 --out studies/prereg/step_times.json
+  .venv/bin/python bench/study_step_time.py --steps 30 --kernels eager --out studies/prereg/step_times.json
 .venv/bin/egad study --size configs/study/prereg.yaml --cells kd,feat_kd_all,egad,kd_anchor,feat_kd_last --seeds 7 \
   --lr-grid 3e-4,1e-3,3e-3 --anchor-grid 0.001,0.01,0.1 --pilot-seed 100 --primary egad-kd,egad-feat_kd_all \
   --jobs 2 --out "$RUNS" --results docs/results.md --step-times studies/prereg/step_times.json \
