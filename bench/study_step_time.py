@@ -44,8 +44,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--out", default=None, help="write {method: seconds} here")
-    ap.add_argument("--kernels", default="auto", choices=["auto", "compiled", "eager"],
-                    help="objective.kernels; eager for the pinned study (f25dd9c), whose code predates the kernels")  # fmt: skip
+    ap.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "compiled", "eager"],
+        help="objective.kernels; eager for the pinned study (f25dd9c), whose code predates the kernels",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
