@@ -7,7 +7,8 @@ a dozen (N, V) passes and a saved (N, V) buffer; each compiled kernel reads z on
 (N, V) tensor, and the forward saves none (the backward recomputes the exponentials from z, as Liger's and TRL's
 chunked losses recompute theirs). The values agree with the eager passes to float32 rounding, not bit for bit.
 
-Which path runs is a process-wide mode, set for a scope by `using` (the objective passes `objective.kernels`):
+Which path runs is the calling thread's mode, set for a scope by `using` (the objective passes `objective.kernels`;
+a forward hands its mode to its backward):
 
 * ``eager``: PyTorch's own operations, no compiler (the default of a bare call, so the pure functions stay pure);
 * ``compiled``: the kernels, or an error when `torch.compile` cannot build them here;
