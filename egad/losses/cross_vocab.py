@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from egad.losses.divergences import _NEG, DIVERGENCES, _temper
+from egad.losses.divergences import _NEG, DIVERGENCES, _tempered
 
 __all__ = [
     "CROSS_VOCAB_LOSSES",
@@ -133,11 +133,6 @@ def _check(student_logits: Tensor, teacher_logits: Tensor, vmap: VocabMap | None
 
 
 # ------------------------------------------------------------------------------------------------ exact matching
-def _tempered(z: Tensor, tau: float | Tensor) -> Tensor:
-    # At a float tau of 1 the logits are used as they are: no (C, V) copy.
-    return z if isinstance(tau, float) and tau == 1.0 else _temper(z, tau)
-
-
 def _tail(rest: Tensor) -> Tensor:
     """log of the mass of the `rest` log-prob columns, (N, R) -> (N,); -inf (zero gradient) where there is none."""
     if not rest.requires_grad:

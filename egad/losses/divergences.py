@@ -55,18 +55,27 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, hi_inclusive:
         raise ValueError(f"{name} must be in [{lo}, {hi}{']' if hi_inclusive else ')'}, got {value}")
 
 
-def _temper(z: Tensor, tau: float | Tensor) -> Tensor:
-    """z / tau with tau a positive float, a 0-d tensor or an (N,) tensor of per-token temperatures."""
+def _checked_tau(tau: float | Tensor, rows: int, device: torch.device) -> float | Tensor:
+    """A temperature validated once for every loss: a positive float, or an fp32 tensor of shape () or (rows,) on
+    `device` (a tensor's values are not checked: that would synchronise with the device)."""
     if isinstance(tau, Tensor):
-        tau = tau.to(device=z.device, dtype=torch.float32)
-        if tau.dim() == 0:
-            return z / tau
-        if tau.shape != (z.shape[0],):
-            raise ValueError(f"temperature tensor must have shape ({z.shape[0]},), got {tuple(tau.shape)}")
-        return z / tau[:, None]
+        if tau.dim() and tau.shape != (rows,):
+            raise ValueError(f"temperature tensor must have shape ({rows},), got {tuple(tau.shape)}")
+        return tau.to(device=device, dtype=torch.float32)
     if not float(tau) > 0:
         raise ValueError(f"temperature must be > 0, got {tau}")
-    return z / float(tau)
+    return float(tau)
+
+
+def _temper(z: Tensor, tau: float | Tensor) -> Tensor:
+    """z / tau, a new tensor, with tau a positive float, a 0-d tensor or an (N,) tensor of per-token temperatures."""
+    tau = _checked_tau(tau, z.shape[0], z.device)
+    return z / (tau[:, None] if isinstance(tau, Tensor) and tau.dim() else tau)
+
+
+def _tempered(z: Tensor, tau: float | Tensor) -> Tensor:
+    """`_temper`, except that at a float tau of 1 the logits are used as they are: no (N, V) copy."""
+    return z if isinstance(tau, float) and tau == 1.0 else _temper(z, tau)
 
 
 def _log_probs(z: Tensor, tau: float | Tensor) -> Tensor:

@@ -8,12 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from egad.losses.divergences import _check_pair, _temper, forward_kl
-
-
-def _tempered(z: Tensor, tau: Tensor | float) -> Tensor:
-    # At a float tau of 1 the logits are used as they are: no (C, V) copy.
-    return z if isinstance(tau, float) and tau == 1.0 else _temper(z, tau)
+from egad.losses.divergences import _check_pair, _tempered, forward_kl
 
 
 class _ForwardKL(torch.autograd.Function):

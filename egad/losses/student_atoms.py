@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from egad.losses import kernels
-from egad.losses.divergences import _temper
+from egad.losses.divergences import _checked_tau, _temper
 
 __all__ = ["student_atom_logprobs", "student_atom_logprobs_and_ce"]
 
@@ -139,14 +139,10 @@ class _StudentAtoms(torch.autograd.Function):
 
 def _tau_column(temperature: float | Tensor, z: Tensor) -> Tensor:
     """The temperature as an (N, 1) fp32 column: one kernel signature for floats, 0-d and per-token tensors."""
-    if isinstance(temperature, Tensor):
-        tau = temperature.detach().to(device=z.device, dtype=torch.float32)
-        if tau.dim() and tau.shape != (z.shape[0],):
-            raise ValueError(f"temperature tensor must have shape ({z.shape[0]},), got {tuple(tau.shape)}")
-        return tau.reshape(-1, 1).expand(z.shape[0], 1).contiguous()
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return z.new_full((z.shape[0], 1), float(temperature))
+    tau = _checked_tau(temperature, z.shape[0], z.device)
+    if isinstance(tau, Tensor):
+        return tau.detach().reshape(-1, 1).expand(z.shape[0], 1).contiguous()
+    return z.new_full((z.shape[0], 1), tau)
 
 
 def _fused_forward(ctx, z: Tensor, ids: Tensor, temperature: float | Tensor, targets: Tensor | None):
