@@ -11,6 +11,15 @@ DATA = REPO.parent / "shared" / "data"
 DOLLY = DATA / "dolly" / "dolly.jsonl"
 
 
+@pytest.fixture(params=["eager", "compiled"])
+def kernel_mode(request):
+    """A loss test that takes it runs on the eager passes and on the compiled kernels (egad.losses.kernels)."""
+    from egad.losses import kernels
+
+    with kernels.using(request.param):
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def dolly_path() -> Path:
     if not DOLLY.is_file():

@@ -1,5 +1,6 @@
 """The hand-written forward KL against float64 autograd on the definition, and against `forward_kl`: odd shapes,
-per-token and scalar temperatures, -inf entries on either side, values and student gradients."""
+per-token and scalar temperatures, -inf entries on either side, values and student gradients; each on the eager
+passes and on the compiled kernels (the `kernel_mode` fixture)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _ref(zs: torch.Tensor, zt: torch.Tensor, tau) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(1, 2), (7, 13), (33, 257)])
 @pytest.mark.parametrize("tau_kind", ["float", "tensor", "0d"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fast_forward_kl_equals_float64_reference(shape, tau_kind, masked):
+def test_fast_forward_kl_equals_float64_reference(shape, tau_kind, masked, kernel_mode):
     g = torch.Generator().manual_seed(shape[0] * 31 + shape[1])
     n, v = shape
     zs = (torch.randn(n, v, generator=g) * 3).requires_grad_()
@@ -49,7 +50,7 @@ def test_fast_forward_kl_equals_float64_reference(shape, tau_kind, masked):
     torch.testing.assert_close(got, forward_kl(zs, zt, temperature=tau), atol=1e-6, rtol=1e-6)
 
 
-def test_the_shared_cross_entropy_equals_the_separate_one_dense():
+def test_the_shared_cross_entropy_equals_the_separate_one_dense(kernel_mode):
     """Forward KL and CE from one student log-softmax (tau 1): the same values and student gradient as the two apart,
     for any upstream weights of each."""
     from egad.losses.fused_kl import forward_kl_and_ce_fast

@@ -1,5 +1,6 @@
-"""The fused kernels of the student atoms (egad.losses.kernels): values against a float64 reference written apart,
-the modes and their fallback, and a cached EGAD step that is the same under the compiled kernels and eager."""
+"""The fused kernels (egad.losses.kernels), of the student atoms and of the online forward KL: values against a
+float64 reference written apart, the modes and their fallback, and cached and online losses that are the same under
+the compiled kernels and eager."""
 
 from __future__ import annotations
 
@@ -49,6 +50,29 @@ def test_compiled_kernels_match_float64(n: int, v: int, with_ce: bool) -> None:
         want_grad = want_grad + b.double() * torch.exp(z64 - m64)
     torch.testing.assert_close(grad, want_grad.float(), rtol=1e-5, atol=1e-6)
     assert (grad[2] == 0).all() and (grad[1, v // 3 :] == 0).all()
+
+
+@pytest.mark.parametrize(("n", "v"), [(5, 7), (33, 1001), (4, 49152)])
+def test_compiled_forward_kl_kernels_match_float64(n: int, v: int) -> None:
+    """Masked tails and all -inf rows on both sides, in different rows and in the same row (row 2)."""
+    zs, zt = _logits(n, v, n + v), _logits(n, v, n + v + 1).roll(1, 0)  # the teacher's masked rows are 2 and 3
+    zs[-1, 0] = -math.inf  # a student zero where the teacher has mass: the term and p's entry are dropped
+    tau = 0.5 + torch.rand(n, 1, generator=torch.Generator().manual_seed(2)) * 2
+    cq, cp = torch.randn(n, 1), torch.randn(n, 1)
+    with kernels.using("compiled"):
+        ms, total_s, mt, total_t, kl, kept = kernels.kl_forward(zs, zt, tau)
+        grad = kernels.kl_grad(zs, zt, tau, ms, total_s, mt, total_t, cq, cp)
+    logq = torch.log_softmax(zs.double() / tau.double(), -1)
+    logp = torch.log_softmax(zt.double() / tau.double(), -1)
+    keep = (logq > -math.inf) & (logp > -math.inf)  # NaN rows (nothing left) are not kept either
+    terms = torch.where(keep, logp.exp() * (logp - logq), 0.0)
+    torch.testing.assert_close(kl.squeeze(-1), terms.sum(-1).float(), rtol=1e-5, atol=1e-6)
+    p_kept = torch.where(keep, logp.exp(), 0.0)
+    torch.testing.assert_close(kept.squeeze(-1), p_kept.sum(-1).float(), rtol=1e-5, atol=1e-7)
+    q = torch.nan_to_num(logq.exp(), nan=0.0)
+    want = cq.double() * q - cp.double() * p_kept
+    torch.testing.assert_close(grad, want.float(), rtol=1e-5, atol=1e-7)
+    assert kl[2] == 0 and kept[2] == 0 and (grad[2] == 0).all()
 
 
 def test_a_mode_outside_the_list_is_refused() -> None:
@@ -160,3 +184,43 @@ def test_the_backward_keeps_the_forwards_mode(monkeypatch) -> None:
                                                 temperature=torch.tensor([1.0, 1.5, 2.0]))  # fmt: skip
     (logq.sum() + ce.sum()).backward()
     assert calls == [5] and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("name", ["kd", "egad"])
+def test_an_online_teacher_loss_is_the_same_compiled_and_eager(monkeypatch, name: str) -> None:
+    """The fused online teacher's forward KL (with the shared CE at tau 1 for `kd`, per-token tau for `egad`) under
+    `objective.kernels`: the same loss and gradients, and the compiled run does go through the KL kernels."""
+    from conftest import plan_state
+
+    from egad.models.heads import OutputHead
+    from egad.objective.compose import StudentOutputs, distillation_loss
+    from egad.teacher.signal import FusedSignal
+
+    b, length, v, dt, ds = 2, 23, 97, 24, 16
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(b, length, dt, generator=g)
+    head = OutputHead(torch.randn(v + 3, dt, generator=g), None, hidden_scale=0.5, logit_scale=1.3, softcap=None)
+    zs = torch.randn(b, length, v + 3, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (b, length), generator=g)
+    targets[:, :3] = -100
+    fs, ft = [torch.randn(b, length, ds, generator=g, requires_grad=True)], [torch.randn(b, length, dt, generator=g)]
+    state = plan_state(head.logits(hidden)[..., :v], zs[..., :v])
+    calls = []
+    real = kernels.kl_forward
+    monkeypatch.setattr(kernels, "kl_forward", lambda *a, **k: calls.append(kernels.current()) or real(*a, **k))
+    results = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        proj = FeatureProjector(ds, dt, 1)
+        cfg = preset(name, chunk_size=13, feat_layers=1, kernels=mode)
+        out = distillation_loss(StudentOutputs(logits=zs, features=fs), FusedSignal(hidden, head, ft), targets, cfg,
+                                progress=0.4, state=state, projector=proj, vocab_size=v)  # fmt: skip
+        params = [zs, *fs, *proj.parameters()]
+        results[mode] = (out.loss.detach(), torch.autograd.grad(out.loss, params, allow_unused=True))
+    assert calls and set(calls) == {"compiled"}
+    (l0, g0), (l1, g1) = results["eager"], results["compiled"]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, c in zip(g0, g1, strict=True):
+        assert (a is None) == (c is None)
+        if a is not None:
+            torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)

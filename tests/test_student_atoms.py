@@ -8,19 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from egad.losses import kernels, sparse
+from egad.losses import sparse
 from egad.losses.divergences import _temper
 from egad.losses.sparse_tail import TailSample
 from egad.losses.student_atoms import _shifted, student_atom_logprobs, student_atom_logprobs_and_ce
 
 N, V, J = 37, 123, 19
-
-
-@pytest.fixture(params=["eager", "compiled"])
-def kernel_mode(request):
-    """Each value and gradient test runs on the eager passes and on the compiled kernels (egad.losses.kernels)."""
-    with kernels.using(request.param):
-        yield request.param
 
 
 def _inputs(seed: int, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

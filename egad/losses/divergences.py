@@ -67,6 +67,14 @@ def _checked_tau(tau: float | Tensor, rows: int, device: torch.device) -> float 
     return float(tau)
 
 
+def _tau_column(temperature: float | Tensor, z: Tensor) -> Tensor:
+    """The temperature as an (N, 1) fp32 column: one kernel signature for floats, 0-d and per-token tensors."""
+    tau = _checked_tau(temperature, z.shape[0], z.device)
+    if isinstance(tau, Tensor):
+        return tau.detach().reshape(-1, 1).expand(z.shape[0], 1).contiguous()
+    return z.new_full((z.shape[0], 1), tau)
+
+
 def _temper(z: Tensor, tau: float | Tensor) -> Tensor:
     """z / tau, a new tensor, with tau a positive float, a 0-d tensor or an (N,) tensor of per-token temperatures."""
     tau = _checked_tau(tau, z.shape[0], z.device)

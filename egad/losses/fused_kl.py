@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from egad.losses.divergences import _check_pair, _tempered, forward_kl
+from egad.losses import kernels
+from egad.losses.divergences import _check_pair, _tau_column, _tempered, forward_kl
 
 
 class _ForwardKL(torch.autograd.Function):
@@ -20,6 +21,9 @@ class _ForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zs: Tensor, zt: Tensor, tau: Tensor | float, targets: Tensor | None):  # type: ignore[override]
+        ctx.fused = kernels.active(zs)
+        if ctx.fused:
+            return _fused_forward(ctx, zs, zt, tau, targets)
         logq = torch.log_softmax(_tempered(zs, tau), dim=-1)
         # The cross-entropy at tau = 1 from the same normaliser: -log q(y) (the caller passes targets only at tau 1).
         ce = None if targets is None else -logq.gather(-1, targets[:, None]).squeeze(-1)
@@ -50,6 +54,8 @@ class _ForwardKL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor, g_ce: Tensor):  # type: ignore[override]
+        if ctx.fused:
+            return _fused_backward(ctx, g, g_ce)
         q, p, *targets = ctx.saved_tensors
         scale = g / ctx.tau.to(g).reshape(-1) if isinstance(ctx.tau, Tensor) else g / float(ctx.tau)
         # KL: (q S - p) scale; CE (tau = 1): (q - onehot(y)) g_ce. In place on the saved buffers, not read again.
@@ -60,6 +66,31 @@ class _ForwardKL(torch.autograd.Function):
         if targets:
             grad.scatter_add_(-1, targets[0][:, None], -g_ce[:, None])
         return grad, None, None, None
+
+
+def _fused_forward(ctx, zs: Tensor, zt: Tensor, tau: Tensor | float, targets: Tensor | None):
+    """`_ForwardKL.forward` through `egad.losses.kernels`: the row statistics from one fused kernel; the inputs are
+    saved instead of q and p, and the backward recomputes both from them."""
+    tau_col = _tau_column(tau, zs)
+    ms, total_s, mt, total_t, kl, kept = kernels.kl_forward(zs, zt, tau_col)
+    ctx.save_for_backward(zs, zt, tau_col, ms, total_s, mt, total_t, kept, *(() if targets is None else (targets,)))
+    ctx.kernels = kernels.current()  # the backward may run in another thread
+    kl = kl.squeeze(-1)
+    if targets is None:
+        return kl, kl.new_zeros(())
+    # At tau = 1 (the only temperature that comes with targets) ms and total_s are the CE's own normaliser.
+    return kl, (total_s.log() + ms - zs.gather(-1, targets[:, None])).squeeze(-1)
+
+
+def _fused_backward(ctx, g: Tensor, g_ce: Tensor):
+    """(q S - p_kept) g / tau, plus (q - onehot(y)) g_ce with targets: the dense part from one fused kernel."""
+    zs, zt, tau, ms, total_s, mt, total_t, kept, *targets = ctx.saved_tensors
+    scale = g[:, None] / tau
+    cq = scale * kept + (g_ce[:, None] if targets else 0.0)
+    grad = kernels.kl_grad(zs, zt, tau, ms, total_s, mt, total_t, cq, scale, mode=ctx.kernels)
+    if targets:
+        grad.scatter_add_(-1, targets[0][:, None], -g_ce[:, None])
+    return grad, None, None, None
 
 
 def forward_kl_fast(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float | Tensor = 1.0) -> Tensor:

@@ -1,4 +1,5 @@
-"""The student atoms' full-vocabulary passes as two fused kernels, compiled by `torch.compile` where it works.
+"""The losses' full-vocabulary passes as fused kernels, compiled by `torch.compile` where it works: the student
+atoms' (below) and the online teacher's forward KL (`kl_forward`, `kl_grad`, for `egad.losses.fused_kl`).
 
 `egad.losses.student_atoms` needs, per row of the student logits z (N, V): the maximum m, the normaliser
 sum exp((z - m) / tau) and, with a cross-entropy at another temperature, sum exp(z - m); in the backward, the dense
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "active", "current", "dense_grad", "normalisers", "using"]
+__all__ = ["MODES", "active", "current", "dense_grad", "kl_forward", "kl_grad", "normalisers", "using"]
 
 MODES = ("auto", "compiled", "eager")
 
@@ -83,7 +84,38 @@ def _dense_grad(z: Tensor, m: Tensor, tau: Tensor, a: Tensor, b: Tensor | None) 
     return out + torch.exp(s) * b if b is not None else out
 
 
-_EAGER = {"normalisers": _normalisers, "dense_grad": _dense_grad}
+def _row_max(x: Tensor) -> Tensor:
+    m = x.amax(-1, keepdim=True)
+    return torch.where(m == float("-inf"), 0.0, m)
+
+
+def _kl_forward(zs: Tensor, zt: Tensor, tau: Tensor) -> tuple[Tensor, ...]:
+    # log p - log q = d + log Zs - log Zt with d the shifted difference: no (N, V) log-probabilities are formed. A term
+    # is dropped where either side is -inf (p or q is 0), so a masked entry adds nothing and NaN still propagates.
+    a, b = zs / tau, zt / tau
+    ms, mt = _row_max(a), _row_max(b)
+    sa, sb = a - ms, b - mt
+    total_s = torch.exp(sa).sum(-1, keepdim=True)
+    eb = torch.exp(sb)
+    total_t = eb.sum(-1, keepdim=True)
+    keep = (a != float("-inf")) & (b != float("-inf"))
+    w = torch.where(keep, eb, 0.0)
+    kept = w.sum(-1, keepdim=True)
+    dot = (w * torch.where(keep, sb - sa, 0.0)).sum(-1, keepdim=True)
+    safe_t = torch.where(total_t > 0, total_t, 1.0)
+    kl = torch.where(kept > 0, (dot + kept * (total_s.log() - safe_t.log())) / safe_t, 0.0)
+    return ms, total_s, mt, safe_t, kl, kept / safe_t
+
+
+def _kl_grad(zs: Tensor, zt: Tensor, tau: Tensor, ms: Tensor, total_s: Tensor, mt: Tensor, total_t: Tensor,
+             cq: Tensor, cp: Tensor) -> Tensor:  # fmt: skip
+    a = zs / tau
+    q = torch.exp(a - ms) / torch.where(total_s > 0, total_s, 1.0)
+    p = torch.where(a != float("-inf"), torch.exp(zt / tau - mt) / total_t, 0.0)
+    return q * cq - p * cp
+
+
+_EAGER = {"normalisers": _normalisers, "dense_grad": _dense_grad, "kl_forward": _kl_forward, "kl_grad": _kl_grad}
 
 
 def _kernel(name: str) -> Callable:
@@ -125,3 +157,18 @@ def dense_grad(z: Tensor, m: Tensor, tau: Tensor, a: Tensor, b: Tensor | None, *
     """a exp((z - m) / tau) + b exp(z - m), a new (N, V) fp32 tensor; m, tau, a, b (N, 1), b optional. `mode`:
     default the current."""
     return _call("dense_grad", mode, z, m, tau, a, b)
+
+
+def kl_forward(zs: Tensor, zt: Tensor, tau: Tensor, *, mode: str | None = None) -> tuple[Tensor, ...]:
+    """Forward KL(p || q) per row, p = softmax(zt / tau), q = softmax(zs / tau), terms dropped where either side is
+    -inf, in one fused kernel: (ms, Zs, mt, Zt, kl, S), each (N, 1), with m the row maxima of the tempered logits,
+    Z the normalisers (Zt 1 on a teacher row of -inf) and S the teacher mass on the kept entries. zs, zt (N, V) fp32;
+    tau (N, 1) fp32 > 0. `mode`: default the current."""
+    return _call("kl_forward", mode, zs, zt, tau)
+
+
+def kl_grad(zs: Tensor, zt: Tensor, tau: Tensor, ms: Tensor, total_s: Tensor, mt: Tensor, total_t: Tensor,
+            cq: Tensor, cp: Tensor, *, mode: str | None = None) -> Tensor:  # fmt: skip
+    """cq q - cp p_kept, a new (N, V) fp32 tensor, from `kl_forward`'s row statistics (p_kept: p where zs is not
+    -inf); cq, cp (N, 1). `mode`: default the current."""
+    return _call("kl_grad", mode, zs, zt, tau, ms, total_s, mt, total_t, cq, cp)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from egad.losses import kernels
-from egad.losses.divergences import _checked_tau, _temper
+from egad.losses.divergences import _tau_column, _temper
 
 __all__ = ["student_atom_logprobs", "student_atom_logprobs_and_ce"]
 
@@ -135,14 +135,6 @@ class _StudentAtoms(torch.autograd.Function):
                 gz[rows].addcmul_(w.exp_(), coef[rows])
             gz.scatter_add_(-1, targets, -g_ce[:, None])
         return gz, None, None, None
-
-
-def _tau_column(temperature: float | Tensor, z: Tensor) -> Tensor:
-    """The temperature as an (N, 1) fp32 column: one kernel signature for floats, 0-d and per-token tensors."""
-    tau = _checked_tau(temperature, z.shape[0], z.device)
-    if isinstance(tau, Tensor):
-        return tau.detach().reshape(-1, 1).expand(z.shape[0], 1).contiguous()
-    return z.new_full((z.shape[0], 1), tau)
 
 
 def _fused_forward(ctx, z: Tensor, ids: Tensor, temperature: float | Tensor, targets: Tensor | None):
