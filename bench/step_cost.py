@@ -14,6 +14,7 @@ variant and its ratio to SFT (unfused and fused SFT, so the fused path is compar
     python bench/step_cost.py --shapes tiny --steps 6
     python bench/step_cost.py --clock cpu --threads 1   # a rough reading on a busy machine
     python bench/step_cost.py --shapes tiny --parts     # plus cached EGAD with one component off at a time
+    python bench/step_cost.py --kernels eager           # the losses' passes in eager PyTorch (egad.losses.kernels)
 
 `--parts` adds cached EGAD variants without the per-token temperature (`temp_mode const`: tau = 1, so the CE shares
 the KD's normaliser), without the feature branch (`beta_f 0`), and with neither (the curriculum alone), so each
@@ -112,9 +113,10 @@ def run_shape(name: str, args) -> dict[str, float]:
     vocab = spec["vocab"]
     teacher = llama(vocab, **spec["teacher"]).eval().requires_grad_(False)
     items, groups = batches(vocab, args.steps + 1, args.batch)
-    obj = {"kd": preset("kd", feat_layers=2), "egad": preset("egad", feat_layers=2)}
+    k = {"feat_layers": 2, "kernels": args.kernels}
+    obj = {"kd": preset("kd", **k), "egad": preset("egad", **k)}
     parts = PARTS if args.parts else {}
-    obj.update({name: preset("egad", feat_layers=2, **over) for name, over in parts.items()})
+    obj.update({name: preset("egad", **k, **over) for name, over in parts.items()})
     tmp = Path(tempfile.mkdtemp(prefix="egad-step-cost-"))
     try:
         caches = {}
@@ -216,6 +218,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall, or this process's CPU seconds")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--parts", action="store_true", help="add cached EGAD with one component off at a time")
+    ap.add_argument("--kernels", choices=["auto", "compiled", "eager"], default="auto", help="objective.kernels")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
