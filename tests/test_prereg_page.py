@@ -123,3 +123,18 @@ def test_time_axis_is_quiet_only_when_every_cell_has_a_step_time(tmp_path):
     assert minutes["egad"][-1] == 300 * 2.0 / 60 and minutes["kd"][1] == 30 * 1.5 / 60
     label, minutes = PP.time_axis(cells, {"kd": 1.5})  # one missing: the logged minutes, 60 s per 30-step row
     assert "logged" in label and minutes["egad"][-1] == 10 * 60 / 60
+
+
+def test_each_part_gets_its_difference_and_interval(tmp_path):
+    """The rows of the cells that exist, each with the seed-mean difference and a t-interval computed here apart."""
+    text = build(tmp_path, tmp_path / "results.md")
+    part = text.split("## What each part contributes", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in part.splitlines() if ln.startswith("| ") and "`" in ln]
+    assert [r.split(" | ")[1] for r in rows] == ["`feat_kd_all` - `kd`", "`egad` - `feat_kd_all`", "`egad` - `kd`"]
+    d = [a - b for a, b in zip(TEST["feat_kd_all"], TEST["kd"], strict=True)]
+    half = 2.4469118511449692 * statistics.stdev(d) / math.sqrt(len(d))  # t quantile 0.975, 6 degrees of freedom
+    mean = statistics.fmean(d)
+    assert f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" in rows[0]
+    assert "joint effect" in part
+    only_kd = {"kd": PP.load_cell(tmp_path / "runs", "kd", SEEDS)}
+    assert PP.contributions(only_kd) == ["_No pair of these cells was run._"]
