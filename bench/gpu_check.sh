@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issues: performance, distributed engines), for one H200, in at most 8 minutes. It uses only
+# The prepared GPU check (issues: performance, distributed engines), for one H100 or H200, in at most 9 minutes. It uses only
 # the repository and the machine's own python3 (torch, transformers, accelerate); nothing is downloaded.
 #   1. the loss benchmark at Qwen2.5 shapes (V = 151,936; student 896, teacher 3584 wide) at N = 8,192 under bf16
 #      autocast: chunked and fused against the naive dense twin (memory and time ratios, gradient agreement);
 #   2. one EGAD training step of a Qwen2.5-0.5B-shaped student with a 1.5B-shaped teacher, both from configs, head fused
 #      and not: tokens/s and peak memory;
-#   3. a short bf16 run of configs/tiny.yaml on 1 GPU under DeepSpeed ZeRO-3 and under FSDP2 (teacher sharded): the
+#   3. the losses' compiled kernels (Triton) against eager PyTorch at one Qwen2.5 chunk (bench/loss_kernels.py);
+#   4. a short bf16 run of configs/tiny.yaml on 1 GPU under DeepSpeed ZeRO-3 and under FSDP2 (teacher sharded): the
 #      engine each run logs, its loss curve and its time (ZeRO-3 is skipped, with the reason, without deepspeed).
 # Writes its logs under $OUT (the device tool's output folder) or /tmp/egad-gpu-check.
 set -uo pipefail
@@ -17,6 +18,7 @@ python3 -c "import torch, transformers; print(torch.__version__, transformers.__
     | tee "$out/device.txt"
 timeout 240 python3 bench/loss_memory.py --device cuda --tokens 8192 --trl-tokens --autocast 2>&1 | tee "$out/loss_memory.txt"
 timeout 120 python3 bench/gpu_step.py --device cuda 2>&1 | tee "$out/gpu_step.txt"
+timeout 60 python3 bench/loss_kernels.py --device cuda --rows 110 --vocab 151936 --calls 10 2>&1 | tee "$out/loss_kernels.txt"
 run_engine() {  # $1: name, $2: accelerate config
     local dir="$out/engine-$1"
     rm -rf "$dir"

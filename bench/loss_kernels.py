@@ -11,6 +11,7 @@ compiled / eager ratio.
 
     python bench/loss_kernels.py                      # the tiny shape's chunk (N = 1,200, V = 4,096)
     python bench/loss_kernels.py --rows 341 --vocab 49152   # one SmolLM2 chunk
+    python bench/loss_kernels.py --device cuda --rows 110 --vocab 151936   # one Qwen2.5 chunk on a GPU
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--atoms", type=int, default=120, help="top-k + sampled tail ids per row (64 + 56)")
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the kernels are then built by Triton)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,6 +64,10 @@ def main() -> None:
     g, g_ce = torch.randn(n, args.atoms, generator=gen), torch.randn(n, generator=gen)
     g_row = torch.randn(n, generator=gen)
     per_token = 1.0 + torch.rand(n, generator=gen)
+    z, ids, targets, zt, g, g_ce, g_row, per_token = (
+        t.to(args.device) for t in (z, ids, targets, zt, g, g_ce, g_row, per_token)
+    )
+    sync = torch.cuda.synchronize if z.is_cuda else lambda: None
     cases = {
         "cached, per-token tau (EGAD)": lambda: cached_call(z, ids, targets, per_token, g, g_ce),
         "cached, tau = 1 (KD)": lambda: cached_call(z, ids, targets, 1.0, g, g_ce),
@@ -74,8 +80,10 @@ def main() -> None:
         for i in range(args.calls + 1):
             for mode in times:
                 with kernels.using(mode):
+                    sync()
                     t0 = time.perf_counter()
                     grads[mode] = call()
+                    sync()
                     if i:  # the first call compiles
                         times[mode].append(time.perf_counter() - t0)
         err = (grads["compiled"] - grads["eager"]).abs().max().item()
