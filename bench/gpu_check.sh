@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issues: performance, distributed engines), for one H100 or H200, in at most 9 minutes. It uses only
-# the repository and the machine's own python3 (torch, transformers, accelerate); nothing is downloaded.
+# The prepared GPU check (issues: performance, distributed engines), for one H100 or H200, in at most 9 minutes. It
+# uses only the repository and the machine's own python3 (torch, transformers, accelerate); nothing is downloaded.
 #   1. the loss benchmark at Qwen2.5 shapes (V = 151,936; student 896, teacher 3584 wide) at N = 8,192 under bf16
 #      autocast: chunked and fused against the naive dense twin (memory and time ratios, gradient agreement);
 #   2. one EGAD training step of a Qwen2.5-0.5B-shaped student with a 1.5B-shaped teacher, both from configs, head fused
