@@ -166,6 +166,31 @@ def test_a_cached_egad_step_is_the_same_compiled_and_eager(cached, fused: bool) 
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_past_the_recompile_limit_a_new_variant_runs_eager_with_one_warning(monkeypatch) -> None:
+    """torch compiles a function for a bounded number of input variants: past it, egad's kernels must not read as
+    uncompilable (no error in `compiled` mode, the device not marked broken), and the values stay right."""
+    import torch._dynamo
+
+    def scaled(z, double: bool):  # a new function: no variant of it is compiled yet in this process
+        return z * 2 if double else z * 3
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(kernels, "_EAGER", {**kernels._EAGER, "scaled": scaled})
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_over_limit", set())
+    monkeypatch.setattr(kernels, "_broken", {})
+    z = torch.arange(6.0).reshape(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert torch.equal(kernels._call("scaled", "compiled", z, True), z * 2)  # the one variant allowed
+    with pytest.warns(RuntimeWarning, match="'scaled' reached torch's recompile limit"):
+        assert torch.equal(kernels._call("scaled", "compiled", z, False), z * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # warned once
+        assert torch.equal(kernels._call("scaled", "auto", z[:1], False), z[:1] * 3)
+    assert kernels._broken == {} and kernels.active(z, "auto")
+
+
 def test_the_backward_keeps_the_forwards_mode(monkeypatch) -> None:
     """On a GPU the backward runs in the autograd engine's thread, where the forward's scope does not reach: the
     forward's mode travels with the graph. Here the backward runs after the scope has closed."""

@@ -37,6 +37,7 @@ MODES = ("auto", "compiled", "eager")
 _state = threading.local()
 _broken: dict[str, str] = {}  # device type -> why torch.compile failed there ("auto" falls back)
 _compiled: dict[str, Callable] = {}
+_over_limit: set[str] = set()  # kernels that reached torch's recompile limit (warned once)
 
 
 def _mode() -> str:
@@ -129,8 +130,12 @@ def _call(name: str, mode: str | None, z: Tensor, *args):
     if not active(z, mode):
         return _EAGER[name](z, *args)
     try:
-        return _kernel(name)(z, *args)
+        # The kernels are outside autograd: one grad mode for every caller, or each mode would be another variant.
+        with torch.no_grad():
+            return _kernel(name)(z, *args)
     except Exception as exc:  # torch.compile reports a missing compiler or backend with many exception types
+        if type(exc).__name__ == "FailOnRecompileLimitHit":
+            return _over_recompile_limit(name, z, *args)
         if mode == "compiled":
             raise RuntimeError(
                 f"objective.kernels='compiled', but torch.compile cannot build egad's fused kernels on "
@@ -145,6 +150,21 @@ def _call(name: str, mode: str | None, z: Tensor, *args):
             stacklevel=3,
         )
         return _EAGER[name](z, *args)
+
+
+def _over_recompile_limit(name: str, z: Tensor, *args):
+    """Not a missing compiler: this process has compiled the kernel for more input variants (sizes of 1, strides,
+    flags) than torch allows per function. The variants compiled so far stay compiled; a new one runs eager."""
+    if name not in _over_limit:
+        _over_limit.add(name)
+        warnings.warn(
+            f"egad's fused kernel {name!r} reached torch's recompile limit (torch._dynamo.config.recompile_limit = "
+            f"{torch._dynamo.config.recompile_limit}) in this process; input variants past it run in eager PyTorch. "
+            "Raise the limit to keep them compiled.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return _EAGER[name](z, *args)
 
 
 def normalisers(z: Tensor, tau: Tensor, *, with_ce: bool, mode: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
