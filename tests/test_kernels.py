@@ -174,20 +174,20 @@ def test_past_the_recompile_limit_a_new_variant_runs_eager_with_one_warning(monk
     def scaled(z, double: bool):  # a new function: no variant of it is compiled yet in this process
         return z * 2 if double else z * 3
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     monkeypatch.setattr(kernels, "_EAGER", {**kernels._EAGER, "scaled": scaled})
     monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "_over_limit", set())
     monkeypatch.setattr(kernels, "_broken", {})
     z = torch.arange(6.0).reshape(2, 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        assert torch.equal(kernels._call("scaled", "compiled", z, True), z * 2)  # the one variant allowed
-    with pytest.warns(RuntimeWarning, match="'scaled' reached torch's recompile limit"):
-        assert torch.equal(kernels._call("scaled", "compiled", z, False), z * 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # warned once
-        assert torch.equal(kernels._call("scaled", "auto", z[:1], False), z[:1] * 3)
+    with torch._dynamo.config.patch(recompile_limit=1):  # not monkeypatch: its undo deletes a config entry
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            assert torch.equal(kernels._call("scaled", "compiled", z, True), z * 2)  # the one variant allowed
+        with pytest.warns(RuntimeWarning, match="'scaled' reached torch's recompile limit"):
+            assert torch.equal(kernels._call("scaled", "compiled", z, False), z * 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # warned once
+            assert torch.equal(kernels._call("scaled", "auto", z[:1], False), z[:1] * 3)
     assert kernels._broken == {} and kernels.active(z, "auto")
 
 
