@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from egad.losses import kernels
-from egad.losses.divergences import _check_pair, _tau_column, _tempered, forward_kl
+from egad.losses.divergences import _check_pair, _checked_tau, _tau_column, _tempered, forward_kl
 
 
 class _ForwardKL(torch.autograd.Function):
@@ -98,13 +98,10 @@ def forward_kl_fast(student_logits: Tensor, teacher_logits: Tensor, *, temperatu
     zs, zt = _check_pair(student_logits, teacher_logits)
     if zt.requires_grad or (isinstance(temperature, Tensor) and temperature.requires_grad):
         return forward_kl(student_logits, teacher_logits, temperature=temperature)
-    if isinstance(temperature, Tensor):
-        temperature = temperature.detach().to(device=zs.device, dtype=torch.float32)
-        if temperature.dim() == 0:
-            temperature = temperature.reshape(1).expand(zs.shape[0])
-    else:
-        temperature = float(temperature)
-    return _ForwardKL.apply(zs, zt, temperature, None)[0]
+    tau = _checked_tau(temperature, zs.shape[0], zs.device)
+    if isinstance(tau, Tensor):
+        tau = tau.detach().reshape(-1).expand(zs.shape[0])  # a 0-d temperature as a per-row one
+    return _ForwardKL.apply(zs, zt, tau, None)[0]
 
 
 def forward_kl_and_ce_fast(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
