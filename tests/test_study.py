@@ -290,6 +290,9 @@ def test_seed_test_reference_values_and_edges():
     same = seed_test([0.2, 0.2, 0.2])
     assert same["p_t"] == 0.0 and same["p_sign"] == 0.25
     assert seed_test([0.0, 0.0])["p_t"] == 1.0
+    for bad in (math.nan, math.inf, -math.inf):  # a diverged seed must not read as a significant difference
+        res = seed_test([0.3, bad, 0.2, 0.4])
+        assert math.isnan(res["p_sign"]) and math.isnan(res["p_t"]) and math.isnan(res["lo"])
 
 
 def test_seed_level_tests_against_the_two_level_bootstrap():

@@ -147,10 +147,13 @@ MAX_SIGN_FLIP_SEEDS = 20  # 2^20 patterns, enumerated in blocks
 def sign_flip_p(diffs: list[float]) -> float:
     """Exact two-sided sign-flip (paired permutation) p-value of mean zero: the share of all 2^n sign patterns whose
     |sum of signed differences| is at least the observed one. Under no difference each seed's difference is as likely
-    to have either sign; with n seeds the smallest possible p is 2 / 2^n."""
+    to have either sign; with n seeds the smallest possible p is 2 / 2^n. A nan or infinite difference (a seed that
+    diverged or was not evaluated) gives nan, as the t-test does: no comparison counts as at least as extreme."""
     d = np.asarray(diffs, dtype=np.float64)
     if d.ndim != 1 or d.size == 0 or d.size > MAX_SIGN_FLIP_SEEDS:
         raise ValueError(f"need 1 to {MAX_SIGN_FLIP_SEEDS} per-seed differences, got shape {d.shape}")
+    if not np.isfinite(d).all():
+        return math.nan
     observed = abs(d.sum()) - 1e-12 * np.abs(d).sum()  # ties in exact arithmetic count as at least as extreme
     bits = np.arange(d.size)
     hits = 0
@@ -165,7 +168,8 @@ def seed_test(diffs: list[float], level: float = 0.95) -> dict:
     """The training seed as the unit: `diffs` holds one a - b difference per seed (each a mean over test examples).
     Returns n, the differences, their mean and sd, the `level` t-interval (lo, hi: nan with one seed), the paired
     t statistic, its two-sided p (`p_t`, nan with one seed; 0 when every difference is the same non-zero number) and
-    the exact sign-flip p (`p_sign`; nan past MAX_SIGN_FLIP_SEEDS seeds)."""
+    the exact sign-flip p (`p_sign`; nan past MAX_SIGN_FLIP_SEEDS seeds). A nan or infinite difference makes every
+    statistic but the mean nan: a seed that diverged is not evidence either way."""
     d = [float(x) for x in diffs]
     n = len(d)
     if n == 0:
@@ -173,7 +177,7 @@ def seed_test(diffs: list[float], level: float = 0.95) -> dict:
     mean = statistics.fmean(d)
     out = {"n": n, "diffs": d, "mean": mean, "sd": math.nan, "lo": math.nan, "hi": math.nan, "t": math.nan}
     out.update(p_t=math.nan, p_sign=sign_flip_p(d) if n <= MAX_SIGN_FLIP_SEEDS else math.nan)
-    if n > 1:
+    if n > 1 and all(math.isfinite(x) for x in d):
         sd = statistics.stdev(d)
         se = sd / math.sqrt(n)
         half = t_quantile(0.5 + level / 2.0, n - 1) * se
