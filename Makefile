@@ -25,7 +25,7 @@ demo: install
 demo-toy: install
 	$(VENV)/bin/egad demo --toy
 
-# The fast suite (about a minute); the slow tests (quick demo, quick study, accelerate launches) run apart.
+# The fast suite (about 2.5 min on 2 cores); the slow tests (quick demo, quick study, accelerate launches) run apart.
 test: install
 	$(PY) -m pytest -q -m "not slow"
 
