@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from egad.losses.divergences import hellinger_from_logprobs
 from egad.plan.entropy import (
     batch_mid_rank,
     fit_quantile_knots,
@@ -162,6 +163,35 @@ def test_token_entropy_chunking_is_invisible():
     temp = torch.rand(37, generator=g) + 0.5
     full = token_entropy(logits, temperature=temp, chunk_size=None)
     torch.testing.assert_close(token_entropy(logits, temperature=temp, chunk_size=5), full, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_a_rows_entropy_has_the_same_bits_alone_and_in_a_batch(threads):
+    """The plan's thresholds read these bits, so a row must not change with the chunk it lands in, a chunk of one
+    included (ATen splits a lone row's sum over the threads, in another order)."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(24, 49152, generator=g) * 3
+    logits[3, 1000:] = -math.inf
+    temp = torch.rand(24, generator=g) + 0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = token_entropy(logits, temperature=temp, chunk_size=None)
+        alone = torch.cat([token_entropy(logits[i : i + 1], temperature=temp[i : i + 1]) for i in range(24)])
+        tail = token_entropy(logits, temperature=temp, chunk_size=23)  # its last chunk holds one row
+        student = torch.log_softmax(logits.roll(1, 0), -1)
+        teacher = torch.log_softmax(logits, -1)
+        dist = hellinger_from_logprobs(student, teacher)  # AdaKD's difficulty signal
+        dist_alone = torch.cat([hellinger_from_logprobs(student[i : i + 1], teacher[i : i + 1]) for i in range(24)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(alone, batch) and torch.equal(tail, batch) and torch.equal(dist_alone, dist)
+    x = logits[:1].clone().requires_grad_(True)  # the lone row's copy does not double its gradient
+    token_entropy(x).sum().backward()
+    y = logits[:1].double().requires_grad_(True)
+    logp = torch.log_softmax(y, -1)
+    (-(logp.exp() * logp).sum()).backward()
+    torch.testing.assert_close(x.grad, y.grad.float(), rtol=1e-4, atol=1e-7)
 
 
 def test_token_entropy_empty_and_validation():

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from egad.plan.entropy import row_sum
+
 _NEG = torch.finfo(torch.float32).min
 
 __all__ = [
@@ -313,7 +315,7 @@ def hellinger_from_logprobs(student_logprobs: Tensor, teacher_logprobs: Tensor) 
 
     A difficulty score, not a KD term (AdaKD selects and tempers tokens by it) [SRC: AdaKD code]."""
     p, q = teacher_logprobs.float().exp(), student_logprobs.float().exp()
-    return ((p.sqrt() - q.sqrt()).pow(2).sum(-1) * 0.5).clamp_min(0).sqrt()
+    return (row_sum((p.sqrt() - q.sqrt()).pow(2)) * 0.5).clamp_min(0).sqrt()  # a plan signal: bits alike in any chunk
 
 
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {

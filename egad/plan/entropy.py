@@ -25,6 +25,7 @@ __all__ = [
     "knot_quantile",
     "normalized_entropy",
     "quantile_cdf",
+    "row_sum",
     "token_entropy",
 ]
 
@@ -46,6 +47,16 @@ def _check_positive_int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
     return value
+
+
+def row_sum(x: Tensor) -> Tensor:
+    """``x.sum(-1)`` of an (N, V) tensor, with bits that do not depend on N. ATen sums a lone row in two passes split
+    over the threads, in another order than a row among others (1 ulp apart at V = 49,152 on 2 threads), and the
+    plan's thresholds read these bits, so a row's plan would depend on the chunk it lands in: a lone row is summed
+    beside a copy of itself."""
+    if x.shape[0] == 1:
+        return torch.cat([x, x]).sum(-1)[:1]
+    return x.sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,7 +130,7 @@ def token_entropy(
         # p * logp is 0 * -inf = NaN at masked entries; zeroing logp there (rather than the product) also keeps the
         # backward pass finite, because the gradient then never multiplies -inf by 0.
         logp = logp.masked_fill(torch.isneginf(logp), 0.0)
-        parts.append(-(p * logp).sum(dim=-1))
+        parts.append(-row_sum(p * logp))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
