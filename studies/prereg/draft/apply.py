@@ -1,6 +1,6 @@
 """Draft, to be deleted once applied: puts the hand-written sections into docs/results.md and the README's study
 section after finish.sh. Run from the repository root: python3 studies/prereg/draft/apply.py KEY=FILE ... where each
-KEY is a placeholder left in the drafts (CONTROLS, CONTROLS_README, STUDY_HOURS; the teacher's and the cut's test NLL are already in) and FILE
+KEY is a placeholder left in the drafts (CONTROLS, CONTROLS_README, STUDY_HOURS) and FILE
 holds its text."""
 
 import re
