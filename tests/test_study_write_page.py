@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -80,3 +81,18 @@ def test_missing_run_or_reference_stops_with_its_name(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"teacher.*dolly_test"):
         _run(monkeypatch, str(runs), str(page))
     assert not page.exists()
+
+
+def test_reference_row_reads_nll_and_rouge_per_seed_of_each_generation_set():
+    from egad.study.driver import reference_row
+
+    sets = {
+        "dolly_dev": {"nll": 2.5},
+        "dolly_test": {"nll": 2.6, "rouge_l_per_seed": {"10": 9.0, "20": 12.0}},
+        "vicuna": {"rouge_l_per_seed": {"10": 4.0}},
+    }
+    row = reference_row(sets)
+    assert (row["dev_nll"], row["test_nll"]) == (2.5, 2.6)
+    assert row["rouge"] == {"dolly_test": [9.0, 12.0], "vicuna": [4.0]}
+    del sets["dolly_dev"]
+    assert math.isnan(reference_row(sets)["dev_nll"])

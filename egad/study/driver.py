@@ -133,6 +133,17 @@ def setup_study(args: argparse.Namespace) -> tuple[G.Setup, Path | None]:
     return G.Setup(size, dolly, data_dir, spec, out / "cache", teacher, out), teacher_run
 
 
+def reference_row(sets: dict) -> dict:
+    """A reference model's row of the results (the teacher, the untrained cut) from its evaluation summaries, one per
+    set: dev and test NLL, and ROUGE-L per sampling seed of each generation set. `dev_nll` is NaN when the
+    evaluation skipped `dolly_dev`."""
+    return {
+        "dev_nll": sets["dolly_dev"]["nll"] if "dolly_dev" in sets else math.nan,
+        "test_nll": sets["dolly_test"]["nll"],
+        "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in sets.items() if "rouge_l_per_seed" in v},
+    }
+
+
 def eval_teacher(setup: G.Setup, teacher_run: Path | None, seeds: list[int]) -> dict:
     """The teacher under the students' protocol: one sampling seed per training seed; resumes per eval set. Its dev
     NLL is the best of its training run's log, or the `dolly_dev` evaluation for a model egad did not train."""
@@ -146,12 +157,7 @@ def eval_teacher(setup: G.Setup, teacher_run: Path | None, seeds: list[int]) -> 
     else:
         dev = evals["dolly_dev"]["nll"]
         origin = f"The model `{setup.teacher_spec}`, not trained here."
-    return {
-        "dev_nll": dev,
-        "test_nll": evals["dolly_test"]["nll"],
-        "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in evals.items() if "rouge_l_per_seed" in v},
-        "origin": origin,
-    }
+    return {**reference_row(evals), "dev_nll": dev, "origin": origin}
 
 
 def eval_cut(setup: G.Setup) -> dict | None:
@@ -161,11 +167,7 @@ def eval_cut(setup: G.Setup) -> dict | None:
     model = X.save_cut_student(setup.teacher, setup.size.student, setup.out / "cut")
     kw = {"scale": setup.size, "data_dir": setup.data_dir, "skip_done": True}
     evals = X.evaluate(model, setup.out / "cut" / "eval", seeds=[G.sampling_seed(0)], dev=True, **kw)
-    return {
-        "dev_nll": evals["dolly_dev"]["nll"],
-        "test_nll": evals["dolly_test"]["nll"],
-        "rouge": {k: list(v["rouge_l_per_seed"].values()) for k, v in evals.items() if "rouge_l_per_seed" in v},
-    }
+    return reference_row(evals)
 
 
 def teacher_answers(setup: G.Setup) -> Path:
