@@ -20,7 +20,7 @@ from egad.config.run_config import RunConfig, build_config
 from egad.config.schema import ConfigError
 from egad.data import batches as D
 from egad.data.records import DataError
-from egad.eval.suite import EvalSettings, run_eval
+from egad.eval.suite import EvalSettings, merge_summary, run_eval, set_summaries
 from egad.paths import cache_root, default_data_dir
 from egad.train.trainer import Trainer
 
@@ -304,4 +304,9 @@ def evaluate(
         run_eval(model_dir, todo, sub, out_dir=out_dir, data_dir=data_dir)
     if not done("dolly_test", settings):
         run_eval(model_dir, ["dolly_test"], settings, out_dir=out_dir, data_dir=data_dir, teacher_path=teacher)
-    return json.loads((out_dir / "summary.json").read_text())["sets"]
+    merged = out_dir / "summary.json"
+    have = json.loads(merged.read_text())["sets"] if merged.is_file() else {}
+    lost = [s for s in (["dolly_dev"] if dev else []) + others + ["dolly_test"] if s not in have]
+    if lost:  # the merged summary was removed, or rewritten by a resumed call: each set's own summary is the record
+        have = merge_summary(out_dir, set_summaries(out_dir, lost), model_dir, teacher)["sets"]
+    return have

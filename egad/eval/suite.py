@@ -236,10 +236,24 @@ def run_eval(
     results = {
         s: evaluate_set(model, tokenizer, s, settings, data_dir=data_dir, out_dir=out, teacher=teacher) for s in sets
     }
-    # Merge with earlier calls on the same folder, so sets can be evaluated in separate runs (e.g. with other sizes).
-    path = out / "summary.json"
+    merge_summary(out, results, model_path, teacher_path)
+    return results
+
+
+def merge_summary(
+    out_dir: Path, sets: dict[str, dict], model_path: str | Path, teacher_path: str | Path | None
+) -> dict:
+    """Merge set summaries (their entropy buckets left out) into <out_dir>/summary.json, keeping the sets of earlier
+    calls on the same folder, so sets can be evaluated in separate runs (e.g. with other sizes). Returns the merged
+    summary."""
+    path = Path(out_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {"sets": {}}
     summary.update(model=str(model_path), teacher=str(teacher_path) if teacher_path else None)
-    summary["sets"].update({k: {kk: vv for kk, vv in v.items() if kk != "buckets"} for k, v in results.items()})
+    summary["sets"].update({k: {kk: vv for kk, vv in v.items() if kk != "buckets"} for k, v in sets.items()})
     path.write_text(json.dumps(summary, indent=1))
-    return results
+    return summary
+
+
+def set_summaries(out_dir: Path, names: list[str]) -> dict[str, dict]:
+    """The summaries that `evaluate_set` wrote for `names` (<out_dir>/<set>/summary.json): each set's own record."""
+    return {name: json.loads((Path(out_dir) / name / "summary.json").read_text()) for name in names}
