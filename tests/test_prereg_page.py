@@ -30,6 +30,7 @@ def write_run(root, cell, seed, test_nll, curve):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sets = {"dolly_test": {"nll": test_nll, "kl": test_nll - 2.0, "rouge_l_mean": 20.0 - test_nll}}
     (run / "eval" / "summary.json").write_text(json.dumps({"sets": sets}))
+    (run / "timing.json").write_text(json.dumps({"train_min": 30.0 + seed, "eval_min": 6.0}))
 
 
 def make_study(root, cross_late: bool):
@@ -138,3 +139,15 @@ def test_each_part_gets_its_difference_and_interval(tmp_path):
     assert "joint effect" in part
     only_kd = {"kd": PP.load_cell(tmp_path / "runs", "kd", SEEDS)}
     assert PP.contributions(only_kd) == ["_No pair of these cells was run._"]
+
+
+def test_compute_counts_every_run_not_only_the_last_invocation(tmp_path):
+    text = build(tmp_path, tmp_path / "results.md")
+    compute = text.split("## Compute", 1)[1].split("\n## ", 1)[0]
+    runs = len(TEST) * len(SEEDS)
+    train_h = sum(30.0 + s for s in SEEDS) * len(TEST) / 60
+    assert (
+        f"The {runs} runs (pilots included) logged {train_h:.1f} hours of training and {runs * 6 / 60:.1f} hours"
+        in compute
+    )
+    assert "took 60 min of wall time over 1;" in compute

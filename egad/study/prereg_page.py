@@ -248,6 +248,13 @@ def dropped_cells(names: list[str]) -> list[str]:
     return ["", f"Cells {', '.join(f'`{c}`' for c in missing)}: {how}; no comparison on this page uses them."]
 
 
+def logged_hours(out: Path) -> tuple[int, float, float]:
+    """(runs, training hours, evaluation hours) summed over every run's timing.json under `out`."""
+    timings = [json.loads(f.read_text()) for f in sorted(out.rglob("timing.json"))]
+    hours = [sum(t.get(k, 0.0) for t in timings) / 60 for k in ("train_min", "eval_min")]
+    return len(timings), hours[0], hours[1]
+
+
 def kept(previous: Path, heading: str) -> list[str]:
     text = previous.read_text() if previous.is_file() else ""
     if heading not in text:
@@ -280,6 +287,7 @@ def page(
     curve_plot(cells, previous.parent / "results-curves.png", teacher.get("dev_nll"), step_times)
     commit = prereg_commit(repo)
     wall = sum(r["minutes"] for r in invocations)
+    n_runs, train_h, eval_h = logged_hours(out)
     sets = [s for s in SETS if any(not math.isnan(x) for c in cells.values() for x in c.rouge[s])]
     text = [
         "# Results: the pre-registered study",
@@ -361,7 +369,10 @@ def page(
         "",
         "## Compute",
         "",
-        f"Study wall time {wall:.0f} min over {len(invocations)} invocation(s). Logged training time is contended "
+        f"The {n_runs} runs (pilots included) logged {train_h:.1f} hours of training and {eval_h:.1f} hours of "
+        "evaluation, process time, of which a run resumed after an interruption logs only its last part. The "
+        f"invocations of `egad study` that ran to their end (`invocations.jsonl`) took {wall:.0f} min of wall time "
+        f"over {len(invocations)}; one stopped by an interruption is not logged. Logged training time is contended "
         "(two runs share the 2 cores); the quiet step time is measured apart, one method at a time.",
         "",
         "| cell | response tokens trained on | logged train min | quiet step time (s) |",
