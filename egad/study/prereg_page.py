@@ -183,6 +183,11 @@ def time_axis(cells: dict[str, Cell], step_times: dict[str, float] | None) -> tu
     return "training minutes (logged, contended)", minutes
 
 
+def teacher_label(teacher_dev: float, y_low: float) -> str:
+    """The teacher's legend entry; its value is named when the axis, fitted to the students, leaves its line out."""
+    return f"teacher ({teacher_dev:.2f}, below the axis)" if teacher_dev < y_low else "teacher"
+
+
 def curve_plot(
     cells: dict[str, Cell], path: Path, teacher_dev: float | None = None, step_times: dict[str, float] | None = None
 ) -> Path:
@@ -197,17 +202,18 @@ def curve_plot(
         (line,) = axes[0].plot(steps, mean, marker=".", label=name)
         axes[0].fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
         axes[1].plot(minutes[name], mean, marker=".", color=line.get_color(), label=name)
-    for ax, xlabel in zip(axes, ("optimizer step", time_label), strict=True):
-        if teacher_dev is not None and math.isfinite(teacher_dev):
-            ax.axhline(teacher_dev, color="k", ls="--", lw=1, label="teacher")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("dev NLL (nats per token; mean over seeds, band: min to max)")
     lows = [min(v) for c in cells.values() for s, v in c.curve.items() if s > 0]
     if lows:
         axes[0].set_ylim(
             min(lows) - 0.2, max(max(v) for c in cells.values() for s, v in c.curve.items() if s > 0) + 0.2
         )
+    for ax, xlabel in zip(axes, ("optimizer step", time_label), strict=True):
+        if teacher_dev is not None and math.isfinite(teacher_dev):
+            label = teacher_label(teacher_dev, ax.get_ylim()[0])
+            ax.axhline(teacher_dev, color="k", ls="--", lw=1, label=label)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("dev NLL (nats per token; mean over seeds, band: min to max)")
     axes[1].legend(fontsize=8)
     fig.suptitle("Dev-NLL curves of the pre-registered study")
     fig.tight_layout()
