@@ -154,5 +154,5 @@ def test_compute_counts_every_run_not_only_the_last_invocation(tmp_path):
 
 
 def test_teacher_legend_names_its_value_when_the_axis_leaves_its_line_out():
-    assert PP.teacher_label(2.545, 4.6) == "teacher (2.55, below the axis)"
+    assert PP.teacher_label(2.546, 4.6) == "teacher (2.55, below the axis)"
     assert PP.teacher_label(4.7, 4.6) == "teacher"
