@@ -96,3 +96,13 @@ def test_reference_row_reads_nll_and_rouge_per_seed_of_each_generation_set():
     assert row["rouge"] == {"dolly_test": [9.0, 12.0], "vicuna": [4.0]}
     del sets["dolly_dev"]
     assert math.isnan(reference_row(sets)["dev_nll"])
+
+
+def test_committed_results_page_is_what_its_committed_run_files_give(tmp_path, monkeypatch):
+    """docs/results.md, regenerated from studies/prereg/runs with its hand-written sections kept, is unchanged: no
+    number on the page was typed in or left stale."""
+    page = tmp_path / "results.md"
+    monkeypatch.chdir(REPO)  # the page names the run folder as given, relative to the repository
+    page.write_text((REPO / "docs" / "results.md").read_text())
+    _run(monkeypatch, "studies/prereg/runs", str(page), "--step-times", "studies/prereg/step_times.json")
+    assert page.read_text() == (REPO / "docs" / "results.md").read_text()

@@ -3,8 +3,11 @@
 find every run and evaluation done, but it first re-opens the teacher cache through code refactored since the pinned
 commit (f25dd9c); this reads only the files the page needs, so a mismatch there cannot start hours of recompute.
 
-    .venv/bin/python studies/prereg/write_page.py /work/study-prereg/runs/prereg docs/results.md \
+    .venv/bin/python studies/prereg/write_page.py studies/prereg/runs docs/results.md \
         --step-times studies/prereg/step_times.json
+
+`studies/prereg/runs` is the committed copy of the run files (studies/prereg/sync_runs.py): it gives the same page as
+the worktree's run folder, so any checkout can regenerate it.
 """
 
 from __future__ import annotations
