@@ -304,9 +304,6 @@ def evaluate(
         run_eval(model_dir, todo, sub, out_dir=out_dir, data_dir=data_dir)
     if not done("dolly_test", settings):
         run_eval(model_dir, ["dolly_test"], settings, out_dir=out_dir, data_dir=data_dir, teacher_path=teacher)
-    merged = out_dir / "summary.json"
-    have = json.loads(merged.read_text())["sets"] if merged.is_file() else {}
-    lost = [s for s in (["dolly_dev"] if dev else []) + others + ["dolly_test"] if s not in have]
-    if lost:  # the merged summary was removed, or rewritten by a resumed call: each set's own summary is the record
-        have = merge_summary(out_dir, set_summaries(out_dir, lost), model_dir, teacher)["sets"]
-    return have
+    # Each set's own summary is the record: the merged one may have been removed, or rewritten by a resumed call.
+    scored = (["dolly_dev"] if dev else []) + others + ["dolly_test"]
+    return merge_summary(out_dir, set_summaries(out_dir, scored), model_dir, teacher)["sets"]
